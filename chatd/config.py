@@ -1,0 +1,192 @@
+"""
+The settings of one chatd node, and the parsers that turn option text into them.
+
+``chatd.tap.Options`` uses the parsers as coercers, so a bad value is refused
+by twistd's option parser with a message that names the option; the rest of
+chatd only ever sees a validated :class:`Settings`.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the store lives: a TCP host/port (optionally TLS) or a unix socket."""
+
+    host: Optional[str] = None
+    port: int = 6379
+    path: Optional[str] = None  # unix socket
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    tls: bool = False
+
+    def describe(self):
+        """A printable form without the password."""
+        if self.path:
+            return "unix:%s?db=%d" % (self.path, self.db)
+        scheme = "rediss" if self.tls else "redis"
+        return "%s://%s:%d/%d" % (scheme, self.host, self.port, self.db)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of a chatd node, with the defaults of the contract."""
+
+    port: str = "tcp:5000"
+    listen: tuple = ()
+    redis: Optional[RedisTarget] = None  # None: the embedded store
+    data_dir: str = "chatd-data"
+    redis_timeout: float = 2.0
+    dedup_window: float = 5.0
+    max_line: int = 65536
+    max_message: int = 16384
+    inbox_limit: int = 10000
+    inbox_ttl: float = 30 * 86400.0
+    ref_ttl: float = 86400.0
+    auth_timeout: float = 30.0
+    keepalive: float = 60.0
+    idle_timeout: float = 300.0
+    rate_limit: float = 50.0  # message packets per second, 0 = unlimited
+    rate_burst: int = 100
+    output_limit: int = 1 << 20  # bytes queued for a client that does not read
+    registration: str = "open"
+    registration_secret: Optional[bytes] = field(default=None, repr=False)
+    drain_batch: int = 500
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmM]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024}
+
+
+def parse_duration(text, name, allow_zero=False):
+    """``"2"``, ``"2s"``, ``"500ms"``, ``"5m"``, ``"24h"``, ``"30d"`` -> seconds."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(
+            "--%s: %r is not a duration (a number of seconds, or a number "
+            "with a unit: 500ms, 5s, 10m, 24h, 30d)" % (name, text))
+    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError("--%s: must be more than 0, got %r" % (name, text))
+    return value
+
+
+def parse_size(text, name, minimum=1):
+    """``"65536"``, ``"64k"``, ``"1MiB"`` -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(
+            "--%s: %r is not a size (bytes, or with a unit: 64k, 1M)" % (name, text))
+    unit = (m.group(2) or "").lower()[:1]
+    value = int(m.group(1)) * _SIZE_UNITS[unit]
+    if value < minimum:
+        raise ValueError("--%s: must be at least %d bytes, got %r" % (name, minimum, text))
+    return value
+
+
+def parse_count(text, name, minimum=1):
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError("--%s: %r is not a whole number" % (name, text)) from None
+    if value < minimum:
+        raise ValueError("--%s: must be at least %d, got %r" % (name, minimum, text))
+    return value
+
+
+def parse_rate(text, name):
+    try:
+        value = float(str(text).strip().removesuffix("/s"))
+    except ValueError:
+        raise ValueError(
+            "--%s: %r is not a rate (packets per second, e.g. 50; 0 turns "
+            "the limit off)" % (name, text)) from None
+    if value < 0:
+        raise ValueError("--%s: must not be negative, got %r" % (name, text))
+    return value
+
+
+def parse_endpoint(text, name):
+    """A bare port number means ``tcp:N``; anything else must be a Twisted
+    server endpoint description (``tcp:5000:interface=127.0.0.1``,
+    ``ssl:5443:privateKey=key.pem:certKey=cert.pem``, ``unix:/path``)."""
+    text = str(text).strip()
+    if text.isdigit():
+        port = int(text)
+        if port > 65535:
+            raise ValueError("--%s: port %s is out of range (0-65535)" % (name, text))
+        return "tcp:%d" % port
+    from twisted.internet import endpoints, reactor
+    if ":" not in text:
+        raise ValueError(
+            "--%s: %r is neither a port number nor a Twisted endpoint "
+            "(tcp:5000, tcp:5000:interface=127.0.0.1, ssl:5443:privateKey=key.pem, "
+            "unix:/run/chatd.sock)" % (name, text))
+    # build (not open) the endpoint now, so that a typo, an unknown kind or
+    # a missing certificate fails at start rather than at listen time
+    try:
+        endpoints.serverFromString(reactor, text)
+    except Exception as e:
+        raise ValueError("--%s: %r: %s" % (name, text, e)) from None
+    return text
+
+
+def parse_redis_url(text, name="redis"):
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
+    ``unix:///path/to.sock[?db=N][&password=...]``."""
+    text = str(text).strip()
+    u = urlsplit(text)
+    problem = None
+    if u.scheme in ("redis", "rediss"):
+        if not u.hostname:
+            problem = "no host"
+        try:
+            port = u.port or 6379
+        except ValueError:
+            port, problem = 0, "bad port"
+        db_text = u.path.lstrip("/") or "0"
+        path = None
+        host = u.hostname
+    elif u.scheme == "unix":
+        path = unquote(u.path)
+        if not path.startswith("/"):
+            problem = "the socket path must be absolute (unix:///run/redis.sock)"
+        db_text = parse_qs(u.query).get("db", ["0"])[0]
+        host, port = None, 6379
+    else:
+        problem = "unknown scheme %r" % (u.scheme or text)
+        db_text, host, port, path = "0", None, 0, None
+    if problem is None and not db_text.isdigit():
+        problem = "the database number %r is not a number" % db_text
+    if problem:
+        raise ValueError(
+            "--%s: %r: %s (expected redis://[:password@]host:port/db, "
+            "rediss://host:port/db or unix:///path.sock?db=N)" % (name, text, problem))
+    password = unquote(u.password) if u.password else None
+    if u.scheme == "unix":
+        q = parse_qs(u.query)
+        password = q.get("password", [password])[0]
+    return RedisTarget(
+        host=host, port=port, path=path, db=int(db_text),
+        username=unquote(u.username) if u.username else None,
+        password=password, tls=(u.scheme == "rediss"))
+
+
+def read_secret_file(path, name="registration-secret-file"):
+    """The bytes of the secret file, less one trailing newline if there is one."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read()
+    except OSError as e:
+        raise ValueError("--%s: cannot read %r: %s" % (name, path, e.strerror)) from None
+    if secret.endswith(b"\n"):
+        secret = secret[:-1]
+    if not secret:
+        raise ValueError("--%s: %r is empty" % (name, path))
+    return secret

@@ -1,0 +1,354 @@
+"""
+Who is connected, as whom; what each bound connection has been pushed; where
+an accepted message goes.
+
+The hub knows no sockets and no Redis commands. It is handed connections (any
+object with the methods of :class:`Connection`) and a
+:class:`chatd.store.Store`. A receiver that is not bound here may be bound on
+another node: the hub hands such messages to its ``remote`` (on a single node
+there is none, and the message simply waits in the receiver's inbox).
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from chatd import packets, tokens
+from chatd.packets import PacketError
+from chatd.redisclient import StoreUnavailable
+
+
+class Connection:
+    """What the hub needs of a client connection (the protocol implements it)."""
+
+    device = None  # the bound destinationId, set by the hub
+
+    def registered(self, device, token):
+        """Send the ``registered`` reply."""
+
+    def reconnected(self, device, pending):
+        """Send the ``reconnected`` reply."""
+
+    def push(self, entries):
+        """Write stored messages (push lines without newline), in order."""
+
+    def kick(self, code, reason):
+        """Send an error and close (``session_replaced``)."""
+
+    def report(self, code, reason):
+        """Send an error and stay open (a failed ack)."""
+
+    def wait_writable(self):
+        """Deferred that fires when the client is reading again."""
+
+
+class NoRemote:
+    """The seam for receivers bound on other nodes. A single node has none: an
+    accepted message for a receiver not bound here waits in its inbox and is
+    pushed when the receiver next registers or reconnects."""
+
+    def deliver(self, receiver, server_id, entry):
+        pass
+
+
+class Delivery:
+    """The push state of one bound connection.
+
+    Ids pushed on one connection only ever increase (``last_id``), so nothing
+    is pushed twice on it. A live message is written at once only if it is the
+    very next id; anything else (a gap, or a message that arrives while the
+    inbox is being read) is left to :meth:`_drain`, which reads the inbox after
+    ``last_id`` until it has caught up. So waiting messages go out oldest
+    first, before any newer one, however the replies interleave.
+    """
+
+    log = Logger()
+
+    def __init__(self, hub, device, conn, token_hash):
+        self.hub = hub
+        self.device = device
+        self.conn = conn
+        self.token_hash = token_hash
+        self.last_id = 0          # every id up to here is pushed here or gone
+        self.first_pushed = None  # the ids pushed on this connection:
+        self.last_pushed = None   # first_pushed..last_pushed
+        self.acked = 0            # highest id acked on this connection
+        self.closed = False
+        self._draining = False
+        self._more = False
+        self._retry = None
+        self._retry_delay = 0.5
+        self._ack_sent = 0        # highest ack handed to the store
+        self._ack_busy = False
+
+    # -- pushing ---------------------------------------------------------------
+
+    def start(self, announce):
+        """Read the inbox for the first time: ``announce(pending)`` sends the
+        register/reconnect reply, then the first batch is pushed and the
+        rest follows. The Deferred fires after the first batch; it fails with
+        StoreUnavailable if the inbox cannot be read (nothing was sent)."""
+        self._draining = True
+        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch)
+
+        def first(result):
+            pending, last, entries = result
+            if self.closed:
+                return
+            announce(pending)
+            if self._take(entries, last):
+                self._draining = False
+            else:
+                self._drain()
+
+        def failed(f):
+            self._draining = False
+            return f
+
+        return d.addCallbacks(first, failed)
+
+    def offer(self, server_id, entry):
+        """A message for this device was just accepted (id as int)."""
+        if self.closed or server_id <= self.last_id:
+            return
+        if self._draining or self._retry is not None or server_id != self.last_id + 1:
+            self._more = True
+            if not self._draining and self._retry is None:
+                self._drain()
+            return
+        self.last_id = server_id
+        self._pushed(server_id, server_id)
+        self.conn.push((entry,))
+
+    def _take(self, entries, last):
+        """Push what a fetch returned; True when the inbox is caught up."""
+        fresh = [e for e in entries if packets.entry_id(e) > self.last_id]
+        if fresh:
+            first, high = packets.entry_id(fresh[0]), packets.entry_id(fresh[-1])
+            self.last_id = high
+            self._pushed(first, high)
+            self.conn.push(fresh)
+        if len(entries) >= self.hub.batch:
+            return False
+        # the fetch saw the whole inbox: every id up to `last` is pushed or gone
+        self.last_id = max(self.last_id, last)
+        return True
+
+    def _pushed(self, first, high):
+        if self.first_pushed is None:
+            self.first_pushed = first
+        self.last_pushed = high
+
+    @defer.inlineCallbacks
+    def _drain(self):
+        self._draining = True
+        try:
+            while not self.closed:
+                self._more = False
+                yield self.conn.wait_writable()
+                if self.closed:
+                    return
+                try:
+                    _, last, entries = yield self.hub.store.fetch(
+                        self.device, self.last_id, self.hub.batch)
+                except StoreUnavailable as e:
+                    self._retry_later(e)
+                    return
+                if self.closed:
+                    return
+                self._retry_delay = 0.5
+                if self._take(entries, last) and not self._more:
+                    return
+        finally:
+            self._draining = False
+
+    def _retry_later(self, why):
+        """The inbox could not be read: try again, backing off, while bound."""
+        self.log.warn("cannot read the inbox of {device}: {why}; retrying in {delay}s",
+                      device=self.device, why=why, delay=self._retry_delay)
+
+        def again():
+            self._retry = None
+            self._drain()
+
+        self._retry = self.hub.clock.callLater(self._retry_delay, again)
+        self._retry_delay = min(self._retry_delay * 2, 5.0)
+
+    # -- acks ------------------------------------------------------------------
+
+    def ack(self, server_id):
+        """A cumulative ack from the device; PacketError bad_ack if that id was
+        not pushed on this connection."""
+        if self.first_pushed is None or not self.first_pushed <= server_id <= self.last_pushed:
+            raise PacketError("bad_ack", "id %s was not pushed on this connection"
+                              % packets.format_id(max(server_id, 0)), field="ack")
+        if server_id > self.acked:
+            self.acked = server_id
+        self._send_ack()
+
+    def _send_ack(self):
+        """One ack at a time per connection; acks that arrive meanwhile are
+        folded into the next one (they are cumulative)."""
+        if self._ack_busy or self.acked <= self._ack_sent:
+            return
+        self._ack_busy = True
+        upto = self.acked
+        d = self.hub.store.ack(self.device, upto)
+
+        def done(_):
+            self._ack_busy = False
+            self._ack_sent = max(self._ack_sent, upto)
+            if not self.closed:
+                self._send_ack()
+
+        def failed(f):
+            self._ack_busy = False
+            f.trap(StoreUnavailable)
+            if not self.closed:
+                self.conn.report("unavailable", "the ack of %s could not be stored "
+                                 "(%s); ack again later" % (packets.format_id(upto), f.value))
+
+        d.addCallbacks(done, failed)
+
+    def close(self):
+        self.closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+
+class Hub:
+    """The session registry and router of one node."""
+
+    log = Logger()
+
+    def __init__(self, store, settings, clock, remote=None):
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.remote = remote or NoRemote()
+        self.batch = settings.drain_batch
+        self.sessions = {}  # destinationId -> Delivery
+
+    # -- binding -----------------------------------------------------------------
+
+    def _bind(self, conn, device, token_hash):
+        old = self.sessions.get(device)
+        if old is not None:
+            old.close()
+            old.conn.device = None
+            old.conn.kick("session_replaced",
+                          "%s connected again elsewhere; this connection is closed" % device)
+        delivery = Delivery(self, device, conn, token_hash)
+        self.sessions[device] = delivery
+        conn.device = device
+        return delivery
+
+    def unbind(self, conn):
+        """The connection is gone (or failed to finish binding)."""
+        device, conn.device = conn.device, None
+        delivery = self.sessions.get(device)
+        if delivery is not None and delivery.conn is conn:
+            delivery.close()
+            del self.sessions[device]
+
+    def delivery(self, conn):
+        """The Delivery of a bound connection, or None."""
+        if conn.device is None:
+            return None
+        delivery = self.sessions.get(conn.device)
+        if delivery is None or delivery.conn is not conn:
+            return None
+        return delivery
+
+    def _check_rebind(self, conn, device):
+        if conn.device is not None and conn.device != device:
+            raise PacketError("forbidden", "this connection is bound to %s; open "
+                              "another connection for %s" % (conn.device, device))
+
+    # -- packets -----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def register(self, conn, device, proof):
+        """Register ``device`` on ``conn``: a new token, older ones revoked, any
+        other connection of the id replaced, waiting messages pushed."""
+        self._check_rebind(conn, device)
+        if self.settings.registration == "proof" and not tokens.check_proof(
+                self.settings.registration_secret, device, proof, self.clock.seconds()):
+            raise PacketError("forbidden", "register needs a valid, unexpired proof "
+                              "\"<expiry>:<hex hmac>\" for this id", field="proof")
+        token = tokens.new_token()
+        token_hash = tokens.token_hash(token)
+        yield self.store.register(device, token_hash)
+        current = self.delivery(conn)
+        if current is not None:
+            # registering again on the same connection: a new token, same pushes
+            current.token_hash = token_hash
+            conn.registered(device, token)
+            return
+        yield self._start(conn, device, token_hash,
+                          lambda pending: conn.registered(device, token))
+
+    @defer.inlineCallbacks
+    def reconnect(self, conn, device, token):
+        self._check_rebind(conn, device)
+        stored = yield self.store.token_hash(device)
+        if not tokens.token_matches(token, stored):
+            raise PacketError("bad_token", "the token is wrong or revoked for %s; "
+                              "register again to get a new one" % device, field="token")
+        current = self.delivery(conn)
+        if current is not None:
+            current.token_hash = stored
+            pending, _, _ = yield self.store.fetch(device, current.last_id, 0)
+            conn.reconnected(device, pending)
+            return
+        yield self._start(conn, device, stored,
+                          lambda pending: conn.reconnected(device, pending))
+
+    @defer.inlineCallbacks
+    def _start(self, conn, device, token_hash, announce):
+        delivery = self._bind(conn, device, token_hash)
+        try:
+            yield delivery.start(announce)
+        except Exception:
+            self.unbind(conn)
+            raise
+
+    @defer.inlineCallbacks
+    def send(self, conn, packet):
+        """Accept one message packet: Deferred of a :class:`chatd.store.SendResult`."""
+        delivery = self.delivery(conn)
+        if delivery is not None:
+            sender = delivery.device
+            if packet.sender is not None and packet.sender != sender:
+                raise PacketError("forbidden", "this connection sends as %s, not %s"
+                                  % (sender, packet.sender), field="sender")
+            if packet.token is not None and not tokens.token_matches(
+                    packet.token, delivery.token_hash):
+                raise PacketError("bad_token", "the token is wrong or revoked", field="token")
+        else:
+            sender = packet.sender
+            if sender is None or packet.token is None:
+                raise PacketError("not_registered", "register or reconnect first, or "
+                                  "give sender and token with the message")
+            stored = yield self.store.token_hash(sender)
+            if not tokens.token_matches(packet.token, stored):
+                raise PacketError("bad_token", "the token is wrong or revoked for %s"
+                                  % sender, field="token")
+        result = yield self.store.send(sender, packet.receiver, packet.text, packet.ref)
+        if result.entry is not None:
+            self.route(packet.receiver, int(result.id), result.entry)
+        return result
+
+    def route(self, receiver, server_id, entry):
+        """Push a just-accepted message to its receiver, wherever it is bound."""
+        delivery = self.sessions.get(receiver)
+        if delivery is not None:
+            delivery.offer(server_id, entry)
+        else:
+            self.remote.deliver(receiver, server_id, entry)
+
+    def ack(self, conn, server_id):
+        delivery = self.delivery(conn)
+        if delivery is None:
+            raise PacketError("not_registered", "ack needs a registered connection")
+        delivery.ack(server_id)

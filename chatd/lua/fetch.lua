@@ -1,0 +1,25 @@
+-- Read a receiver's waiting messages after a given id, for a push.
+--
+-- KEYS[1] inbox, KEYS[2] id counter
+-- ARGV: after_id, count, now_ms, inbox_ttl_ms
+-- Returns {pending, last_id, entry...}: pending counts every stored message
+-- (pushed before or not), last_id is the counter (every id up to it is
+-- either in the inbox or gone), then up to count entries with id > after_id.
+--
+-- The inbox holds consecutive ids (only its head is ever removed: acks and
+-- expiry), so the entry with id x sits at index x - head_id.
+local inbox = KEYS[1]
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[4])
+drop_expired(inbox, cutoff)
+
+local last = redis.call("GET", KEYS[2]) or "0"
+local head = redis.call("LINDEX", inbox, 0)
+if not head then return {0, last} end
+local start = tonumber(ARGV[1]) - entry_id(head) + 1
+if start < 0 then start = 0 end
+local result = {redis.call("LLEN", inbox), last}
+local count = tonumber(ARGV[2])
+if count <= 0 then return result end
+local entries = redis.call("LRANGE", inbox, start, start + count - 1)
+for i = 1, #entries do result[i + 2] = entries[i] end
+return result

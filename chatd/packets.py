@@ -1,0 +1,388 @@
+"""
+The wire format, as pure functions: one client line in, one validated
+:class:`Packet` out (or a :class:`PacketError` carrying the contract's error
+code); replies and pushes out as ready-to-write bytes.
+
+No I/O and no Twisted here, so every rule of the contract's framing and
+validation can be tested (and fuzzed) as plain function calls.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+#: a destinationId: 1-64 characters from A-Z a-z 0-9 _ . : @ + -
+ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")
+#: the flag values that mean "yes" (the seed also sent 'True' and 't')
+TRUE_FLAGS = ("true", True, "True", "t")
+KINDS = ("register", "reconnect", "message", "ack", "ping")
+#: the longest ``ref`` a client may attach to a message
+MAX_REF = 128
+#: how deep a seed-style literal may nest (JSON is bounded by the interpreter)
+MAX_DEPTH = 32
+#: server ids are zero-padded decimals, so they sort the same as text and as numbers
+ID_WIDTH = 16
+
+
+class PacketError(Exception):
+    """A client line that cannot be acted on; becomes an ``error`` reply."""
+
+    def __init__(self, code, reason, ref=None, field=None):
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.ref = ref
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One validated client packet.
+
+    ``kind`` is one of :data:`KINDS`; the other attributes hold the fields the
+    kind uses (None when absent). ``ack`` is the acked server id as an int.
+    """
+
+    kind: str
+    sender: Optional[str] = None
+    receiver: Optional[str] = None
+    token: Optional[str] = None
+    text: Optional[str] = None
+    ref: Any = None
+    proof: Optional[str] = None
+    ack: Optional[int] = None
+    ping: Any = None
+
+
+# -- decoding --------------------------------------------------------------------
+
+def _finite_float(s):
+    value = float(s)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+#: JSON without NaN/Infinity, so that anything accepted can be echoed back as JSON
+_json_decode = json.JSONDecoder(parse_float=_finite_float,
+                                parse_constant=_no_constant).decode
+
+
+def decode_line(line):
+    """bytes of one line (without ``\\n``) -> the client's object, a dict.
+
+    Returns None for an empty line (to be ignored). Raises PacketError
+    ``bad_packet`` for anything that is neither a JSON object nor a seed-style
+    Python dict literal, or is not UTF-8.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line.strip():
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PacketError("bad_packet", "the line is not valid UTF-8") from None
+    try:
+        obj = _json_decode(text)
+    except RecursionError:
+        raise PacketError("bad_packet", "the packet nests too deeply") from None
+    except ValueError:
+        # the original spec wrote packets as Python dict literals
+        obj = parse_literal(text)
+    if not isinstance(obj, dict):
+        raise PacketError("bad_packet", "a packet must be a JSON object, e.g. "
+                          "{\"ping\": \"hello\"}")
+    return obj
+
+
+def parse_line(line, max_message=16384):
+    """bytes of one line -> :class:`Packet`, None for an empty line, or
+    raises :class:`PacketError`."""
+    obj = decode_line(line)
+    if obj is None:
+        return None
+    return validate(obj, max_message)
+
+
+def validate(obj, max_message=16384):
+    """A decoded client object -> :class:`Packet` (the contract's field rules)."""
+    ref = obj.get("ref")
+    ref_ok = ref is None or _valid_ref(ref)
+    kinds = [k for k in KINDS if k in obj]
+    if len(kinds) != 1:
+        raise PacketError(
+            "unknown_packet",
+            "a packet needs exactly one of register, reconnect, message, ack, ping"
+            + (" (got %s)" % ", ".join(kinds) if kinds else ""),
+            ref if ref_ok else None)
+    kind = kinds[0]
+    if not ref_ok:
+        raise PacketError("bad_field", "field 'ref' must be a string of 1-%d "
+                          "characters or an integer" % MAX_REF, None, "ref")
+    if kind == "message":
+        return _validate_message(obj, ref, max_message)
+    if kind == "ack":
+        value = obj["ack"]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise PacketError("bad_field", "field 'ack' must be a server id string",
+                              ref, "ack")
+        return Packet("ack", ack=_id_number(value), ref=ref)
+    if kind == "ping":
+        return Packet("ping", ping=obj["ping"], ref=ref)
+    _check_flag(obj, kind, ref)
+    sender = _required_id(obj, "sender", ref)
+    if kind == "register":
+        proof = obj.get("proof")
+        if proof is not None and not isinstance(proof, str):
+            raise PacketError("bad_field", "field 'proof' must be a string "
+                              "\"<expiry>:<hex hmac>\"", ref, "proof")
+        return Packet("register", sender=sender, proof=proof, ref=ref)
+    token = _required_string(obj, "token", ref)
+    return Packet("reconnect", sender=sender, token=token, ref=ref)
+
+
+def _validate_message(obj, ref, max_message):
+    text = obj["message"]
+    if not isinstance(text, str):
+        raise PacketError("bad_field", "field 'message' must be a string", ref, "message")
+    receiver = _required_id(obj, "receiver", ref)
+    sender = _optional_id(obj, "sender", ref)
+    token = obj.get("token")
+    if token is not None and not isinstance(token, str):
+        raise PacketError("bad_field", "field 'token' must be a string", ref, "token")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PacketError("bad_field", "field 'message' is not valid Unicode "
+                          "(lone surrogate)", ref, "message") from None
+    if size > max_message:
+        raise PacketError("message_too_long", "the message text is %d bytes of "
+                          "UTF-8; the limit is %d" % (size, max_message), ref)
+    return Packet("message", sender=sender, receiver=receiver, token=token,
+                  text=text, ref=ref)
+
+
+def _valid_ref(ref):
+    if isinstance(ref, bool):
+        return False
+    if isinstance(ref, int):
+        return -(2 ** 63) <= ref < 2 ** 63
+    if isinstance(ref, str):
+        if not 0 < len(ref) <= MAX_REF:
+            return False
+        try:
+            ref.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    return False
+
+
+def _check_flag(obj, kind, ref):
+    value = obj[kind]
+    if value not in TRUE_FLAGS or isinstance(value, (int, float)) and value is not True:
+        raise PacketError("bad_field", "field %r must be \"true\"" % kind, ref, kind)
+
+
+def _required_string(obj, name, ref):
+    value = obj.get(name)
+    if value is None:
+        raise PacketError("missing_field", "field %r is required" % name, ref, name)
+    if not isinstance(value, str) or not value:
+        raise PacketError("bad_field", "field %r must be a non-empty string" % name,
+                          ref, name)
+    return value
+
+
+def _required_id(obj, name, ref):
+    if obj.get(name) is None:
+        raise PacketError("missing_field", "field %r is required" % name, ref, name)
+    return _optional_id(obj, name, ref)
+
+
+def _optional_id(obj, name, ref):
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise PacketError(
+            "bad_field", "field %r must be an id of 1-64 characters from "
+            "A-Z a-z 0-9 _ . : @ + -" % name, ref, name)
+    return value
+
+
+def _id_number(value):
+    """A server id as the client sent it back -> int, or -1 if it cannot be one."""
+    if isinstance(value, int):
+        return value if value >= 0 else -1
+    if value.isascii() and value.isdigit() and len(value) <= ID_WIDTH:
+        return int(value)
+    return -1
+
+
+# -- the seed's Python dict literals -----------------------------------------------
+
+_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<punct>[{}\[\](),:])
+    | (?P<str>'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")
+    | (?P<num>-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
+    | (?P<name>True|False|None|true|false|null)
+    )""", re.VERBOSE | re.DOTALL)
+_NAMES = {"True": True, "true": True, "False": False, "false": False,
+          "None": None, "null": None}
+_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t",
+            "b": "\b", "f": "\f", "0": "\0", "a": "\a", "v": "\v", "\n": ""}
+_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+
+
+def parse_literal(text):
+    """Parse a Python-literal-style dict the way the original spec wrote
+    packets (``{'register':'true', 'sender':'0011001100'}``) without eval:
+    strings in either quote, numbers, True/False/None, lists, tuples and dicts,
+    nested at most :data:`MAX_DEPTH` deep. Raises PacketError bad_packet."""
+    tokens = []
+    pos, end = 0, len(text)
+    while pos < end:
+        m = _TOKEN.match(text, pos)
+        if not m:
+            if text[pos:].strip() == "":
+                break
+            raise PacketError("bad_packet", "not a JSON object (nor a dict literal "
+                              "like {'ping': 'x'})")
+        tokens.append(m)
+        pos = m.end()
+    if not tokens:
+        raise PacketError("bad_packet", "empty packet")
+    value, i = _literal_value(tokens, 0, 0)
+    if i != len(tokens):
+        raise PacketError("bad_packet", "unexpected text after the packet")
+    return value
+
+
+def _literal_value(tokens, i, depth):
+    if i >= len(tokens):
+        raise PacketError("bad_packet", "the packet ends too early")
+    m = tokens[i]
+    kind = m.lastgroup
+    if kind == "str":
+        return _unquote(m.group("str")), i + 1
+    if kind == "num":
+        s = m.group("num")
+        if any(c in s for c in ".eE"):
+            try:
+                return _finite_float(s), i + 1
+            except ValueError:
+                raise PacketError("bad_packet", "a number in the packet is out of range") from None
+        if len(s) > 4000:
+            raise PacketError("bad_packet", "a number in the packet is too long")
+        return int(s), i + 1
+    if kind == "name":
+        return _NAMES[m.group("name")], i + 1
+    p = m.group("punct")
+    if p not in "{[(":
+        raise PacketError("bad_packet", "unexpected %r in the packet" % p)
+    if depth >= MAX_DEPTH:
+        raise PacketError("bad_packet", "the packet nests too deeply")
+    close = {"{": "}", "[": "]", "(": ")"}[p]
+    i += 1
+    if p == "{":
+        result = {}
+    else:
+        result = []
+    while True:
+        if i < len(tokens) and tokens[i].group("punct") == close:
+            return (result if p != "(" else tuple(result)), i + 1
+        if p == "{":
+            key, i = _literal_value(tokens, i, depth + 1)
+            if isinstance(key, (list, dict)):
+                raise PacketError("bad_packet", "a dict key must be a string")
+            if i >= len(tokens) or tokens[i].group("punct") != ":":
+                raise PacketError("bad_packet", "expected ':' after a key")
+            value, i = _literal_value(tokens, i + 1, depth + 1)
+            result[key] = value
+        else:
+            value, i = _literal_value(tokens, i, depth + 1)
+            result.append(value)
+        if i < len(tokens) and tokens[i].group("punct") == ",":
+            i += 1
+        elif not (i < len(tokens) and tokens[i].group("punct") == close):
+            raise PacketError("bad_packet", "expected ',' or %r" % close)
+
+
+def _unquote(s):
+    body = s[1:-1]
+    if "\\" not in body:
+        return body
+
+    def esc(m):
+        e = m.group(1)
+        if e[0] in "xuU" and len(e) > 1:
+            cp = int(e[1:], 16)
+            if cp > 0x10FFFF:
+                raise PacketError("bad_packet", "bad escape in a string")
+            return chr(cp)
+        return _ESCAPES.get(e, "\\" + e)
+
+    return _ESCAPE_RE.sub(esc, body)
+
+
+# -- encoding ---------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode
+
+
+def reply(obj):
+    """A server line: one compact JSON object and the newline."""
+    try:
+        return (_dumps(obj) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate echoed from a client's ping: keep it escaped
+        return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
+
+
+def error(code, reason, ref=None, field=None):
+    obj = {"type": "error", "code": code, "reason": reason, "ref": ref}
+    if field is not None:
+        obj["field"] = field
+    return reply(obj)
+
+
+def error_from(exc):
+    return error(exc.code, exc.reason, exc.ref, exc.field)
+
+
+def format_id(n):
+    """int -> the server id string (fixed width: sorts as text and as a number)."""
+    return "%0*d" % (ID_WIDTH, n)
+
+
+#: a stored message is its push line without the newline; the store's Lua
+#: scripts build it from these pieces (see chatd/lua/send.lua) and read the id
+#: back at a fixed offset
+PUSH_HEAD = '{"type":"message","id":"'
+PUSH_MID = '","sent_at":'
+
+
+def push_tail(sender, receiver, text):
+    """The part of a stored message that follows its sent_at value."""
+    return ',"sender":%s,"receiver":%s,"message":%s}' % (
+        _dumps(sender), _dumps(receiver), _dumps(text))
+
+
+def push_line(server_id, sent_at, tail):
+    """The stored form of a message (see :func:`push_tail`), as bytes."""
+    return (PUSH_HEAD + server_id + PUSH_MID + str(sent_at) + tail).encode("utf-8")
+
+
+def entry_id(entry):
+    """The server id (int) of a stored message."""
+    start = len(PUSH_HEAD)
+    return int(entry[start:start + ID_WIDTH])

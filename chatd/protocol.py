@@ -1,0 +1,378 @@
+"""
+The client connection: framing, timers, flow control, and the dispatch of
+each parsed packet to ``handle_<kind>``; replies are serialised here.
+
+Everything stateful about chat (who is bound, what was pushed, the store)
+lives in :mod:`chatd.hub`; the rules of the wire format in
+:mod:`chatd.packets`.
+"""
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from chatd import packets
+from chatd.packets import PacketError
+from chatd.redisclient import StoreUnavailable
+
+#: how long a closing connection may take to flush before it is cut
+CLOSE_GRACE = 5.0
+
+
+@implementer(IPushProducer)
+class _OutputFlow:
+    """Registered with the transport so that it tells us when the client stops
+    reading (its buffer is full) and starts again."""
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def pauseProducing(self):
+        self.proto._output_paused()
+
+    def resumeProducing(self):
+        self.proto._output_resumed()
+
+    def stopProducing(self):
+        pass
+
+
+class ChatProtocol(LineReceiver):
+    """One client connection."""
+
+    delimiter = b"\n"
+    log = Logger()
+
+    device = None  # set by the hub while bound
+
+    def connectionMade(self):
+        f = self.factory
+        self.settings = s = f.settings
+        self.hub = f.hub
+        self.clock = f.clock
+        self.MAX_LENGTH = s.max_line + 1  # a telnet \r may follow a full line
+        self._closing = False
+        self._pauses = set()
+        self._unsent = None  # bytes written since the client stopped reading
+        self._writable = []  # Deferreds waiting for the client to read again
+        self._inflight = 0   # packets whose reply is not written yet
+        self._idle = []      # Deferreds waiting for _inflight == 0
+        self._gone = []      # Deferreds waiting for connectionLost
+        self._timers = {}
+        self._tokens = float(s.rate_burst)
+        self._refill = self.clock.seconds()
+        self.last_seen = self.clock.seconds()
+        self._pinged = False
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, NotImplementedError, OSError):
+            pass  # not TCP (unix socket)
+        self.transport.registerProducer(_OutputFlow(self), True)
+        f.connections.add(self)
+        self._later("auth", s.auth_timeout, self._auth_expired)
+        self._later("live", min(s.keepalive, s.idle_timeout), self._liveness)
+
+    def connectionLost(self, reason):
+        self._closing = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        self.hub.unbind(self)
+        self.factory.connections.discard(self)
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.callback(None)
+        self._wake_idle()
+        gone, self._gone = self._gone, []
+        for d in gone:
+            d.callback(None)
+
+    # -- input -----------------------------------------------------------------
+
+    def lineReceived(self, line):
+        if self._closing:
+            return
+        if len(line) > self.settings.max_line and not (
+                len(line) == self.settings.max_line + 1 and line.endswith(b"\r")):
+            return self.lineLengthExceeded(line)
+        self.last_seen = self.clock.seconds()
+        self._pinged = False
+        try:
+            packet = packets.parse_line(line, self.settings.max_message)
+        except PacketError as e:
+            if self._rate_ok(e.ref):
+                self.sendLine_(packets.error_from(e))
+            return
+        if packet is None:
+            return
+        if packet.kind != "ack" and not self._rate_ok(packet.ref):
+            return
+        handler = getattr(self, "handle_" + packet.kind)
+        try:
+            handler(packet)
+        except PacketError as e:
+            self.sendLine_(packets.error(e.code, e.reason, packet.ref, e.field))
+
+    def lineLengthExceeded(self, line):
+        self.close("line_too_long", "a line is longer than %d bytes" % self.settings.max_line)
+
+    def _rate_ok(self, ref):
+        """Token bucket: --rate-limit packets per second, bursts of --rate-burst."""
+        rate = self.settings.rate_limit
+        if not rate:
+            return True
+        now = self.clock.seconds()
+        self._tokens = min(self.settings.rate_burst, self._tokens + (now - self._refill) * rate)
+        self._refill = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.sendLine_(packets.error(
+            "rate_limited", "more than %g packets a second; slow down (nothing "
+            "was done with this one)" % rate, ref))
+        return False
+
+    # -- packets -----------------------------------------------------------------
+
+    def handle_register(self, packet):
+        self._exclusive(self.hub.register(self, packet.sender, packet.proof), packet.ref)
+
+    def handle_reconnect(self, packet):
+        self._exclusive(self.hub.reconnect(self, packet.sender, packet.token), packet.ref)
+
+    def handle_message(self, packet):
+        self._track(self.hub.send(self, packet).addCallback(self._sent, packet),
+                    packet.ref)
+
+    def handle_ack(self, packet):
+        self.hub.ack(self, packet.ack)
+
+    def handle_ping(self, packet):
+        self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
+
+    def _sent(self, result, packet):
+        if result.status == "accepted":
+            self.sendLine_(packets.reply({"type": "accepted", "id": result.id,
+                                          "receiver": packet.receiver, "ref": packet.ref}))
+        elif result.status == "duplicate":
+            self.sendLine_(packets.reply({"type": "duplicate", "receiver": packet.receiver,
+                                          "ref": packet.ref}))
+        elif result.status == "unknown_receiver":
+            self.sendLine_(packets.error("unknown_receiver", "%s has never registered"
+                                         % packet.receiver, packet.ref, "receiver"))
+        else:
+            self.sendLine_(packets.error(
+                "inbox_full", "%s has %d messages waiting; try again later"
+                % (packet.receiver, self.settings.inbox_limit), packet.ref))
+
+    def _exclusive(self, d, ref):
+        """Register and reconnect change what later packets mean, so nothing
+        more is read from this client until they are done."""
+        self._pause("bind")
+
+        def done(result):
+            self._resume("bind")
+            return result
+
+        self._track(d.addBoth(done), ref)
+
+    def _track(self, d, ref):
+        """Answer a failed packet with its error; count it until answered."""
+        self._inflight += 1
+
+        def failed(f):
+            if f.check(PacketError):
+                e = f.value
+                self.sendLine_(packets.error(e.code, e.reason, ref, e.field))
+            elif f.check(StoreUnavailable):
+                self.sendLine_(packets.error(
+                    "unavailable", "the store is unreachable (%s); nothing was "
+                    "stored, retry later" % f.value, ref))
+            else:
+                self.log.failure("internal error on a packet", f)
+                self.sendLine_(packets.error("unavailable", "internal error; retry later", ref))
+
+        def finished(_):
+            self._inflight -= 1
+            if not self._inflight:
+                self._wake_idle()
+
+        d.addErrback(failed).addBoth(finished)
+
+    # -- the hub's Connection interface ------------------------------------------
+
+    def registered(self, device, token):
+        self._bound()
+        self.sendLine_(packets.reply({"type": "registered", "sender": device, "token": token}))
+
+    def reconnected(self, device, pending):
+        self._bound()
+        self.sendLine_(packets.reply({"type": "reconnected", "sender": device,
+                                      "pending": pending}))
+
+    def push(self, entries):
+        self.sendLine_(b"\n".join(entries) + b"\n")
+
+    def kick(self, code, reason):
+        self.close(code, reason)
+
+    def report(self, code, reason):
+        self.sendLine_(packets.error(code, reason))
+
+    def wait_writable(self):
+        if self._unsent is None or self._closing:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._writable.append(d)
+        return d
+
+    # -- output ------------------------------------------------------------------
+
+    def sendLine_(self, data):
+        """Write ready-made line(s); cut a client that has stopped reading and
+        let too much pile up (its messages stay stored)."""
+        if self._closing:
+            return
+        self.transport.write(data)
+        if self._unsent is not None:
+            self._unsent += len(data)
+            if self._unsent > self.settings.output_limit:
+                self.log.info("{peer}: slow consumer ({n} bytes unread), closing",
+                              peer=self._peer(), n=self._unsent)
+                self.close("slow_consumer", "the client is not reading; %d bytes are "
+                           "waiting. Messages stay stored" % self._unsent)
+
+    def _output_paused(self):
+        if self._unsent is None:
+            self._unsent = 0
+        self._pause("output")
+
+    def _output_resumed(self):
+        self._unsent = None
+        self._resume("output")
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.callback(None)
+
+    def _pause(self, why):
+        if not self._pauses and not self._closing:
+            self.pauseProducing()
+        self._pauses.add(why)
+
+    def _resume(self, why):
+        self._pauses.discard(why)
+        if not self._pauses and not self._closing and self.paused:
+            self.resumeProducing()
+
+    def close(self, code, reason):
+        """Send a closing error, then close (cut after a grace if unread)."""
+        if self._closing:
+            return
+        self.transport.write(packets.error(code, reason))
+        self._closing = True
+        self.hub.unbind(self)
+        self.transport.loseConnection()
+        self._later("abort", CLOSE_GRACE, self.transport.abortConnection)
+
+    # -- timers ------------------------------------------------------------------
+
+    def _later(self, name, delay, f):
+        old = self._timers.get(name)
+        if old is not None and old.active():
+            old.cancel()
+        self._timers[name] = self.clock.callLater(delay, f)
+
+    def _bound(self):
+        timer = self._timers.pop("auth", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _auth_expired(self):
+        self._timers.pop("auth", None)
+        self.close("auth_timeout", "no register or reconnect within %gs"
+                   % self.settings.auth_timeout)
+
+    def _liveness(self):
+        """Ping a silent bound client after --keepalive, close after --idle-timeout."""
+        s = self.settings
+        now = self.clock.seconds()
+        silent = now - self.last_seen
+        if silent >= s.idle_timeout:
+            self._timers.pop("live", None)
+            self.close("idle_timeout", "nothing received for %gs" % s.idle_timeout)
+            return
+        if silent >= s.keepalive and not self._pinged and self.device is not None:
+            self._pinged = True
+            self.sendLine_(b'{"type":"ping"}\n')
+        if self._pinged or self.device is None:
+            next_check = self.last_seen + s.idle_timeout
+        else:
+            next_check = self.last_seen + s.keepalive
+        self._later("live", max(next_check - now, 0.01), self._liveness)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def when_idle(self):
+        """Deferred that fires when every packet read so far has its reply."""
+        if not self._inflight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    def when_closed(self):
+        d = defer.Deferred()
+        self._gone.append(d)
+        return d
+
+    def _wake_idle(self):
+        waiting, self._idle = self._idle, []
+        for d in waiting:
+            d.callback(None)
+
+    def _peer(self):
+        try:
+            peer = self.transport.getPeer()
+            return "%s:%s" % (peer.host, peer.port)
+        except Exception:
+            return "?"
+
+
+class ChatFactory(protocol.Factory):
+    """Holds what every connection shares: settings, the hub, the clock, and
+    the set of live connections (for a graceful shutdown)."""
+
+    protocol = ChatProtocol
+    noisy = False
+
+    def __init__(self, settings, hub, clock):
+        self.settings = settings
+        self.hub = hub
+        self.clock = clock
+        self.connections = set()
+
+    @defer.inlineCallbacks
+    def shutdown(self, grace=CLOSE_GRACE):
+        """Stop reading, let every packet read so far get its reply, then send
+        ``shutdown`` to everyone and close; cut whoever is left after grace."""
+        conns = list(self.connections)
+        for c in conns:
+            c._pause("shutdown")
+        idle = defer.DeferredList([c.when_idle() for c in conns])
+        yield _within(idle, self.settings.redis_timeout + 1, self.clock)
+        gone = []
+        for c in list(self.connections):
+            gone.append(c.when_closed())
+            c.close("shutdown", "the server is stopping; reconnect later")
+        yield _within(defer.DeferredList(gone), grace, self.clock)
+        for c in list(self.connections):
+            c.transport.abortConnection()
+
+
+def _within(d, seconds, clock):
+    """Wait for d, at most ``seconds``; never fails."""
+    d.addTimeout(seconds, clock)
+    return d.addErrback(lambda f: None)

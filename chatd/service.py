@@ -1,0 +1,116 @@
+"""
+The service tree of a chatd node, started and stopped in order:
+
+1. the embedded store (unless ``--redis`` names one), which must answer PING
+   before anything else starts;
+2. the chat service: the store client, then the listeners.
+
+Stopping runs backwards, one step at a time: stop listening, let in-flight
+packets finish, send ``shutdown`` to every client, close the store client,
+and only then stop the embedded store.
+"""
+
+import sys
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from chatd.config import RedisTarget
+from chatd.hub import Hub
+from chatd.protocol import ChatFactory
+from chatd.redisclient import RedisClient
+from chatd.store import Store
+
+
+class SequentialMultiService(service.MultiService):
+    """A MultiService whose children stop one after another, last first
+    (MultiService stops them all at once)."""
+
+    log = Logger()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield child.stopService()
+            except Exception:
+                self.log.failure("stopping {child}", child=child)
+
+
+class ChatService(service.Service):
+    """The store client and the listeners, started once the store is ready."""
+
+    log = Logger()
+
+    def __init__(self, settings, target, ready=None, reactor=None):
+        self.settings = settings
+        self.target = target
+        self.ready = ready  # callable -> Deferred that fires when the store is up
+        self.reactor = reactor
+        self.client = None
+        self.factory = None
+        self.ports = []
+        self._starting = None
+
+    def startService(self):
+        service.Service.startService(self)
+        if self.reactor is None:
+            from twisted.internet import reactor
+            self.reactor = reactor
+        self._starting = self._start()
+        self._starting.addErrback(self._failed)
+
+    @defer.inlineCallbacks
+    def _start(self):
+        if self.ready is not None:
+            yield self.ready()
+        self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor).connect()
+        store = Store(self.client, self.settings, self.reactor)
+        hub = Hub(store, self.settings, self.reactor)
+        self.factory = ChatFactory(self.settings, hub, self.reactor)
+        for description in (self.settings.port,) + tuple(self.settings.listen):
+            endpoint = endpoints.serverFromString(self.reactor, description)
+            port = yield endpoint.listen(self.factory)
+            self.ports.append(port)
+            host = port.getHost()
+            where = getattr(host, "name", None) or "%s:%s" % (host.host, host.port)
+            self.log.info("chatd listening on {kind} {where} (store: {store})",
+                          kind=description.split(":", 1)[0], where=where,
+                          store=self.target.describe())
+
+    def _failed(self, failure):
+        self.log.failure("chatd could not start", failure)
+        print("chatd: could not start: %s" % failure.getErrorMessage(), file=sys.stderr)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for port in self.ports:
+            yield port.stopListening()
+        self.ports = []
+        if self.factory is not None:
+            yield self.factory.shutdown()
+        if self.client is not None:
+            yield self.client.close()
+
+
+def build(settings):
+    """The root service of a chatd node."""
+    root = SequentialMultiService()
+    if settings.redis is None:
+        from chatd.embedded import EmbeddedStore, EmbeddedStoreError
+        store = EmbeddedStore(settings.data_dir)
+        try:
+            store.claim()
+        except EmbeddedStoreError as e:
+            raise SystemExit("chatd: %s" % e)
+        store.setServiceParent(root)
+        ready, target = store.whenReady, RedisTarget(path=store.socket_path)
+    else:
+        ready, target = None, settings.redis
+    ChatService(settings, target, ready).setServiceParent(root)
+    return root

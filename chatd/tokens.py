@@ -1,0 +1,60 @@
+"""
+Secrets: device tokens and registration proofs.
+
+A token is 192 bits from the OS CSPRNG, URL-safe. The store only ever sees
+its SHA-256 (a token is high-entropy, so a fast hash is enough: nothing can be
+guessed from it), and tokens are compared as hashes in constant time.
+"""
+
+import hashlib
+import hmac
+import secrets
+
+TOKEN_BYTES = 24
+
+
+def new_token():
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_hash(token):
+    """What the store keeps instead of the token."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def token_matches(token, stored_hash):
+    """Constant-time check of a presented token against the stored hash."""
+    if not stored_hash:
+        return False
+    if isinstance(stored_hash, bytes):
+        stored_hash = stored_hash.decode("ascii", "replace")
+    return hmac.compare_digest(token_hash(token), stored_hash)
+
+
+def make_proof(secret, sender, expiry):
+    """The registration ticket the phone-number verification service issues:
+    ``"<expiry>:<hex HMAC-SHA256(secret, "<sender>:<expiry>")>"``."""
+    return "%d:%s" % (expiry, _mac(secret, sender, str(expiry)))
+
+
+def _mac(secret, sender, expiry_text):
+    message = ("%s:%s" % (sender, expiry_text)).encode("utf-8")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def check_proof(secret, sender, proof, now):
+    """True when ``proof`` is a valid, unexpired ticket for ``sender``."""
+    if not isinstance(proof, str):
+        return False
+    expiry_text, sep, mac = proof.partition(":")
+    if not sep or not expiry_text.isascii() or not expiry_text.isdigit() or len(expiry_text) > 12:
+        return False
+    expiry = int(expiry_text)
+    if expiry <= now:
+        return False
+    # the MAC covers the expiry exactly as written in the ticket
+    expected = _mac(secret, sender, expiry_text)
+    # the contract says lowercase hex; compare_digest needs ASCII on both sides
+    if not mac.isascii():
+        return False
+    return hmac.compare_digest(expected, mac)

