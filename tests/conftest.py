@@ -41,7 +41,7 @@ def redis(redis_server):
 @pytest.fixture
 def own_redis(tmp_path):
     """A store of this test's own, to stop and start (outage tests)."""
-    server = RedisProcess(server_binary(), str(tmp_path))
+    server = RedisProcess(server_binary(), str(tmp_path), persistent=True)
     server.start()
     yield server
     server.stop()

@@ -293,3 +293,10 @@ async def wait_until(predicate, timeout=DEADLINE, what="the condition"):
         if time.monotonic() > end:
             raise AssertionError("%s did not happen within %gs" % (what, timeout))
         await task.deferLater(reactor, 0.01, lambda: None)
+
+
+async def pass_time(seconds):
+    """Let wall-clock time pass when time itself is what a test is about
+    (a window, a refill); never to wait for an event."""
+    from twisted.internet import reactor, task
+    await task.deferLater(reactor, seconds, lambda: None)
