@@ -68,6 +68,11 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        # twistd coerces values given on the command line, not the defaults
+        # (written above as users would type them)
+        for name, _, default, _, *coerce in self.optParameters:
+            if coerce and isinstance(default, str):
+                self[name] = coerce[0](default)
 
     def opt_listen(self, description):
         """An extra endpoint to listen on (repeatable), same forms as --port."""
