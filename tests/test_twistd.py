@@ -171,6 +171,18 @@ def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short):
     assert any("Server Shut Down" in line for line in again.output)
     assert not any("Traceback" in line for line in again.output), "\n".join(again.output)
     assert not alive(store2)
+
+    # after a clean stop the data is there too: the message still waits
+    third = Twistd(tmp_short, *args)
+    try:
+        d = Client(third.port())
+        d.send({"register": "true", "sender": "987654321"})
+        assert d.recv()["type"] == "registered"
+        push = d.recv()
+        assert push["type"] == "message" and push["message"] == "kept across a crash"
+        d.close()
+    finally:
+        third.stop(signal.SIGTERM)
     print("twistd start to listening (embedded store): %.2fs" % started)
 
 
