@@ -1,22 +1,33 @@
 """
 The one connection to the store, and the one path every call takes.
 
-txredisapi waits forever for a connection while Redis is down, and a reply
-that never comes keeps its caller waiting too. Here every call gets a deadline
-(``--redis-timeout``), and every way it can fail (deadline, lost connection,
-refused, an error reply) comes out as :class:`StoreUnavailable`, which the
-protocol answers with ``unavailable``.
+txredisapi keeps the connection: it connects, authenticates, selects the
+database and reconnects with back-off. But it waits forever for a connection
+while Redis is down, and a reply that never comes keeps its caller waiting
+too. Here every call has a deadline (``--redis-timeout``), and every way it
+can fail (deadline, lost connection, refused, an error reply) comes out as
+:class:`StoreUnavailable`, which the protocol answers with ``unavailable``.
 
-Lua scripts live in ``chatd/lua/<name>.lua`` and are called by name with
-EVALSHA; after a store restart (which forgets scripts) the first call falls
-back to EVAL, which loads the script again.
+The hot path is lean, because every chat message is one call: commands go
+straight to the connected protocol (not through txredisapi's per-call
+connection lookup), arguments are encoded once, replies are parsed by hiredis,
+and deadlines are kept by one watchdog instead of a timer per call. The
+watchdog can do that because one pipelined connection answers in order: if
+the oldest call in flight is past its deadline the connection is stuck, and it
+is cut (failing every call on it, and reconnecting).
+
+Lua scripts live in ``chatd/lua/<name>.lua`` (after the shared
+``_prelude.lua``) and are called by name with EVALSHA; after a store restart
+(which forgets scripts) the first call falls back to EVAL, which loads it.
 """
 
+import collections
 import hashlib
 import os
 
 import txredisapi
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
 LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
@@ -35,7 +46,7 @@ class Script:
     def __init__(self, name):
         self.name = name
         self.source = _read_lua("_prelude") + _read_lua(name)
-        self.sha = hashlib.sha1(self.source).hexdigest()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
 
 
 def _read_lua(name):
@@ -43,14 +54,41 @@ def _read_lua(name):
         return f.read()
 
 
-class RedisClient:
-    """A lazily connected txredisapi pool with deadlines.
+def _arg(value):
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return str(value).encode("ascii")
 
-    One connection is used on purpose: txredisapi spreads commands over its
-    pool at random, and one pipelined connection keeps the replies in the
-    order the store executed them (which delivery relies on to push live
-    messages without a read-back) at no cost in throughput.
-    """
+
+class _Protocol(txredisapi.RedisProtocol):
+    """txredisapi's protocol (hiredis-backed when hiredis is installed) with a
+    single-pass command encoder: txredisapi's own one runs several type checks
+    and a str.format per argument and per length."""
+
+    def _build_command(self, *args, **kwargs):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = _arg(a)
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+
+class _Factory(txredisapi.RedisFactory):
+    protocol = _Protocol
+    # reconnect soon after the store is back
+    initialDelay = 0.2
+    maxDelay = 2
+
+    def addConnection(self, conn):
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.client._connected()
+
+
+class RedisClient:
+    """A txredisapi connection with deadlines on every call."""
 
     log = Logger()
 
@@ -59,81 +97,138 @@ class RedisClient:
         self.timeout = timeout
         self.reactor = reactor
         self._scripts = {}
-        self._handler = None
+        self._factory = None
+        self._sent = collections.deque()     # (deadline, Deferred) in send order
+        self._waiting = collections.deque()  # (deadline, args, Deferred) until connected
+        self._watchdog = None
+        self._ready = []
+
+    # -- lifecycle ---------------------------------------------------------------
 
     def connect(self):
         t = self.target
-        # txredisapi's own reply timeout aborts a connection whose reply is
-        # late, so that a dead peer is replaced; ours (a little later) also
-        # covers the wait for a connection while the store is down
-        common = dict(dbid=t.db or None, password=t.password, poolsize=1,
-                      reconnect=True, charset=None, convertNumbers=False,
-                      replyTimeout=self.timeout * 0.9, connectTimeout=self.timeout)
-        if t.username:
-            common["username"] = t.username
+        factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
+                           None, t.password, None, False, t.username)
+        factory.client = self
         if t.path:
-            handler = txredisapi.lazyUnixConnectionPool(t.path, **common)
+            endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
         else:
-            handler = txredisapi.lazyConnectionPool(t.host, t.port, ssl_context_factory=t.tls,
-                                                     **common)
-        # recover within a couple of seconds of the store coming back
-        handler._factory.maxDelay = 2
-        handler._factory.initialDelay = 0.2
-        self._handler = handler
+            from twisted.internet import ssl
+            endpoint = txredisapi._makeEndpoint(
+                t.host, t.port, self.timeout, ssl.ClientContextFactory() if t.tls else None)
+        self._factory = factory
+        factory.startConnecting(endpoint)
+        self._watchdog = task.LoopingCall(self._check_deadlines)
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
         return self
+
+    def when_connected(self, timeout):
+        """Deferred that fires once connected, or after ``timeout`` regardless
+        (with False), so that a node can start while its store is down."""
+        if self._conn() is not None:
+            return defer.succeed(True)
+        d = defer.Deferred()
+        self._ready.append(d)
+        return d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: False)
 
     def close(self):
         """Disconnect; the Deferred fires when the connection is gone."""
-        handler, self._handler = self._handler, None
-        if handler is None:
+        factory, self._factory = self._factory, None
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        self._fail_waiting(lambda deadline: True, "the store client is closing")
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(False)
+        if factory is None:
             return defer.succeed(None)
-        return handler.disconnect().addErrback(lambda f: None)
+        return factory.disconnect().addErrback(lambda f: None)
+
+    # -- calls -------------------------------------------------------------------
 
     def call(self, *args):
         """Run one command; Deferred of its reply (bytes, int, list, None)."""
-        if self._handler is None:
-            return defer.fail(StoreUnavailable("not connected"))
-        try:
-            d = self._handler.execute_command(*args)
-        except Exception as e:  # raised synchronously: not connected
-            return defer.fail(StoreUnavailable(str(e)))
-        d.addTimeout(self.timeout, self.reactor)
-        return d.addErrback(self._unavailable, args[0])
+        return self._send(args).addErrback(self._unavailable, args[0])
 
     def script(self, name, keys, args):
         """Run the Lua script ``chatd/lua/<name>.lua``; Deferred of its reply."""
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = Script(name)
-        d = self._raw(b"EVALSHA", script.sha, len(keys), *keys, *args)
+        d = self._send((b"EVALSHA", script.sha, len(keys), *keys, *args))
         d.addErrback(self._noscript, script, keys, args)
-        d.addTimeout(self.timeout, self.reactor)
         return d.addErrback(self._unavailable, name)
 
-    def _raw(self, *args):
-        if self._handler is None:
-            return defer.fail(StoreUnavailable("not connected"))
-        try:
-            return self._handler.execute_command(*args)
-        except Exception as e:
-            return defer.fail(StoreUnavailable(str(e)))
+    def _conn(self):
+        factory = self._factory
+        if factory is None or not factory.pool:
+            return None
+        conn = factory.pool[0]
+        return conn if conn.connected else None
+
+    def _send(self, args):
+        deadline = self.reactor.seconds() + self.timeout
+        conn = self._conn()
+        if conn is None:
+            if self._factory is None:
+                return defer.fail(StoreUnavailable("not connected"))
+            d = defer.Deferred()
+            self._waiting.append((deadline, args, d))
+            return d
+        d = conn.execute_command(*args, apply_timeout=False)
+        self._sent.append((deadline, d))
+        return d
+
+    def _connected(self):
+        """A connection is ready: send what waited for it, and wake waiters."""
+        waiting, self._waiting = self._waiting, collections.deque()
+        for deadline, args, d in waiting:
+            if not d.called:
+                self._send(args).chainDeferred(d)
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(True)
+
+    def _check_deadlines(self):
+        """The watchdog: cut a connection whose oldest reply is overdue, and
+        fail calls that waited too long for a connection (never sent)."""
+        now = self.reactor.seconds()
+        sent = self._sent
+        while sent and sent[0][1].called:
+            sent.popleft()
+        if sent and sent[0][0] <= now:
+            self.log.warn("the store has not answered for {t}s; reconnecting", t=self.timeout)
+            sent.clear()
+            conn = self._conn()
+            if conn is not None:
+                # txredisapi fails every call on it with ConnectionError
+                conn.transport.abortConnection()
+        self._fail_waiting(lambda deadline: deadline <= now,
+                           "no connection to the store within %gs" % self.timeout)
+
+    def _fail_waiting(self, expired, why):
+        waiting = self._waiting
+        while waiting and expired(waiting[0][0]):
+            _, _, d = waiting.popleft()
+            if not d.called:
+                d.errback(StoreUnavailable(why))
 
     def _noscript(self, failure, script, keys, args):
         if failure.check(txredisapi.ResponseError) and \
-                str(failure.value).startswith(("NOSCRIPT", b"NOSCRIPT")):
-            return self._raw(b"EVAL", script.source, len(keys), *keys, *args)
+                str(failure.value).startswith(("NOSCRIPT", "b'NOSCRIPT")):
+            return self._send((b"EVAL", script.source, len(keys), *keys, *args))
         return failure
 
     def _unavailable(self, failure, what):
         if failure.check(StoreUnavailable):
-            return failure
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            reason = "no reply within %gs" % self.timeout
-        else:
-            reason = "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
-        if isinstance(what, bytes):
-            what = what.decode("ascii", "replace")
+            raise StoreUnavailable("%s: %s" % (_text(what), failure.value))
+        reason = "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
         if failure.check(txredisapi.ResponseError):
             # an error reply is a bug or a misconfigured store, not an outage
-            self.log.error("store error on {what}: {reason}", what=what, reason=reason)
-        raise StoreUnavailable("%s: %s" % (what, reason))
+            self.log.error("store error on {what}: {reason}", what=_text(what), reason=reason)
+        raise StoreUnavailable("%s: %s" % (_text(what), reason))
+
+
+def _text(what):
+    return what.decode("ascii", "replace") if isinstance(what, bytes) else what

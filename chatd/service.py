@@ -67,6 +67,9 @@ class ChatService(service.Service):
         if self.ready is not None:
             yield self.ready()
         self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor).connect()
+        if not (yield self.client.when_connected(self.settings.redis_timeout)):
+            self.log.warn("the store ({store}) is not answering yet; clients get "
+                          "'unavailable' until it does", store=self.target.describe())
         store = Store(self.client, self.settings, self.reactor)
         hub = Hub(store, self.settings, self.reactor)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
