@@ -313,9 +313,11 @@ class Hub:
             self.unbind(conn)
             raise
 
-    @defer.inlineCallbacks
     def send(self, conn, packet):
-        """Accept one message packet: Deferred of a :class:`chatd.store.SendResult`."""
+        """Accept one message packet: Deferred of a :class:`chatd.store.SendResult`.
+
+        The hot path of chatd (a bound sender: no store call but the send
+        itself), so it chains Deferreds by hand."""
         delivery = self.delivery(conn)
         if delivery is not None:
             sender = delivery.device
@@ -325,18 +327,25 @@ class Hub:
             if packet.token is not None and not tokens.token_matches(
                     packet.token, delivery.token_hash):
                 raise PacketError("bad_token", "the token is wrong or revoked", field="token")
-        else:
-            sender = packet.sender
-            if sender is None or packet.token is None:
-                raise PacketError("not_registered", "register or reconnect first, or "
-                                  "give sender and token with the message")
-            stored = yield self.store.token_hash(sender)
-            if not tokens.token_matches(packet.token, stored):
-                raise PacketError("bad_token", "the token is wrong or revoked for %s"
-                                  % sender, field="token")
-        result = yield self.store.send(sender, packet.receiver, packet.text, packet.ref)
+            return self._store_send(sender, packet)
+        if packet.sender is None or packet.token is None:
+            raise PacketError("not_registered", "register or reconnect first, or "
+                              "give sender and token with the message")
+        return self.store.token_hash(packet.sender).addCallback(self._one_shot, packet)
+
+    def _one_shot(self, stored, packet):
+        if not tokens.token_matches(packet.token, stored):
+            raise PacketError("bad_token", "the token is wrong or revoked for %s"
+                              % packet.sender, field="token")
+        return self._store_send(packet.sender, packet)
+
+    def _store_send(self, sender, packet):
+        d = self.store.send(sender, packet.receiver, packet.text, packet.ref)
+        return d.addCallback(self._accepted, packet.receiver)
+
+    def _accepted(self, result, receiver):
         if result.entry is not None:
-            self.route(packet.receiver, int(result.id), result.entry)
+            self.route(receiver, int(result.id), result.entry)
         return result
 
     def route(self, receiver, server_id, entry):

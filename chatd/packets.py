@@ -36,7 +36,7 @@ class PacketError(Exception):
         self.field = field
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Packet:
     """One validated client packet.
 
@@ -348,6 +348,13 @@ def reply(obj):
         return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
 
 
+def accepted(server_id, receiver, ref):
+    """The ``accepted`` reply (the hot path: formatted, not JSON-encoded)."""
+    return b'{"type":"accepted","id":"%s","receiver":"%s","ref":%s}\n' % (
+        server_id.encode("ascii"), receiver.encode("ascii"),
+        b"null" if ref is None else _dumps(ref).encode("utf-8"))
+
+
 def error(code, reason, ref=None, field=None):
     obj = {"type": "error", "code": code, "reason": reason, "ref": ref}
     if field is not None:
@@ -372,14 +379,20 @@ PUSH_MID = '","sent_at":'
 
 
 def push_tail(sender, receiver, text):
-    """The part of a stored message that follows its sent_at value."""
-    return ',"sender":%s,"receiver":%s,"message":%s}' % (
-        _dumps(sender), _dumps(receiver), _dumps(text))
+    """The part of a stored message that follows its sent_at value, as bytes.
+    (Ids are validated against :data:`ID_RE`, whose characters need no JSON
+    escaping.)"""
+    return (',"sender":"%s","receiver":"%s","message":%s}' % (
+        sender, receiver, _dumps(text))).encode("utf-8")
+
+
+_HEAD = PUSH_HEAD.encode("ascii")
+_MID = PUSH_MID.encode("ascii")
 
 
 def push_line(server_id, sent_at, tail):
     """The stored form of a message (see :func:`push_tail`), as bytes."""
-    return (PUSH_HEAD + server_id + PUSH_MID + str(sent_at) + tail).encode("utf-8")
+    return b"%s%s%s%d%s" % (_HEAD, server_id.encode("ascii"), _MID, sent_at, tail)
 
 
 def entry_id(entry):

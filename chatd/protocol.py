@@ -144,8 +144,9 @@ class ChatProtocol(LineReceiver):
         self._exclusive(self.hub.reconnect(self, packet.sender, packet.token), packet.ref)
 
     def handle_message(self, packet):
-        self._track(self.hub.send(self, packet).addCallback(self._sent, packet),
-                    packet.ref)
+        d = self.hub.send(self, packet)  # may raise PacketError: answered at once
+        self._inflight += 1
+        d.addCallbacks(self._sent, self._failed, (packet,), None, (packet.ref,))
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
@@ -154,9 +155,9 @@ class ChatProtocol(LineReceiver):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
 
     def _sent(self, result, packet):
+        self._done()
         if result.status == "accepted":
-            self.sendLine_(packets.reply({"type": "accepted", "id": result.id,
-                                          "receiver": packet.receiver, "ref": packet.ref}))
+            self.sendLine_(packets.accepted(result.id, packet.receiver, packet.ref))
         elif result.status == "duplicate":
             self.sendLine_(packets.reply({"type": "duplicate", "receiver": packet.receiver,
                                           "ref": packet.ref}))
@@ -182,25 +183,25 @@ class ChatProtocol(LineReceiver):
     def _track(self, d, ref):
         """Answer a failed packet with its error; count it until answered."""
         self._inflight += 1
+        d.addCallbacks(lambda _: self._done(), self._failed, errbackArgs=(ref,))
 
-        def failed(f):
-            if f.check(PacketError):
-                e = f.value
-                self.sendLine_(packets.error(e.code, e.reason, ref, e.field))
-            elif f.check(StoreUnavailable):
-                self.sendLine_(packets.error(
-                    "unavailable", "the store is unreachable (%s); nothing was "
-                    "stored, retry later" % f.value, ref))
-            else:
-                self.log.failure("internal error on a packet", f)
-                self.sendLine_(packets.error("unavailable", "internal error; retry later", ref))
+    def _done(self):
+        self._inflight -= 1
+        if not self._inflight:
+            self._wake_idle()
 
-        def finished(_):
-            self._inflight -= 1
-            if not self._inflight:
-                self._wake_idle()
-
-        d.addErrback(failed).addBoth(finished)
+    def _failed(self, f, ref):
+        self._done()
+        if f.check(PacketError):
+            e = f.value
+            self.sendLine_(packets.error(e.code, e.reason, ref, e.field))
+        elif f.check(StoreUnavailable):
+            self.sendLine_(packets.error(
+                "unavailable", "the store is unreachable (%s); nothing was "
+                "stored, retry later" % f.value, ref))
+        else:
+            self.log.failure("internal error on a packet", f)
+            self.sendLine_(packets.error("unavailable", "internal error; retry later", ref))
 
     # -- the hub's Connection interface ------------------------------------------
 

@@ -70,9 +70,35 @@ class _Protocol(txredisapi.RedisProtocol):
     def _build_command(self, *args, **kwargs):
         out = [b"*%d\r\n" % len(args)]
         for a in args:
-            a = _arg(a)
+            if a.__class__ is not bytes:
+                a = _arg(a)
             out.append(b"$%d\r\n%s\r\n" % (len(a), a))
         return b"".join(out)
+
+    def dataReceived(self, data, unpause=False):
+        """Hand each parsed reply to its caller. txredisapi's version also
+        converts values and tracks MULTI, neither of which chatd uses (bytes
+        stay bytes: charset None, convertNumbers False)."""
+        if self.inTransaction or self.transactions or not hasattr(self, "_reader"):
+            return super().dataReceived(data, unpause)
+        reader = self._reader
+        reader.feed(data)
+        put = self.replyQueue.put
+        reply = reader.gets()
+        while reply is not False:
+            put(reply)
+            reply = reader.gets()
+
+    def execute_command(self, *args, **kwargs):
+        """Write one command; Deferred of its reply. txredisapi's version wraps
+        each reply in a second Deferred for its per-call timeout, which chatd
+        does not use (see RedisClient's watchdog)."""
+        if kwargs or self.pipelining or self.inMulti:
+            return super().execute_command(*args, **kwargs)
+        if self.connected == 0:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        return self.replyQueue.get().addCallback(self.handle_reply)
 
 
 class _Factory(txredisapi.RedisFactory):
@@ -176,7 +202,7 @@ class RedisClient:
             d = defer.Deferred()
             self._waiting.append((deadline, args, d))
             return d
-        d = conn.execute_command(*args, apply_timeout=False)
+        d = conn.execute_command(*args)
         self._sent.append((deadline, d))
         return d
 

@@ -37,7 +37,12 @@ def _key(device, what):
     return "chatd:{%s}:%s" % (device, what)
 
 
-@dataclass(frozen=True)
+def _keys(device):
+    """The prefix of D's keys, as bytes (the hot path builds several)."""
+    return b"chatd:{%s}:" % device.encode("ascii")
+
+
+@dataclass(slots=True)
 class SendResult:
     """What the store did with one message.
 
@@ -67,6 +72,9 @@ class Store:
         self._ttl_ms = int(settings.inbox_ttl * 1000)
         self._ref_ms = max(1, int(settings.ref_ttl * 1000))
         self._inbox_limit = settings.inbox_limit
+        # the send script's fixed arguments, encoded once
+        self._send_args = [str(v).encode("ascii") for v in (
+            self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms)]
 
     def _now_ms(self):
         return int(self.clock.seconds() * 1000)
@@ -83,16 +91,16 @@ class Store:
         """Accept (or refuse) one message in one atomic step: ref retry,
         receiver check, dedup, inbox limit and TTL, enqueue."""
         now = self._now_ms()
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-        keys = [_key(receiver, "token"), _key(receiver, "seq"), _key(receiver, "inbox"),
-                _key(receiver, "dedup:" + digest)]
+        raw = text.encode("utf-8")
+        prefix = _keys(receiver)
+        keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
+                prefix + b"dedup:" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()]
         if ref is not None:
             ref_id = hashlib.blake2b(
                 ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest()
-            keys.append(_key(receiver, "ref:" + ref_id))
+            keys.append(prefix + b"ref:" + ref_id.encode())
         tail = packets.push_tail(sender, receiver, text)
-        d = self.client.script("send", keys, [
-            now, self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms, tail])
+        d = self.client.script("send", keys, [b"%d" % now, *self._send_args, tail])
         return d.addCallback(self._sent, now, tail)
 
     @staticmethod
