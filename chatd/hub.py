@@ -95,7 +95,7 @@ class Delivery:
             if self.closed:
                 return
             announce(pending)
-            if self._take(entries, last):
+            if self._take(entries, last) and not self._more:
                 self._draining = False
             else:
                 self._drain()
