@@ -119,8 +119,21 @@ def alive(pid):
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.fixture
+def orphans():
+    """Pids to kill at the end if a failing test left them (a SIGKILLed
+    chatd's store outlives it by design)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
-def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short):
+def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short, orphans):
     data = os.path.join(tmp_short, "data")
     args = ["--port", "tcp:0:interface=127.0.0.1", "--data-dir", data]
     t0 = time.monotonic()
@@ -141,6 +154,7 @@ def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short):
         assert c.recv()["type"] == "accepted"
         c.close()
         [store] = children_of(first.proc.pid)
+        orphans.append(store)
         # a second chatd on the same data dir is refused
         second = Twistd(tmp_short, "--port", "tcp:0:interface=127.0.0.1", "--data-dir", data)
         assert second.exited() != 0
@@ -162,6 +176,7 @@ def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short):
         c.send({"message": "kept across a crash", "receiver": "987654321", "ref": "k1"})
         assert c.recv()["type"] == "accepted"  # the ref record survived too
         [store2] = children_of(again.proc.pid)
+        orphans.append(store2)
     finally:
         code = again.stop(signal.SIGTERM)
     # a clean stop: the client was told, the store stopped after chatd
