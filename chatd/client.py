@@ -12,9 +12,10 @@ The module reads top to bottom as: what is shown (pure formatting), what is
 typed (command parsing), where the token lives, the conversation with the
 server across connections (:class:`Session`, no terminal in it), and the
 three ways to run it (interactive, ``--listen``, ``--send``). Everything runs
-on the Twisted reactor; stdin and stdout go through
-:class:`twisted.internet.stdio.StandardIO`, so nothing blocks and nothing
-spins when input ends.
+on the Twisted reactor, without threads: stdin is read through
+:class:`twisted.internet.stdio.StandardIO` (its end is an event, so nothing
+spins when input ends); each output line is written as it comes, before the
+message it shows is acked.
 """
 
 import argparse
@@ -32,6 +33,7 @@ from urllib.parse import quote
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd.packets import ID_RE
@@ -45,7 +47,7 @@ BACKOFF_MAX = 10.0
 SEND_WINDOW = 32
 #: how long to wait before resending a message the server refused as rate_limited
 RATE_RETRY = 1.0
-#: how long closing the connection and flushing stdout may take at exit
+#: how long closing the connection and stdio may take at exit
 CLOSE_GRACE = 2.0
 #: errors after which the server closes the connection (we reconnect, except
 #: after session_replaced: another client of the same id took over)
@@ -239,10 +241,10 @@ class TokenFile:
                 saved = json.load(f)
         except (OSError, ValueError):
             return None
-        token = saved.get("token") if isinstance(saved, dict) else None
-        if saved.get("id") != self.device or not isinstance(token, str) or not token:
+        if not isinstance(saved, dict) or saved.get("id") != self.device:
             return None
-        return token
+        token = saved.get("token")
+        return token if isinstance(token, str) and token else None
 
     def save(self, token):
         """Write the token atomically (a crash leaves the old file or the new
@@ -370,6 +372,7 @@ class Session:
         self._retry = None
         self._pump_later = None
         self._why_closed = None  # what to say when this connection closes
+        self._cannot_show = False  # the ui could not show a message: stop acking
         self._idle = []
         self._gone = []
 
@@ -580,14 +583,18 @@ class Session:
 
     def _pushed(self, push, raw):
         server_id = push.get("id")
-        if not isinstance(server_id, str) or not self.ready or self.one_shot:
+        if not isinstance(server_id, str) or not self.ready or self.one_shot \
+                or self._cannot_show:
             return  # --send shows nothing and acks nothing: it all stays stored
-        self.pushed_here = server_id
         key = id_order(server_id)
         if self.shown is not None and key <= self.shown:
+            self.pushed_here = server_id
             return  # shown before this connection; acked below all the same
+        if self.ui.incoming(push, raw) is False:
+            self._cannot_show = True  # it, and what follows, stay stored
+            return
         self.shown = key
-        self.ui.incoming(push, raw)
+        self.pushed_here = server_id
 
     def batch_done(self, conn):
         """After each read: ack the last id pushed here (cumulative)."""
@@ -642,18 +649,53 @@ def _count(n, word):
 
 # -- the ways to run it ------------------------------------------------------------------
 
-def write_stderr(text):
-    """Write a line to stderr right away. StandardIO makes stdout
-    non-blocking, and on a terminal stderr shares its open file, so a write
-    may meet EAGAIN: wait for the terminal then."""
-    data = (text + "\n").encode("utf-8", "replace")
+def write_line(fd, text, end="\n"):
+    """Write a line to stdout or stderr now; True once it is all written.
+
+    Output is written synchronously, not buffered in the reactor: a message
+    is acked only after its line is out (a reader that went away must not
+    cost messages), and a slow reader slows the client down rather than
+    piling up memory. StandardIO makes the terminal's open file
+    non-blocking, so a write may meet EAGAIN: wait for the terminal then. A
+    closed stream (EPIPE) returns False, no traceback."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+    data += end.encode()
     while data:
         try:
-            data = data[os.write(2, data):]
+            data = data[os.write(fd, data):]
         except BlockingIOError:
-            select.select([], [2], [], 1.0)
+            select.select([], [fd], [], 1.0)
         except OSError:
-            return
+            return False
+    return True
+
+
+def write_stderr(text):
+    write_line(2, text)
+
+
+class BlockingModes:
+    """The O_NONBLOCK flags of stdin, stdout and stderr as they were at
+    start, put back at exit: StandardIO sets them on the terminal's open
+    file, which the shell shares, and programs run after us would meet
+    EAGAIN."""
+
+    def __init__(self):
+        import fcntl
+        self.fcntl = fcntl
+        self.flags = {}
+        for fd in (0, 1, 2):
+            try:
+                self.flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            except OSError:
+                pass
+
+    def restore(self):
+        for fd, flags in self.flags.items():
+            try:
+                self.fcntl.fcntl(fd, self.fcntl.F_SETFL, flags)
+            except OSError:
+                pass
 
 
 @implementer(IHalfCloseableProtocol)
@@ -666,6 +708,7 @@ class InputLines(LineReceiver):
 
     def __init__(self, app):
         self.app = app
+        self.output_lost = False
         self.closed = defer.Deferred()
 
     def lineReceived(self, line):
@@ -681,6 +724,7 @@ class InputLines(LineReceiver):
         self.app.input_ended()
 
     def writeConnectionLost(self):
+        self.output_lost = True
         self.app.output_closed()
 
     def connectionLost(self, reason):
@@ -708,9 +752,13 @@ class App:
         self._timers = []
 
     def run(self):
+        modes = BlockingModes()
         self.reactor.callWhenRunning(self.start)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
-        self.reactor.run()
+        try:
+            self.reactor.run()
+        finally:
+            modes.restore()
         return self.status
 
     def start(self):
@@ -739,9 +787,12 @@ class App:
 
     # -- output ---------------------------------------------------------------------
 
-    def write_out(self, text):
-        if self.stdio is not None:
-            self.stdio.write((text + "\n").encode("utf-8", "replace"))
+    def write_out(self, text, end="\n"):
+        """A line on stdout; False (and the run ends) if stdout is closed."""
+        if write_line(1, text, end):
+            return True
+        self.output_closed()
+        return False
 
     def say(self, kind, text):
         """A status line (kind: info, ok, warn, error)."""
@@ -756,7 +807,8 @@ class App:
         self.say("error", text)
 
     def incoming(self, push, raw):
-        pass
+        """Show one message; False if it could not be (it is not acked)."""
+        return True
 
     def answered(self, entry, reply):
         kind, words = describe_reply(entry.receiver, reply)
@@ -775,7 +827,7 @@ class App:
         self.finish(0)
 
     def output_closed(self):
-        self.finish(self.status)
+        self.finish(1)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -821,8 +873,11 @@ class App:
                 call.cancel()
         if self.session is not None:
             yield _within(self.session.stop(), CLOSE_GRACE, self.reactor)
-        if self.stdio is not None:
-            self.stdio.loseConnection()  # flushes stdout first
+        if self.stdio is not None and not self.input.closed.called:
+            if self.input.output_lost:  # nothing to flush: close stdin too
+                self.stdio.connectionLost(Failure(error.ConnectionDone()))
+            else:
+                self.stdio.loseConnection()  # flushes stdout first
             yield _within(self.input.closed, CLOSE_GRACE, self.reactor)
 
     def _stop_reactor(self):
@@ -844,7 +899,6 @@ class Conversation(App):
     def begin(self):
         self.style = Style.for_stream(sys.stdout, self.environ)
         self.peer = self.options.to
-        self.hinted = False
         self.ended = False
         self.told_queued = False
         if self.options.id:
@@ -853,8 +907,7 @@ class Conversation(App):
             self.ask_id()
 
     def ask_id(self):
-        if self.stdio is not None:
-            self.stdio.write(b"your id (e.g. 0011001100): ")
+        self.write_out("your id (e.g. 0011001100): ", end="")
 
     def connect(self, device):
         self.make_session(device)
@@ -867,10 +920,7 @@ class Conversation(App):
         self.write_out(self.style.paint(kind, text))
 
     def incoming(self, push, raw):
-        self.write_out(format_push(push, self.style))
-        if self.peer is None and not self.hinted:
-            self.hinted = True
-            self.say("info", "(/to %s to answer)" % clean_text(str(push.get("sender"))))
+        return self.write_out(format_push(push, self.style))
 
     def line_typed(self, line):
         if self.finishing or self.ended:
@@ -929,8 +979,7 @@ class Listener(App):
         self.session.start()
 
     def incoming(self, push, raw):
-        if self.stdio is not None:
-            self.stdio.write(raw + b"\n")
+        return self.write_out(raw)
 
 
 class OneShot(App):
@@ -950,7 +999,7 @@ class OneShot(App):
     def answered(self, entry, reply):
         kind, words = describe_reply(entry.receiver, reply)
         if kind == "ok":
-            print("%s (id %s)" % (words, reply.get("id")), flush=True)
+            write_line(1, "%s (id %s)" % (words, reply.get("id")))
             self.finish(0)
         else:
             write_stderr(words.replace("error: ", "not sent: ", 1))

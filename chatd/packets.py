@@ -301,7 +301,8 @@ def _literal_value(tokens, i, depth):
             return (result if p != "(" else tuple(result)), i + 1
         if p == "{":
             key, i = _literal_value(tokens, i, depth + 1)
-            if isinstance(key, (list, dict)):
+            if not isinstance(key, str):
+                # as in JSON: anything accepted can be echoed back as JSON
                 raise PacketError("bad_packet", "a dict key must be a string")
             if i >= len(tokens) or tokens[i].group("punct") != ":":
                 raise PacketError("bad_packet", "expected ':' after a key")

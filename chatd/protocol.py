@@ -115,6 +115,11 @@ class ChatProtocol(LineReceiver):
             handler(packet)
         except PacketError as e:
             self.sendLine_(packets.error(e.code, e.reason, packet.ref, e.field))
+        except Exception:
+            # a bug must not cost the client its connection (or an answer)
+            self.log.failure("internal error on a {kind} packet", kind=packet.kind)
+            self.sendLine_(packets.error("unavailable", "internal error; retry later",
+                                         packet.ref))
 
     def lineLengthExceeded(self, line):
         self.close("line_too_long", "a line is longer than %d bytes" % self.settings.max_line)

@@ -35,7 +35,8 @@ def test_literal_syntax_details():
         == {"a": "it's", "b": [1, 2.5, (3,)], "c": None, "d": True}
     assert packets.parse_literal(r"{'u': '\u00e9\x41\n'}") == {"u": "éA\n"}
     for bad in ["{'a': b'x'}", "{'a': 1 + 2}", "{'a': f(1)}", "{'a' 1}", "{'a': 1", "{[1]: 2}",
-                "{'a': 1} trailing", "{'a': '\\U99999999'}", "{'a': 1e999}"]:
+                "{'a': 1} trailing", "{'a': '\\U99999999'}", "{'a': 1e999}",
+                "{'ping': {(1, 2): 3}}", "{'ping': {(1, [2]): 3}}", "{1: 2}"]:
         with pytest.raises(PacketError) as e:
             packets.parse_literal(bad)
         assert e.value.code == "bad_packet"
