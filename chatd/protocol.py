@@ -19,6 +19,10 @@ from chatd.redisclient import StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
 CLOSE_GRACE = 5.0
+#: packets of one connection awaiting their reply at which it stops being
+#: read (so that one client cannot fill the store's queue), and resumes
+MAX_INFLIGHT = 256
+RESUME_INFLIGHT = 128
 
 
 @implementer(IPushProducer)
@@ -51,6 +55,7 @@ class ChatProtocol(LineReceiver):
         f = self.factory
         self.settings = s = f.settings
         self.hub = f.hub
+        self.store = f.hub.store
         self.clock = f.clock
         self.MAX_LENGTH = s.max_line + 1  # a telnet \r may follow a full line
         self._closing = False
@@ -110,6 +115,11 @@ class ChatProtocol(LineReceiver):
             return
         if packet.kind != "ack" and not self._rate_ok(packet.ref):
             return
+        if self.store.saturated and "store" not in self._pauses:
+            # stop reading everyone until the store catches up: overload
+            # slows senders down instead of timing their sends out
+            self._pause("store")
+            self.store.when_unsaturated().addCallback(lambda _: self._resume("store"))
         handler = getattr(self, "handle_" + packet.kind)
         try:
             handler(packet)
@@ -151,6 +161,8 @@ class ChatProtocol(LineReceiver):
     def handle_message(self, packet):
         d = self.hub.send(self, packet)  # may raise PacketError: answered at once
         self._inflight += 1
+        if self._inflight >= MAX_INFLIGHT:
+            self._pause("inflight")
         d.addCallbacks(self._sent, self._failed, (packet,), None, (packet.ref,))
 
     def handle_ack(self, packet):
@@ -192,6 +204,8 @@ class ChatProtocol(LineReceiver):
 
     def _done(self):
         self._inflight -= 1
+        if self._inflight <= RESUME_INFLIGHT and "inflight" in self._pauses:
+            self._resume("inflight")
         if not self._inflight:
             self._wake_idle()
 

@@ -127,6 +127,9 @@ class RedisClient:
         self._sent = collections.deque()     # (deadline, Deferred) in send order
         self._waiting = collections.deque()  # (deadline, args, Deferred) until connected
         self._watchdog = None
+        self._ticks = 0
+        self._overdue = None  # the call found overdue, awaiting confirmation
+        self._offset = None   # the store's clock minus ours, in ms
         self._ready = []
 
     # -- lifecycle ---------------------------------------------------------------
@@ -206,8 +209,29 @@ class RedisClient:
         self._sent.append((deadline, d))
         return d
 
+    def late_ms(self):
+        """The store's clock time (ms, as bytes) after which a write sent now
+        must not be done: a quarter of the deadline before this client gives
+        up on it and tells the client "unavailable", so that the answer is
+        true even when the store runs a command late (a frozen or overloaded
+        store). b"0" (no check) until the store's clock has been read."""
+        if self._offset is None:
+            return b"0"
+        return b"%d" % ((self.reactor.seconds() + self.timeout * 0.75) * 1000 + self._offset)
+
+    def _read_clock(self):
+        """Measure the store's clock against ours (and check it answers)."""
+        sent = self.reactor.seconds()
+
+        def got(reply):
+            mid = (sent + self.reactor.seconds()) / 2
+            self._offset = int(reply[0]) * 1000 + int(reply[1]) // 1000 - mid * 1000
+
+        self._send((b"TIME",)).addCallbacks(got, lambda f: None)
+
     def _connected(self):
         """A connection is ready: send what waited for it, and wake waiters."""
+        self._read_clock()
         waiting, self._waiting = self._waiting, collections.deque()
         for deadline, args, d in waiting:
             if not d.called:
@@ -223,15 +247,27 @@ class RedisClient:
         sent = self._sent
         while sent and sent[0][1].called:
             sent.popleft()
-        if sent and sent[0][0] <= now:
-            self.log.warn("the store has not answered for {t}s; reconnecting", t=self.timeout)
-            sent.clear()
-            conn = self._conn()
-            if conn is not None:
-                # txredisapi fails every call on it with ConnectionError
-                conn.transport.abortConnection()
+        if sent and sent[0][0] <= now and self._overdue is None:
+            # its reply may be waiting to be read (a busy reactor runs timers
+            # before reading): look again after one turn
+            self._overdue = sent[0][1]
+            self.reactor.callLater(0, self._confirm_overdue)
         self._fail_waiting(lambda deadline: deadline <= now,
                            "no connection to the store within %gs" % self.timeout)
+        self._ticks += 1
+        if self._ticks % 120 == 0 and self._conn() is not None:
+            self._read_clock()  # clocks drift; this also checks the store answers
+
+    def _confirm_overdue(self):
+        overdue, self._overdue = self._overdue, None
+        if overdue is None or overdue.called:
+            return
+        self.log.warn("the store has not answered for {t}s; reconnecting", t=self.timeout)
+        self._sent.clear()
+        conn = self._conn()
+        if conn is not None:
+            # txredisapi fails every call on it with ConnectionError
+            conn.transport.abortConnection()
 
     def _fail_waiting(self, expired, why):
         waiting = self._waiting

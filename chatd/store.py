@@ -30,7 +30,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
 from chatd import packets
+from chatd.redisclient import StoreUnavailable
 
 
 def _key(device, what):
@@ -61,9 +65,28 @@ class SendResult:
 _STATUS = {b"a": "accepted", b"d": "duplicate", b"u": "unknown_receiver",
            b"f": "inbox_full", b"ra": "accepted", b"rd": "duplicate"}
 
+#: most messages (or acks) in one batch: about 10 ms of the store's time
+MAX_BATCH = 512
+#: work queued or in flight at which clients stop being read, and at which
+#: they are read again (see :attr:`Store.saturated`)
+HIGH_WATER = 4096
+LOW_WATER = 1024
+
 
 class Store:
-    """chatd's operations on the store; each is one round trip."""
+    """chatd's operations on the store.
+
+    Sends and acks are batched: every send (ack) asked for in one turn of the
+    reactor goes to the store as one Lua call, which does each message's
+    whole atomic step in arrival order. That is one round trip, one script
+    run and one reply to parse for a whole batch instead of one per message
+    (on a single Redis; on Redis Cluster a batch would have to be split by
+    slot, which the receiver hash tags make possible).
+
+    The store can only take so much; :attr:`saturated` tells the protocol to
+    stop reading clients until the queue has drained, so that overload slows
+    senders down (TCP backpressure) instead of timing their sends out.
+    """
 
     def __init__(self, client, settings, clock):
         self.client = client
@@ -75,9 +98,17 @@ class Store:
         # the send script's fixed arguments, encoded once
         self._send_args = [str(v).encode("ascii") for v in (
             self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms)]
+        self._sends = []   # (keys, has_ref, tail, Deferred) not yet sent
+        self._acks = {}    # inbox key -> [upto, Deferred]
+        self._flush_call = None
+        self._load = 0     # sends and acks queued or in flight
+        self.saturated = False
+        self._unsaturated = []
 
     def _now_ms(self):
         return int(self.clock.seconds() * 1000)
+
+    # -- single calls ----------------------------------------------------------------
 
     def register(self, device, token_hash):
         """Store D's new token (hash); every older token is revoked by it."""
@@ -87,33 +118,6 @@ class Store:
         """D's stored token hash, or None if D never registered."""
         return self.client.call(b"GET", _key(device, "token"))
 
-    def send(self, sender, receiver, text, ref=None):
-        """Accept (or refuse) one message in one atomic step: ref retry,
-        receiver check, dedup, inbox limit and TTL, enqueue."""
-        now = self._now_ms()
-        raw = text.encode("utf-8")
-        prefix = _keys(receiver)
-        keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
-                prefix + b"dedup:" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()]
-        if ref is not None:
-            ref_id = hashlib.blake2b(
-                ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest()
-            keys.append(prefix + b"ref:" + ref_id.encode())
-        tail = packets.push_tail(sender, receiver, text)
-        d = self.client.script("send", keys, [b"%d" % now, *self._send_args, tail])
-        return d.addCallback(self._sent, now, tail)
-
-    @staticmethod
-    def _sent(reply, now, tail):
-        code = reply[0]
-        status = _STATUS[code]
-        if code == b"a":
-            server_id = reply[1].decode("ascii")
-            return SendResult(status, server_id, packets.push_line(server_id, now, tail))
-        if code == b"ra":
-            return SendResult(status, reply[1].decode("ascii"), replay=True)
-        return SendResult(status, replay=(code == b"rd"))
-
     def fetch(self, device, after, count):
         """D's waiting messages with ids after ``after`` (an int), at most
         ``count``: Deferred of ``(pending, last_id, entries)`` where pending
@@ -122,6 +126,122 @@ class Store:
                                [after, count, self._now_ms(), self._ttl_ms])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
+    # -- batched calls ---------------------------------------------------------------
+
+    def send(self, sender, receiver, text, ref=None):
+        """Accept (or refuse) one message: Deferred of a :class:`SendResult`."""
+        prefix = _keys(receiver)
+        keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
+                prefix + b"dedup:" + hashlib.blake2b(
+                    text.encode("utf-8"), digest_size=16).hexdigest().encode()]
+        if ref is None:
+            keys.append(prefix + b"ref:-")
+        else:
+            keys.append(prefix + b"ref:" + hashlib.blake2b(
+                ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest().encode())
+        d = defer.Deferred()
+        self._sends.append((keys, ref is not None, packets.push_tail(sender, receiver, text), d))
+        self._queued(len(self._sends))
+        return d
+
     def ack(self, device, upto):
-        """Remove D's messages with ids up to ``upto`` (an int)."""
-        return self.client.script("ack", [_key(device, "inbox")], [upto])
+        """Remove D's messages with ids up to ``upto`` (an int); acks of one
+        device in one batch are folded into the highest."""
+        key = _keys(device) + b"inbox"
+        pending = self._acks.get(key)
+        if pending is None:
+            pending = self._acks[key] = [upto, []]
+            self._queued(len(self._acks))
+        elif upto > pending[0]:
+            pending[0] = upto
+        d = defer.Deferred()
+        pending[1].append(d)
+        return d
+
+    def _queued(self, batch_size):
+        self._load += 1
+        if self._load >= HIGH_WATER:
+            self.saturated = True
+        if batch_size >= MAX_BATCH:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self):
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        sends, self._sends = self._sends, []
+        if sends:
+            self._send_batch(sends)
+        acks, self._acks = self._acks, {}
+        if acks:
+            self._ack_batch(acks)
+
+    def _send_batch(self, sends):
+        now = self._now_ms()
+        keys, refs, tails = [], [], []
+        for k, has_ref, tail, _ in sends:
+            keys += k
+            refs.append(b"1" if has_ref else b"0")
+            tails.append(tail)
+        d = self.client.script("send", keys, [
+            b"%d" % now, *self._send_args, self.client.late_ms(), b"".join(refs), *tails])
+        d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
+
+    def _sent(self, reply, sends, now):
+        self._done(len(sends))
+        if reply == [b"late"]:
+            return self._failed(None, sends)
+        for i, (_, _, tail, d) in enumerate(sends):
+            code, server_id = reply[2 * i], reply[2 * i + 1]
+            if code == b"a":
+                server_id = server_id.decode("ascii")
+                d.callback(SendResult("accepted", server_id,
+                                      packets.push_line(server_id, now, tail)))
+            elif code == b"ra":
+                d.callback(SendResult("accepted", server_id.decode("ascii"), replay=True))
+            else:
+                d.callback(SendResult(_STATUS[code], replay=(code == b"rd")))
+
+    def _failed(self, failure, sends):
+        if failure is not None:
+            self._done(len(sends))
+            error = failure.value
+        else:
+            error = StoreUnavailable("the store ran the batch after its deadline; "
+                                     "nothing was stored")
+        for *_, d in sends:
+            d.errback(error)
+
+    def _ack_batch(self, acks):
+        keys = list(acks)
+        d = self.client.script("ack", keys, [acks[k][0] for k in keys])
+
+        def done(result):
+            self._done(len(keys))
+            for k in keys:
+                for waiter in acks[k][1]:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(None)
+
+        d.addBoth(done)
+
+    def _done(self, n):
+        self._load -= n
+        if self.saturated and self._load <= LOW_WATER:
+            self.saturated = False
+            waiting, self._unsaturated = self._unsaturated, []
+            for d in waiting:
+                d.callback(None)
+
+    def when_unsaturated(self):
+        """Deferred that fires once the store has room again."""
+        if not self.saturated:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._unsaturated.append(d)
+        return d

@@ -1,27 +1,31 @@
--- Remove a receiver's messages up to and including an id (a cumulative ack).
+-- Remove acked messages from several inboxes (cumulative acks), one round
+-- trip for the batch.
 --
--- KEYS[1] inbox; ARGV[1] the acked id. Returns how many were removed.
--- Ids in the inbox are consecutive, so the count is known from the head's id;
+-- KEYS: inboxes; ARGV: for each, the highest acked id.
+-- Returns how many messages were removed in all.
+-- Ids in an inbox are consecutive, so the count is known from the head's id;
 -- the entry at that position is checked, and a slow walk is the fallback.
-local inbox = KEYS[1]
-local upto = tonumber(ARGV[1])
-local head = redis.call("LINDEX", inbox, 0)
-if not head then return 0 end
-local head_id = entry_id(head)
-local k = upto - head_id + 1
-if k <= 0 then return 0 end
-local n = redis.call("LLEN", inbox)
-if k > n then k = n end
-local last = redis.call("LINDEX", inbox, k - 1)
-if entry_id(last) == head_id + k - 1 then
-  redis.call("LTRIM", inbox, k, -1)
-  return k
-end
 local removed = 0
-while true do
-  local entry = redis.call("LINDEX", inbox, 0)
-  if not entry or entry_id(entry) > upto then break end
-  redis.call("LPOP", inbox)
-  removed = removed + 1
+for i = 1, #KEYS do
+  local inbox = KEYS[i]
+  local upto = tonumber(ARGV[i])
+  local head = redis.call("LINDEX", inbox, 0)
+  local k = head and (upto - entry_id(head) + 1) or 0
+  if k > 0 then
+    local n = redis.call("LLEN", inbox)
+    if k > n then k = n end
+    local last = redis.call("LINDEX", inbox, k - 1)
+    if entry_id(last) == entry_id(head) + k - 1 then
+      redis.call("LTRIM", inbox, k, -1)
+      removed = removed + k
+    else
+      while true do
+        local entry = redis.call("LINDEX", inbox, 0)
+        if not entry or entry_id(entry) > upto then break end
+        redis.call("LPOP", inbox)
+        removed = removed + 1
+      end
+    end
+  end
 end
 return removed

@@ -1,46 +1,65 @@
--- Accept one message, atomically: the whole rule of the contract in one step.
+-- Accept (or refuse) a batch of messages, atomically, in arrival order: the
+-- whole rule of the contract for each one (ref retry, receiver check, dedup,
+-- inbox TTL and limit, enqueue), one round trip for the batch.
 --
--- KEYS[1] receiver's token hash (exists = the receiver is registered)
--- KEYS[2] receiver's id counter (never expires: ids keep increasing)
--- KEYS[3] receiver's inbox, a list of stored push lines, oldest first
--- KEYS[4] dedup marker of this text for this receiver
--- KEYS[5] (optional) the (sender, ref) idempotency record
--- ARGV: now_ms, dedup_window_ms, inbox_limit, inbox_ttl_ms, ref_ttl_ms, tail
---   tail: the push line after the sent_at value (sender, receiver, text)
+-- KEYS, five per message, all of the receiver's hash tag:
+--   token hash (exists = registered), id counter (never expires), inbox (a
+--   list of push lines, oldest first), dedup marker of the text, and the
+--   (sender, ref) record (unused when the message has no ref).
+-- ARGV: now_ms, dedup_window_ms, inbox_limit, inbox_ttl_ms, ref_ttl_ms,
+--   late_ms, refs, then one tail per message.
+--   late_ms: the store's clock time after which the sender has been told
+--     "unavailable"; a batch run later stores nothing (0: no check).
+--   refs: one character per message, "1" if it has a ref.
+--   tail: the push line after the sent_at value (sender, receiver, text).
 --
--- Returns {"a", id} accepted, {"d"} duplicate, {"u"} unknown receiver,
--- {"f"} inbox full; a retry of a known ref returns {"ra", id} or {"rd"}:
--- the first reply again, nothing stored (and nothing to push again).
-local now = tonumber(ARGV[1])
-local ref = KEYS[5]
-
-if ref then
-  local first = redis.call("GET", ref)
-  if first then
-    if first == "d" then return {"rd"} end
-    return {"ra", string.sub(first, 3)}
+-- Returns two items per message: a code and an id (or ""):
+--   "a" accepted, "d" duplicate, "u" unknown receiver, "f" inbox full; a retry
+--   of a known ref gets the first reply again: "ra" (with its id) or "rd".
+-- Or {"late"} when the batch ran after late_ms.
+local late = tonumber(ARGV[6])
+if late > 0 then
+  local t = redis.call("TIME")
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > late then
+    return {"late"}
   end
 end
 
-if redis.call("EXISTS", KEYS[1]) == 0 then return {"u"} end
-
+local now = ARGV[1]
 local window = tonumber(ARGV[2])
-if window > 0 and redis.call("EXISTS", KEYS[4]) == 1 then
-  -- anchored on the accepted copy: a suppressed copy does not extend it
-  if ref then redis.call("SET", ref, "d", "PX", ARGV[5]) end
-  return {"d"}
+local limit = tonumber(ARGV[3])
+local cutoff = tonumber(now) - tonumber(ARGV[4])
+local refs = ARGV[7]
+local out = {}
+
+for i = 1, #refs do
+  local k = (i - 1) * 5
+  local inbox, ref = KEYS[k + 3], nil
+  if string.byte(refs, i) == 49 then ref = KEYS[k + 5] end
+  local code, id = nil, ""
+  local first = ref and redis.call("GET", ref)
+  if first then
+    if first == "d" then code = "rd" else code, id = "ra", string.sub(first, 3) end
+  elseif redis.call("EXISTS", KEYS[k + 1]) == 0 then
+    code = "u"
+  elseif window > 0 and redis.call("EXISTS", KEYS[k + 4]) == 1 then
+    -- anchored on the accepted copy: a suppressed copy does not extend it
+    code = "d"
+    if ref then redis.call("SET", ref, "d", "PX", ARGV[5]) end
+  else
+    drop_expired(inbox, cutoff)
+    if redis.call("LLEN", inbox) >= limit then
+      code = "f"
+    else
+      code = "a"
+      id = string.format("%016d", redis.call("INCR", KEYS[k + 2]))
+      redis.call("RPUSH", inbox, '{"type":"message","id":"' .. id .. '","sent_at":' .. now .. ARGV[7 + i])
+      redis.call("PEXPIRE", inbox, ARGV[4])
+      if window > 0 then redis.call("SET", KEYS[k + 4], "1", "PX", ARGV[2]) end
+      if ref then redis.call("SET", ref, "a:" .. id, "PX", ARGV[5]) end
+    end
+  end
+  out[#out + 1] = code
+  out[#out + 1] = id
 end
-
--- drop what has outlived the inbox TTL (oldest first) before counting
-local inbox = KEYS[3]
-local cutoff = now - tonumber(ARGV[4])
-drop_expired(inbox, cutoff)
-
-if redis.call("LLEN", inbox) >= tonumber(ARGV[3]) then return {"f"} end
-
-local id = string.format("%016d", redis.call("INCR", KEYS[2]))
-redis.call("RPUSH", inbox, '{"type":"message","id":"' .. id .. '","sent_at":' .. ARGV[1] .. ARGV[6])
-redis.call("PEXPIRE", inbox, ARGV[4])
-if window > 0 then redis.call("SET", KEYS[4], "1", "PX", ARGV[2]) end
-if ref then redis.call("SET", ref, "a:" .. id, "PX", ARGV[5]) end
-return {"a", id}
+return out
