@@ -621,3 +621,25 @@ async def test_unavailable_while_store_down_then_recovers(chatd, clients, own_re
     await b.expect("message", message="back")
     # nothing of the failed send was stored
     assert own_redis.command("LLEN", "chatd:{bob}:inbox") == 1
+
+
+@pytest.mark.slow
+@ensure
+async def test_inbox_ttl_expires_undelivered_messages(chatd, clients, redis):
+    node, a, b = await pair(chatd, clients, inbox_ttl=1.0, inbox_limit=2)
+    await b.close()
+    a.send({"message": "old 1", "receiver": "bob"})
+    a.send({"message": "old 2", "receiver": "bob"})
+    await a.expect("accepted")
+    await a.expect("accepted")
+    a.send({"message": "no room", "receiver": "bob"})
+    await a.error("inbox_full")
+    await pass_time(1.2)
+    # expired messages make room, and are never pushed
+    a.send({"message": "new", "receiver": "bob"})
+    new_id = (await a.expect("accepted"))["id"]
+    b2 = await clients(node)
+    assert (await b2.reconnect("bob", b.token))["pending"] == 1
+    push = await b2.expect("message", message="new")
+    assert push["id"] == new_id
+    assert await b2.sync() == []
