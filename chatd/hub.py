@@ -340,7 +340,7 @@ class Hub:
         return self._store_send(packet.sender, packet)
 
     def _store_send(self, sender, packet):
-        d = self.store.send(sender, packet.receiver, packet.text, packet.ref)
+        d = self.store.send(sender, packet.receiver, packet.text, packet.ref, packet.raw)
         return d.addCallback(self._accepted, packet.receiver)
 
     def _accepted(self, result, receiver):

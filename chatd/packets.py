@@ -53,6 +53,7 @@ class Packet:
     proof: Optional[str] = None
     ack: Optional[int] = None
     ping: Any = None
+    raw: Optional[bytes] = None  # the message text as UTF-8
 
 
 # -- decoding --------------------------------------------------------------------
@@ -82,7 +83,7 @@ def decode_line(line):
     """
     if line.endswith(b"\r"):
         line = line[:-1]
-    if not line.strip():
+    if line[:1] != b"{" and not line.strip():
         return None
     try:
         text = line.decode("utf-8")
@@ -112,6 +113,11 @@ def parse_line(line, max_message=16384):
 
 def validate(obj, max_message=16384):
     """A decoded client object -> :class:`Packet` (the contract's field rules)."""
+    if "message" in obj and not (
+            "register" in obj or "reconnect" in obj or "ack" in obj or "ping" in obj):
+        ref = obj.get("ref")  # the hot path: a message
+        if ref is None or _valid_ref(ref):
+            return _validate_message(obj, ref, max_message)
     ref = obj.get("ref")
     ref_ok = ref is None or _valid_ref(ref)
     kinds = [k for k in KINDS if k in obj]
@@ -157,15 +163,15 @@ def _validate_message(obj, ref, max_message):
     if token is not None and not isinstance(token, str):
         raise PacketError("bad_field", "field 'token' must be a string", ref, "token")
     try:
-        size = len(text.encode("utf-8"))
+        raw = text.encode("utf-8")
     except UnicodeEncodeError:
         raise PacketError("bad_field", "field 'message' is not valid Unicode "
                           "(lone surrogate)", ref, "message") from None
-    if size > max_message:
+    if len(raw) > max_message:
         raise PacketError("message_too_long", "the message text is %d bytes of "
-                          "UTF-8; the limit is %d" % (size, max_message), ref)
+                          "UTF-8; the limit is %d" % (len(raw), max_message), ref)
     return Packet("message", sender=sender, receiver=receiver, token=token,
-                  text=text, ref=ref)
+                  text=text, ref=ref, raw=raw)
 
 
 def _valid_ref(ref):

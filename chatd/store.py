@@ -128,12 +128,13 @@ class Store:
 
     # -- batched calls ---------------------------------------------------------------
 
-    def send(self, sender, receiver, text, ref=None):
-        """Accept (or refuse) one message: Deferred of a :class:`SendResult`."""
+    def send(self, sender, receiver, text, ref=None, raw=None):
+        """Accept (or refuse) one message: Deferred of a :class:`SendResult`.
+        ``raw`` is the text as UTF-8, if the caller has it already."""
         prefix = _keys(receiver)
         keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
                 prefix + b"dedup:" + hashlib.blake2b(
-                    text.encode("utf-8"), digest_size=16).hexdigest().encode()]
+                    raw or text.encode("utf-8"), digest_size=16).hexdigest().encode()]
         if ref is None:
             keys.append(prefix + b"ref:-")
         else:
