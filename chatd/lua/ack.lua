@@ -3,8 +3,9 @@
 --
 -- KEYS: inboxes; ARGV: for each, the highest acked id.
 -- Returns how many messages were removed in all.
--- Ids in an inbox are consecutive, so the count is known from the head's id;
--- the entry at that position is checked, and a slow walk is the fallback.
+-- Ids in an inbox are consecutive, so the position of the acked id is known
+-- from the head's id; the entry there is checked, and a slow walk is the
+-- fallback (it never runs while the ids are consecutive).
 local removed = 0
 for i = 1, #KEYS do
   local inbox = KEYS[i]
@@ -12,10 +13,8 @@ for i = 1, #KEYS do
   local head = redis.call("LINDEX", inbox, 0)
   local k = head and (upto - entry_id(head) + 1) or 0
   if k > 0 then
-    local n = redis.call("LLEN", inbox)
-    if k > n then k = n end
-    local last = redis.call("LINDEX", inbox, k - 1)
-    if entry_id(last) == entry_id(head) + k - 1 then
+    local at = redis.call("LINDEX", inbox, k - 1)
+    if at and entry_id(at) == upto then
       redis.call("LTRIM", inbox, k, -1)
       removed = removed + k
     else
