@@ -256,8 +256,11 @@ class ChatProtocol(LineReceiver):
         let too much pile up (its messages stay stored)."""
         if self._closing:
             return
+        # only what is written while the client is already not reading counts:
+        # the write that fills its buffer (a drain batch) is flow-controlled
+        counting = self._unsent is not None
         self.transport.write(data)
-        if self._unsent is not None:
+        if counting:
             self._unsent += len(data)
             if self._unsent > self.settings.output_limit:
                 self.log.info("{peer}: slow consumer ({n} bytes unread), closing",
