@@ -7,8 +7,8 @@ lives in :mod:`chatd.hub`; the rules of the wire format in
 :mod:`chatd.packets`.
 """
 
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import abstract, defer, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -43,6 +43,7 @@ class _OutputFlow:
         pass
 
 
+@implementer(IHalfCloseableProtocol)
 class ChatProtocol(LineReceiver):
     """One client connection."""
 
@@ -65,6 +66,7 @@ class ChatProtocol(LineReceiver):
         self._inflight = 0   # packets whose reply is not written yet
         self._idle = []      # Deferreds waiting for _inflight == 0
         self._gone = []      # Deferreds waiting for connectionLost
+        self._dropped = 0    # bytes read and dropped while closing
         self._timers = {}
         self._tokens = float(s.rate_burst)
         self._refill = self.clock.seconds()
@@ -172,7 +174,14 @@ class ChatProtocol(LineReceiver):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
 
     def _sent(self, result, packet):
-        self._done()
+        # the reply first: _done() may resume reading (and answer later
+        # packets at once) or let a graceful stop close the connection
+        try:
+            self._answer(result, packet)
+        finally:
+            self._done()
+
+    def _answer(self, result, packet):
         if result.status == "accepted":
             self.sendLine_(packets.accepted(result.id, packet.receiver, packet.ref))
         elif result.status == "duplicate":
@@ -188,19 +197,18 @@ class ChatProtocol(LineReceiver):
 
     def _exclusive(self, d, ref):
         """Register and reconnect change what later packets mean, so nothing
-        more is read from this client until they are done."""
+        more is read from this client until they are answered."""
         self._pause("bind")
-
-        def done(result):
-            self._resume("bind")
-            return result
-
-        self._track(d.addBoth(done), ref)
-
-    def _track(self, d, ref):
-        """Answer a failed packet with its error; count it until answered."""
         self._inflight += 1
-        d.addCallbacks(lambda _: self._done(), self._failed, errbackArgs=(ref,))
+        d.addCallbacks(self._bind_done, self._bind_failed, errbackArgs=(ref,))
+
+    def _bind_done(self, _):
+        self._done()
+        self._resume("bind")
+
+    def _bind_failed(self, f, ref):
+        self._failed(f, ref)
+        self._resume("bind")
 
     def _done(self):
         self._inflight -= 1
@@ -210,7 +218,12 @@ class ChatProtocol(LineReceiver):
             self._wake_idle()
 
     def _failed(self, f, ref):
-        self._done()
+        try:
+            self._answer_failure(f, ref)
+        finally:
+            self._done()
+
+    def _answer_failure(self, f, ref):
         if f.check(PacketError):
             e = f.value
             self.sendLine_(packets.error(e.code, e.reason, ref, e.field))
@@ -291,14 +304,55 @@ class ChatProtocol(LineReceiver):
             self.resumeProducing()
 
     def close(self, code, reason):
-        """Send a closing error, then close (cut after a grace if unread)."""
+        """Send a closing error, then close (cut after a grace if unread).
+
+        On plain TCP only the sending side is shut at first, and what the
+        client still sends is read and dropped until it hangs up: closing a
+        socket with unread input makes the kernel reset the connection, and
+        the error line could be lost with it."""
         if self._closing:
             return
         self.transport.write(packets.error(code, reason))
         self._closing = True
         self.hub.unbind(self)
-        self.transport.loseConnection()
+        if isinstance(self.transport, abstract.FileDescriptor):
+            self.transport.loseWriteConnection()
+            self.transport.resumeProducing()
+        else:
+            self.transport.loseConnection()  # TLS: a close_notify, then close
         self._later("abort", CLOSE_GRACE, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        if not self._closing:
+            LineReceiver.dataReceived(self, data)
+            return
+        # closing: drop what still comes, up to a line's worth; a client that
+        # keeps streaming after that is cut once the closing error is out
+        self._dropped += len(data)
+        if self._dropped > self.settings.max_line:
+            if self._write_shut:
+                self.transport.abortConnection()
+            else:
+                self.transport.pauseProducing()
+
+    def readConnectionLost(self):
+        """The client will send nothing more: after a closing error, finish
+        closing; from a client that is done sending (``nc -N``), answer what
+        it sent, then close."""
+        if self._closing:
+            self.transport.loseConnection()
+        else:
+            self.when_idle().addCallback(lambda _: self.transport.loseConnection())
+
+    _write_shut = False
+
+    def writeConnectionLost(self):
+        """Our side is shut (see :meth:`close`), everything written is out:
+        wait for the client to hang up, or for the abort timer; a client
+        that was streaming past the limit is cut now."""
+        self._write_shut = True
+        if self._dropped > self.settings.max_line:
+            self.transport.abortConnection()
 
     # -- timers ------------------------------------------------------------------
 
@@ -384,13 +438,13 @@ class ChatFactory(protocol.Factory):
         conns = list(self.connections)
         for c in conns:
             c._pause("shutdown")
-        idle = defer.DeferredList([c.when_idle() for c in conns])
+        idle = defer.DeferredList([c.when_idle() for c in conns], consumeErrors=True)
         yield _within(idle, self.settings.redis_timeout + 1, self.clock)
         gone = []
         for c in list(self.connections):
             gone.append(c.when_closed())
             c.close("shutdown", "the server is stopping; reconnect later")
-        yield _within(defer.DeferredList(gone), grace, self.clock)
+        yield _within(defer.DeferredList(gone, consumeErrors=True), grace, self.clock)
         for c in list(self.connections):
             c.transport.abortConnection()
 

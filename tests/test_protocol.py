@@ -643,3 +643,72 @@ async def test_inbox_ttl_expires_undelivered_messages(chatd, clients, redis):
     push = await b2.expect("message", message="new")
     assert push["id"] == new_id
     assert await b2.sync() == []
+
+
+@ensure
+async def test_a_client_done_sending_still_gets_its_answers(chatd, clients):
+    """``printf '...' | nc -N host port``: the client shuts its sending side
+    after its packets; chatd answers them all, then closes."""
+    from twisted.internet import threads
+    node, a, b = await pair(chatd, clients)
+
+    def one_shot():
+        s = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        s.sendall(b'{"register":"true","sender":"carol"}\n'
+                  b'{"message":"from a script","receiver":"bob"}\n{"ping":"last"}\n')
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return [json.loads(line)["type"] for line in data.splitlines()]
+
+    # (a pong does not wait for the store: it may overtake the accepted)
+    replies = await threads.deferToThread(one_shot)
+    assert replies[0] == "registered" and sorted(replies[1:]) == ["accepted", "pong"]
+    await b.expect("message", message="from a script")
+
+
+@ensure
+async def test_the_closing_error_arrives_even_if_the_client_keeps_sending(chatd, clients):
+    """A client that streams an endless line gets line_too_long before the
+    connection ends. (chatd shuts only its sending side and drops further
+    input until the client hangs up, since closing a socket with unread input
+    resets it; the fuzz run saw such lost lines. Loopback here delivers the
+    line before the reset anyway, so this guards the close path as a whole.)"""
+    import threading
+    from twisted.internet import threads
+    node = await chatd(max_line=1024)
+
+    def stream():
+        s = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+
+        def send():
+            try:
+                for _ in range(64):  # well past the line limit
+                    s.sendall(b"x" * 4096)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:
+            data = "reset (%r) after %r" % (e, data)
+        sender.join()
+        s.close()
+        return data
+
+    for _ in range(3):
+        data = await threads.deferToThread(stream)
+        assert isinstance(data, bytes), data
+        assert json.loads(data.splitlines()[0])["code"] == "line_too_long"
