@@ -53,19 +53,20 @@ def fixed_port():
     raise RuntimeError("no free port below %d" % low)
 
 
-def children_of(pid):
-    """Pids whose parent is pid (from /proc)."""
-    out = []
+def _proc_stats():
+    """(pid, fields after the command name) of every process, from /proc."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    yield int(entry), f.read().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
+
+
+def children_of(pid):
+    """Pids whose parent is pid."""
+    return [p for p, fields in _proc_stats() if int(fields[1]) == pid]
 
 
 def alive(pid):
@@ -84,18 +85,8 @@ def alive(pid):
 
 
 def group_members(pgid):
-    """Live pids of a process group (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
+    """Live pids of a process group."""
+    return [p for p, fields in _proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def open_fds(pid):
