@@ -99,7 +99,7 @@ class Store:
         self._send_args = [str(v).encode("ascii") for v in (
             self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms)]
         self._sends = []   # (keys, has_ref, tail, Deferred) not yet sent
-        self._acks = {}    # inbox key -> [upto, Deferred]
+        self._acks = {}    # inbox key -> [highest upto, [Deferreds waiting]]
         self._flush_call = None
         self._load = 0     # sends and acks queued or in flight
         self.saturated = False
