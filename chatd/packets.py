@@ -369,7 +369,8 @@ def _unquote(s):
         e = m.group(1)
         if e[0] in "xuU" and len(e) > 1:
             cp = int(e[1:], 16)
-            if cp > 0x10FFFF:
+            if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+                # not a character (a surrogate cannot be UTF-8 text)
                 raise PacketError("bad_packet", "bad escape in a string")
             return chr(cp)
         return _ESCAPES.get(e, "\\" + e)
