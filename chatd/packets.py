@@ -9,7 +9,6 @@ validation can be tested (and fuzzed) as plain function calls.
 
 import json
 import re
-from typing import Any, Optional
 
 #: a destinationId: 1-64 characters from A-Z a-z 0-9 _ . : @ + -
 ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")

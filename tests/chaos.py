@@ -815,10 +815,10 @@ class Harness:
                 self.harness_error()
 
     async def connect_all(self, timeout=60):
-        from tests.procs import await_for
+        from tests.helpers import wait_until
         for d in self.devices:
             d.connect()
-        await await_for(lambda: self.bound_count() == len(self.devices), timeout,
+        await wait_until(lambda: self.bound_count() == len(self.devices), timeout,
                         "every client registered")
 
     def start_ticking(self):
@@ -905,7 +905,7 @@ class Harness:
         message delivered, every push acked."""
         from twisted.internet import defer
 
-        from tests.procs import await_for
+        from tests.helpers import wait_until
         self.sending = False
         for d in self.devices:
             d.cut_on_push = False
@@ -918,12 +918,12 @@ class Harness:
             return max(1.0, end - self.now())
 
         try:
-            await await_for(lambda: self.bound_count() == len(self.devices), left(),
+            await wait_until(lambda: self.bound_count() == len(self.devices), left(),
                             "every client bound again", 0.1)
-            await await_for(lambda: not t.unresolved(), left(), "every send answered", 0.1)
-            await await_for(lambda: not t.undelivered(), left(),
+            await wait_until(lambda: not t.unresolved(), left(), "every send answered", 0.1)
+            await wait_until(lambda: not t.undelivered(), left(),
                             "every accepted message delivered", 0.1)
-            await await_for(lambda: all(d.conn is not None and d.conn.acked >= d.conn.last_push
+            await wait_until(lambda: all(d.conn is not None and d.conn.acked >= d.conn.last_push
                                         for d in self.devices), left(), "every push acked", 0.1)
         except AssertionError as e:
             self.log("drain: %s" % e)
@@ -933,7 +933,7 @@ class Harness:
         return sum(self.servers.store("LLEN", k) for k in keys)
 
     async def close_all(self):
-        from tests.procs import await_for
+        from tests.helpers import wait_until
         self.stopping = True
         if self.ticker is not None and self.ticker.running:
             self.ticker.stop()
@@ -950,7 +950,7 @@ class Harness:
                 if c.transport is not None and c.transport.connected:
                     c.dead = True
                     c.transport.abortConnection()
-        await await_for(lambda: all(d.conn is None and d.connecting is None
+        await wait_until(lambda: all(d.conn is None and d.connecting is None
                                     for d in self.devices), 10, "every client closed")
 
 
@@ -979,8 +979,8 @@ async def run(cfg, log=None):
         drain_time = h.now() - t1
         left = -1
         try:
-            from tests.procs import await_for
-            await await_for(lambda: h.inbox_total() == 0, 15, "inboxes empty", 0.2)
+            from tests.helpers import wait_until
+            await wait_until(lambda: h.inbox_total() == 0, 15, "inboxes empty", 0.2)
             left = 0
         except AssertionError:
             left = h.inbox_total()

@@ -284,15 +284,19 @@ async def registered(clients, node, device):
     return c
 
 
-async def wait_until(predicate, timeout=DEADLINE, what="the condition"):
+async def wait_until(predicate, timeout=DEADLINE, what="the condition", interval=0.01):
     """Poll ``predicate`` (for state with no event to await, e.g. an ack in
-    the store) until it is true; fail after ``timeout``."""
+    the store) until it is true, without blocking the reactor; its value, or
+    fail after ``timeout``."""
     from twisted.internet import reactor, task
     end = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > end:
             raise AssertionError("%s did not happen within %gs" % (what, timeout))
-        await task.deferLater(reactor, 0.01, lambda: None)
+        await task.deferLater(reactor, interval, lambda: None)
 
 
 async def pass_time(seconds):

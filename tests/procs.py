@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import redis_command, server_binary
+from tests.helpers import redis_command, server_binary, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -117,19 +117,6 @@ def wait_for(predicate, timeout, what="the condition", interval=0.02):
         time.sleep(interval)
 
 
-async def await_for(predicate, timeout, what="the condition", interval=0.02):
-    """The same, without blocking the reactor."""
-    from twisted.internet import reactor, task
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("%s did not happen within %gs" % (what, timeout))
-        await task.deferLater(reactor, interval, lambda: None)
-
-
 class _Process:
     """A subprocess in a session of its own, output appended to ``log_path``."""
 
@@ -184,7 +171,7 @@ class _Process:
         return self.proc.wait(timeout)
 
     async def await_exit(self, timeout):
-        await await_for(lambda: self.proc.poll() is not None, timeout,
+        await wait_until(lambda: self.proc.poll() is not None, timeout,
                         "exit of pid %d" % self.proc.pid)
         return self.proc.returncode
 
@@ -250,7 +237,7 @@ class ChatdProcess(_Process):
 
     async def await_listening(self, timeout=30):
         try:
-            return await await_for(self._check_listening, timeout, "chatd listening", 0.05)
+            return await wait_until(self._check_listening, timeout, "chatd listening", 0.05)
         except AssertionError as e:
             raise AssertionError("%s\n%s" % (e, self.log(since_start=True)[-3000:])) from None
 
@@ -319,7 +306,7 @@ class ValkeyProcess(_Process):
         return wait_for(self._check_ready, timeout, "valkey-server ready")
 
     async def await_ready(self, timeout=30):
-        return await await_for(self._check_ready, timeout, "valkey-server ready", 0.05)
+        return await wait_until(self._check_ready, timeout, "valkey-server ready", 0.05)
 
     def command(self, *args):
         return redis_command(self.path, *args, timeout=2.0)
