@@ -51,15 +51,14 @@ class SendResult:
     """What the store did with one message.
 
     status: ``accepted``, ``duplicate``, ``unknown_receiver`` or
-    ``inbox_full``. ``replay`` is true when this is the first reply again for
-    a known ref (nothing new was stored). ``entry`` is the push line of a
-    newly accepted message.
+    ``inbox_full``. ``entry`` is the push line of a newly accepted message
+    (None for the first reply given again to a known ref: nothing new was
+    stored, nothing is to be pushed).
     """
 
     status: str
     id: Optional[str] = None
     entry: Optional[bytes] = None
-    replay: bool = False
 
 
 _STATUS = {b"a": "accepted", b"d": "duplicate", b"u": "unknown_receiver",
@@ -202,9 +201,9 @@ class Store:
                 d.callback(SendResult("accepted", server_id,
                                       packets.push_line(server_id, now, tail)))
             elif code == b"ra":
-                d.callback(SendResult("accepted", server_id.decode("ascii"), replay=True))
+                d.callback(SendResult("accepted", server_id.decode("ascii")))
             else:
-                d.callback(SendResult(_STATUS[code], replay=(code == b"rd")))
+                d.callback(SendResult(_STATUS[code]))
 
     def _failed(self, failure, sends):
         if failure is not None:
