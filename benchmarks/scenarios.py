@@ -10,6 +10,7 @@ CPU is read from /proc at the edges of the window: chatd's python process
 and its valkey-server child separately.
 """
 
+import contextlib
 import math
 import os
 import time
@@ -287,15 +288,28 @@ def _brief(res):
     return s
 
 
+@contextlib.contextmanager
+def _loaded(kind, opts):
+    """A server of this kind with ``--latency-devices`` devices registered on
+    it (the open-loop, dedup and ref scenarios)."""
+    with procs.Processes() as pr:
+        server = _with_server(pr, kind, opts)
+        load = Load(pr, server, opts.latency_devices, opts.workers, opts)
+        load.setup()
+        yield load
+
+
+def _window(opts):
+    """Messages in flight per device for --inflight across --latency-devices."""
+    return max(2, int(math.ceil(opts.inflight / float(opts.latency_devices))))
+
+
 # -- 2. latency at fixed offered rates ------------------------------------------
 
 def latency(opts, log):
     out = {}
     for kind in opts.servers:
-        with procs.Processes() as pr:
-            server = _with_server(pr, kind, opts)
-            load = Load(pr, server, opts.latency_devices, opts.workers, opts)
-            load.setup()
+        with _loaded(kind, opts) as load:
             for rate in opts.rates:
                 load.mark()
                 res = load.run("rate", opts.duration, opts.warmup,
@@ -432,11 +446,8 @@ def drain(opts, log):
 def dedup(opts, log):
     out = {}
     for kind in opts.servers:
-        with procs.Processes() as pr:
-            server = _with_server(pr, kind, opts)
-            load = Load(pr, server, opts.latency_devices, opts.workers, opts)
-            load.setup()
-            window = max(2, int(math.ceil(opts.inflight / float(opts.latency_devices))))
+        with _loaded(kind, opts) as load:
+            window = _window(opts)
             res = load.run("dedup", opts.duration, opts.warmup, window=window,
                            text_pool=opts.text_pool)
             res["duplicate_share"] = res["duplicates"] / float(res["replies"] or 1)
@@ -451,13 +462,10 @@ def dedup(opts, log):
 def refs(opts, log):
     out = {}
     for kind in opts.servers:
-        with procs.Processes() as pr:
-            server = _with_server(pr, kind, opts)
-            load = Load(pr, server, opts.latency_devices, opts.workers, opts)
-            load.setup()
+        with _loaded(kind, opts) as load:
             primed = load.prime(opts.refs)
             ok = sum(p["primed_ok"] for p in primed)
-            window = max(2, int(math.ceil(opts.inflight / float(opts.latency_devices))))
+            window = _window(opts)
             res = load.run("refs", opts.duration, opts.warmup, window=window)
             res["primed"] = ok
             out.setdefault("refs", {})[kind] = res

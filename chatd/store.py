@@ -37,12 +37,8 @@ from chatd import packets
 from chatd.redisclient import StoreUnavailable
 
 
-def _key(device, what):
-    return "chatd:{%s}:%s" % (device, what)
-
-
 def _keys(device):
-    """The prefix of D's keys, as bytes (the hot path builds several)."""
+    """The prefix of D's keys, ``chatd:{D}:``, as bytes."""
     return b"chatd:{%s}:" % device.encode("ascii")
 
 
@@ -111,17 +107,18 @@ class Store:
 
     def register(self, device, token_hash):
         """Store D's new token (hash); every older token is revoked by it."""
-        return self.client.call(b"SET", _key(device, "token"), token_hash)
+        return self.client.call(b"SET", _keys(device) + b"token", token_hash)
 
     def token_hash(self, device):
         """D's stored token hash, or None if D never registered."""
-        return self.client.call(b"GET", _key(device, "token"))
+        return self.client.call(b"GET", _keys(device) + b"token")
 
     def fetch(self, device, after, count):
         """D's waiting messages with ids after ``after`` (an int), at most
         ``count``: Deferred of ``(pending, last_id, entries)`` where pending
         counts all stored messages and last_id is D's id counter."""
-        d = self.client.script("fetch", [_key(device, "inbox"), _key(device, "seq")],
+        prefix = _keys(device)
+        d = self.client.script("fetch", [prefix + b"inbox", prefix + b"seq"],
                                [after, count, self._now_ms(), self._ttl_ms])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 

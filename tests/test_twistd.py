@@ -5,76 +5,19 @@ store, and the plugin found by ``twistd --help`` after both kinds of install.
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 
 import pytest
 
-from tests.procs import alive, children_of
+from tests.procs import ChatdProcess, alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class Twistd:
-    """``twistd -n chatd ...`` in a subprocess, its output read by a thread."""
-
-    def __init__(self, cwd, *args):
-        self.lines = queue.Queue()
-        self.output = []
-        self.proc = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "chatd"] + list(args), cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.output.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, pattern, timeout=30):
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
-            except queue.Empty:
-                line = None
-                if time.monotonic() < end:
-                    continue
-            if line is None:
-                raise AssertionError("no %r in chatd's output:\n%s" % (pattern, "\n".join(self.output)))
-            m = re.search(pattern, line)
-            if m:
-                return m
-
-    def port(self):
-        return int(self.wait_for(r"chatd listening on tcp [\d.]+:(\d+)").group(1))
-
-    def exited(self, timeout=30):
-        """Wait for chatd to exit by itself; its exit code."""
-        code = self.proc.wait(timeout)
-        self.reader.join(timeout)
-        return code
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("chatd did not stop on %s:\n%s" % (sig, "\n".join(self.output)))
 
 
 class Client:
@@ -97,27 +40,15 @@ class Client:
         self.sock.close()
 
 
-@pytest.fixture
-def orphans():
-    """Pids to kill at the end if a failing test left them (a SIGKILLed
-    chatd's store outlives it by design)."""
-    pids = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.slow
-def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short, orphans):
+def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short):
     data = os.path.join(tmp_short, "data")
     args = ["--port", "tcp:0:interface=127.0.0.1", "--data-dir", data]
-    t0 = time.monotonic()
-    first = Twistd(tmp_short, *args)
+    first = ChatdProcess(tmp_short, args)
+    again = ChatdProcess(tmp_short, args, log_path=os.path.join(tmp_short, "again.log"))
     try:
-        port = first.port()
+        t0 = time.monotonic()
+        port = first.start().wait_listening()
         started = time.monotonic() - t0
         c = Client(port)
         c.send("{'register':'true', 'sender':'0011001100'}")
@@ -131,19 +62,16 @@ def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short, orphans):
         c.send({"message": "kept across a crash", "receiver": "987654321", "ref": "k1"})
         assert c.recv()["type"] == "accepted"
         c.close()
-        [store] = children_of(first.proc.pid)
-        orphans.append(store)
+        [store] = first.store_pids()
         # a second chatd on the same data dir is refused
-        second = Twistd(tmp_short, "--port", "tcp:0:interface=127.0.0.1", "--data-dir", data)
-        assert second.exited() != 0
-        assert any("in use" in line for line in second.output), second.output
-    finally:
-        first.stop(signal.SIGKILL)
-    assert alive(store), "the store should outlive a SIGKILLed chatd (an orphan)"
+        second = ChatdProcess(tmp_short, args, log_path=os.path.join(tmp_short, "second.log"))
+        assert second.start().wait(30) != 0
+        assert "in use" in second.log(), second.log()
 
-    again = Twistd(tmp_short, *args)
-    try:
-        port = again.port()
+        first.kill(signal.SIGKILL)
+        assert alive(store), "the store should outlive a SIGKILLed chatd (an orphan)"
+
+        port = again.start().wait_listening()
         assert not alive(store), "the orphaned store was not stopped"
         c = Client(port)
         c.send({"reconnect": "true", "sender": "0011001100", "token": token})
@@ -153,34 +81,29 @@ def test_twistd_chatd_embedded_store_survives_sigkill(tmp_short, orphans):
         assert d.recv()["code"] == "bad_token"
         c.send({"message": "kept across a crash", "receiver": "987654321", "ref": "k1"})
         assert c.recv()["type"] == "accepted"  # the ref record survived too
-        [store2] = children_of(again.proc.pid)
-        orphans.append(store2)
-    finally:
-        code = again.stop(signal.SIGTERM)
-    # a clean stop: the client was told, the store stopped after chatd
-    assert c.recv()["code"] == "shutdown"
-    # twistd exits "by" the signal it stopped on, after a clean shutdown
-    assert code in (0, -signal.SIGTERM), "\n".join(again.output)
-    assert any("Server Shut Down" in line for line in again.output)
-    assert not any("Traceback" in line for line in again.output), "\n".join(again.output)
-    assert not alive(store2)
+        [store2] = again.store_pids()
+        code = again.stop()
+        # a clean stop: the client was told, the store stopped after chatd
+        assert c.recv()["code"] == "shutdown"
+        # twistd exits "by" the signal it stopped on, after a clean shutdown
+        log = again.log(since_start=True)
+        assert code in (0, -signal.SIGTERM), log
+        assert "Server Shut Down" in log and not again.bad_log_lines(), log
+        assert not alive(store2)
 
-    # after a clean stop the data is there too: the message still waits
-    third = Twistd(tmp_short, *args)
-    try:
-        d = Client(third.port())
+        # after a clean stop the data is there too: the message still waits
+        d = Client(again.start().wait_listening())
         d.send({"register": "true", "sender": "987654321"})
         assert d.recv()["type"] == "registered"
         push = d.recv()
         assert push["type"] == "message" and push["message"] == "kept across a crash"
         d.close()
+        again.stop()
     finally:
-        third.stop(signal.SIGTERM)
+        # kills what a failing run left, the orphaned store included
+        first.cleanup()
+        again.cleanup()
     print("twistd start to listening (embedded store): %.2fs" % started)
-
-
-def _site_packages(venv):
-    return sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv})
 
 
 @pytest.mark.slow
