@@ -170,7 +170,7 @@ def validate(obj, max_message=16384):
     sender = _required_id(obj, "sender", ref)
     if kind == "register":
         proof = obj.get("proof")
-        if proof is not None and not isinstance(proof, str):
+        if proof is not None and not _is_text(proof):
             raise PacketError("bad_field", "field 'proof' must be a string "
                               "\"<expiry>:<hex hmac>\"", ref, "proof")
         return Packet("register", sender=sender, proof=proof, ref=ref)
@@ -189,7 +189,7 @@ def _validate_message(obj, ref, max_message):
     if sender is not None:
         sender = _optional_id(obj, "sender", ref)
     token = obj.get("token")
-    if token is not None and not isinstance(token, str):
+    if token is not None and not _is_text(token):
         raise PacketError("bad_field", "field 'token' must be a string", ref, "token")
     try:
         raw = text.encode("utf-8")
@@ -236,10 +236,24 @@ def _required_string(obj, name, ref):
     value = obj.get(name)
     if value is None:
         raise PacketError("missing_field", "field %r is required" % name, ref, name)
-    if not isinstance(value, str) or not value:
+    if not value or not _is_text(value):
         raise PacketError("bad_field", "field %r must be a non-empty string" % name,
                           ref, name)
     return value
+
+
+def _is_text(value):
+    """A str that is valid Unicode (JSON's "\\ud800" escapes give lone
+    surrogates, which cannot be written back as UTF-8)."""
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _required_id(obj, name, ref):

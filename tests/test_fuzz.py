@@ -278,6 +278,10 @@ def seed_literal(draw):
 
 @FUZZ
 @given(mutated())
+# found by this property: lone surrogates (JSON escapes) in text fields
+@example(b'{"register": "true", "sender": "0011001100", "proof": "\\ud81700000000:ab12"}')
+@example(b'{"reconnect": "true", "sender": "0", "token": "\\ud800\\udc00x"}')
+@example(b"{'reconnect': 'true', 'sender': '0', 'token': '\\ud800\\udc00'}")
 def test_mutated_packets_fail_cleanly_or_round_trip(line):
     p = outcome(line)
     if p is not None and not isinstance(p, PacketError):
