@@ -2,10 +2,19 @@
 The client connection: framing, timers, flow control, and the dispatch of
 each parsed packet to ``handle_<kind>``; replies are serialised here.
 
+Replies go out in the order of the packets they answer, whatever order the
+store finishes in (contract 1.1, "one connection, one order"): a reply that
+is ready while an earlier packet still waits for the store waits in
+``_replies`` behind it. Only a ``pong`` may overtake. Register and reconnect
+wait until every earlier packet is answered, so that their reply comes
+after those and before the pushes they start.
+
 Everything stateful about chat (who is bound, what was pushed, the store)
 lives in :mod:`chatd.hub`; the rules of the wire format in
 :mod:`chatd.packets`.
 """
+
+import collections
 
 from twisted.internet import abstract, defer, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -64,6 +73,7 @@ class ChatProtocol(LineReceiver):
         self._unsent = None  # bytes written since the client stopped reading
         self._writable = []  # Deferreds waiting for the client to read again
         self._inflight = 0   # packets whose reply is not written yet
+        self._replies = collections.deque()  # [reply or None] in packet order
         self._idle = []      # Deferreds waiting for _inflight == 0
         self._gone = []      # Deferreds waiting for connectionLost
         self._dropped = 0    # bytes read and dropped while closing
@@ -111,7 +121,7 @@ class ChatProtocol(LineReceiver):
             packet = packets.parse_line(line, self.settings.max_message)
         except PacketError as e:
             if self._rate_ok(e.ref):
-                self.sendLine_(packets.error_from(e))
+                self._reply(packets.error_from(e))
             return
         if packet is None:
             return
@@ -126,12 +136,12 @@ class ChatProtocol(LineReceiver):
         try:
             handler(packet)
         except PacketError as e:
-            self.sendLine_(packets.error(e.code, e.reason, packet.ref, e.field))
+            self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
         except Exception:
             # a bug must not cost the client its connection (or an answer)
             self.log.failure("internal error on a {kind} packet", kind=packet.kind)
-            self.sendLine_(packets.error("unavailable", "internal error; retry later",
-                                         packet.ref))
+            self._reply(packets.error("unavailable", "internal error; retry later",
+                                      packet.ref))
 
     def lineLengthExceeded(self, line):
         self.close("line_too_long", "a line is longer than %d bytes" % self.settings.max_line)
@@ -147,7 +157,7 @@ class ChatProtocol(LineReceiver):
         if self._tokens >= 1:
             self._tokens -= 1
             return True
-        self.sendLine_(packets.error(
+        self._reply(packets.error(
             "rate_limited", "more than %g packets a second; slow down (nothing "
             "was done with this one)" % rate, ref))
         return False
@@ -155,17 +165,21 @@ class ChatProtocol(LineReceiver):
     # -- packets -----------------------------------------------------------------
 
     def handle_register(self, packet):
-        self._exclusive(self.hub.register(self, packet.sender, packet.proof), packet.ref)
+        self._exclusive(lambda: self.hub.register(self, packet.sender, packet.proof),
+                        packet.ref)
 
     def handle_reconnect(self, packet):
-        self._exclusive(self.hub.reconnect(self, packet.sender, packet.token), packet.ref)
+        self._exclusive(lambda: self.hub.reconnect(self, packet.sender, packet.token),
+                        packet.ref)
 
     def handle_message(self, packet):
-        d = self.hub.send(self, packet)  # may raise PacketError: answered at once
+        d = self.hub.send(self, packet)  # may raise PacketError: answered in turn
         self._inflight += 1
         if self._inflight >= MAX_INFLIGHT:
             self._pause("inflight")
-        d.addCallbacks(self._sent, self._failed, (packet,), None, (packet.ref,))
+        slot = [None]
+        self._replies.append(slot)
+        d.addCallbacks(self._sent, self._failed, (packet, slot), None, (packet.ref, slot))
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
@@ -173,33 +187,39 @@ class ChatProtocol(LineReceiver):
     def handle_ping(self, packet):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
 
-    def _sent(self, result, packet):
+    def _sent(self, result, packet, slot):
         # the reply first: _done() may resume reading (and answer later
         # packets at once) or let a graceful stop close the connection
         try:
-            self._answer(result, packet)
+            self._fill(slot, self._answer(result, packet))
         finally:
             self._done()
 
     def _answer(self, result, packet):
         if result.status == "accepted":
-            self.sendLine_(packets.accepted(result.id, packet.receiver, packet.ref))
-        elif result.status == "duplicate":
-            self.sendLine_(packets.reply({"type": "duplicate", "receiver": packet.receiver,
-                                          "ref": packet.ref}))
-        elif result.status == "unknown_receiver":
-            self.sendLine_(packets.error("unknown_receiver", "%s has never registered"
-                                         % packet.receiver, packet.ref, "receiver"))
-        else:
-            self.sendLine_(packets.error(
-                "inbox_full", "%s has %d messages waiting; try again later"
-                % (packet.receiver, self.settings.inbox_limit), packet.ref))
+            return packets.accepted(result.id, packet.receiver, packet.ref)
+        if result.status == "duplicate":
+            return packets.reply({"type": "duplicate", "receiver": packet.receiver,
+                                  "ref": packet.ref})
+        if result.status == "unknown_receiver":
+            return packets.error("unknown_receiver", "%s has never registered"
+                                 % packet.receiver, packet.ref, "receiver")
+        return packets.error(
+            "inbox_full", "%s has %d messages waiting; try again later"
+            % (packet.receiver, self.settings.inbox_limit), packet.ref)
 
-    def _exclusive(self, d, ref):
+    def _exclusive(self, start, ref):
         """Register and reconnect change what later packets mean, so nothing
-        more is read from this client until they are answered."""
+        more is read from this client until they are answered; and they start
+        only once every earlier packet is answered (their reply must follow
+        those, and come before the pushes they start)."""
         self._pause("bind")
-        self._inflight += 1
+
+        def go(_):
+            self._inflight += 1
+            return start()
+
+        d = self.when_idle().addCallback(go)
         d.addCallbacks(self._bind_done, self._bind_failed, errbackArgs=(ref,))
 
     def _bind_done(self, _):
@@ -210,6 +230,24 @@ class ChatProtocol(LineReceiver):
         self._failed(f, ref)
         self._resume("bind")
 
+    # -- replies in packet order ---------------------------------------------------
+
+    def _reply(self, data):
+        """Send the reply to the packet just read: now, unless an earlier
+        packet's reply is still to come."""
+        if self._replies:
+            self._replies.append([data])
+        else:
+            self.sendLine_(data)
+
+    def _fill(self, slot, data):
+        """An awaited reply is ready: send it and every reply queued behind it,
+        up to the next one still awaited."""
+        slot[0] = data
+        replies = self._replies
+        while replies and replies[0][0] is not None:
+            self.sendLine_(replies.popleft()[0])
+
     def _done(self):
         self._inflight -= 1
         if self._inflight <= RESUME_INFLIGHT and "inflight" in self._pauses:
@@ -217,23 +255,26 @@ class ChatProtocol(LineReceiver):
         if not self._inflight:
             self._wake_idle()
 
-    def _failed(self, f, ref):
+    def _failed(self, f, ref, slot=None):
         try:
-            self._answer_failure(f, ref)
+            data = self._answer_failure(f, ref)
+            if slot is None:
+                self._reply(data)
+            else:
+                self._fill(slot, data)
         finally:
             self._done()
 
     def _answer_failure(self, f, ref):
         if f.check(PacketError):
             e = f.value
-            self.sendLine_(packets.error(e.code, e.reason, ref, e.field))
-        elif f.check(StoreUnavailable):
-            self.sendLine_(packets.error(
+            return packets.error(e.code, e.reason, ref, e.field)
+        if f.check(StoreUnavailable):
+            return packets.error(
                 "unavailable", "the store is unreachable (%s); nothing was "
-                "stored, retry later" % f.value, ref))
-        else:
-            self.log.failure("internal error on a packet", f)
-            self.sendLine_(packets.error("unavailable", "internal error; retry later", ref))
+                "stored, retry later" % f.value, ref)
+        self.log.failure("internal error on a packet", f)
+        return packets.error("unavailable", "internal error; retry later", ref)
 
     # -- the hub's Connection interface ------------------------------------------
 

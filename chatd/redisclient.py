@@ -16,9 +16,17 @@ watchdog can do that because one pipelined connection answers in order: if
 the oldest call in flight is past its deadline the connection is stuck, and it
 is cut (failing every call on it, and reconnecting).
 
-Lua scripts live in ``chatd/lua/<name>.lua`` (after the shared
-``_prelude.lua``) and are called by name with EVALSHA; after a store restart
-(which forgets scripts) the first call falls back to EVAL, which loads it.
+The Lua lives in ``chatd/lua/<name>.lua`` (after the shared ``_prelude.lua``)
+and runs as one Valkey/Redis *function library* (``FUNCTION LOAD``, ``FCALL``;
+Redis >= 7.0 or Valkey), not as EVALSHA scripts. A script cache is empty after
+every store start, failover or ``SCRIPT FLUSH``, and falling back to EVAL for
+the one call that met ``NOSCRIPT`` let later calls run first: messages of one
+connection stored out of order. Functions are kept with the data (AOF/RDB)
+and replicated, and the library is loaded again on every (re)connection
+before any queued call is released, on the same pipelined connection, so no
+call can meet a store without it. Should an operator delete it anyway
+(``FUNCTION FLUSH``), the calls that meet that fail as ``unavailable`` and the
+library is loaded again; nothing runs out of order (see :meth:`RedisClient.script`).
 """
 
 import collections
@@ -39,18 +47,33 @@ class StoreUnavailable(Exception):
     a ``ref``)."""
 
 
-class Script:
-    """A Lua script from ``chatd/lua``, after the shared ``_prelude.lua``,
-    with its SHA1 for EVALSHA."""
+class Library:
+    """chatd's Lua as one function library: ``_prelude.lua`` once, then each
+    ``chatd/lua/<name>.lua`` as the body of a function ``chatd_<v>_<name>``
+    (its KEYS and ARGV are the function's arguments, so a body reads as a
+    script). ``<v>`` is a hash of the whole source: nodes of two versions
+    (a rolling upgrade) share a store without replacing each other's code."""
 
-    def __init__(self, name):
-        self.name = name
-        self.source = _read_lua("_prelude") + _read_lua(name)
-        self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
+    def __init__(self, lua_dir=LUA_DIR):
+        names = sorted(f[:-4] for f in os.listdir(lua_dir)
+                       if f.endswith(".lua") and not f.startswith("_"))
+        bodies = [(n, _read_lua(lua_dir, n)) for n in names]
+        prelude = _read_lua(lua_dir, "_prelude")
+        version = hashlib.sha1(prelude + b"".join(b for _, b in bodies)).hexdigest()[:12]
+        self.name = "chatd_" + version
+        parts = [b"#!lua name=%s\n" % self.name.encode(), prelude]
+        self.functions = {}
+        for n, body in bodies:
+            fname = ("%s_%s" % (self.name, n)).encode("ascii")
+            self.functions[n] = fname
+            parts.append(b"\nlocal function %s(KEYS, ARGV)\n%s\nend\n"
+                         b"redis.register_function('%s', %s)\n"
+                         % (n.encode(), body, fname, n.encode()))
+        self.source = b"".join(parts)
 
 
-def _read_lua(name):
-    with open(os.path.join(LUA_DIR, name + ".lua"), "rb") as f:
+def _read_lua(lua_dir, name):
+    with open(os.path.join(lua_dir, name + ".lua"), "rb") as f:
         return f.read()
 
 
@@ -122,7 +145,8 @@ class RedisClient:
         self.target = target
         self.timeout = timeout
         self.reactor = reactor
-        self._scripts = {}
+        self._library = Library()
+        self._reloading = False
         self._factory = None
         self._sent = collections.deque()     # (deadline, Deferred) in send order
         self._waiting = collections.deque()  # (deadline, args, Deferred) until connected
@@ -181,12 +205,16 @@ class RedisClient:
         return self._send(args).addErrback(self._unavailable, args[0])
 
     def script(self, name, keys, args):
-        """Run the Lua script ``chatd/lua/<name>.lua``; Deferred of its reply."""
-        script = self._scripts.get(name)
-        if script is None:
-            script = self._scripts[name] = Script(name)
-        d = self._send((b"EVALSHA", script.sha, len(keys), *keys, *args))
-        d.addErrback(self._noscript, script, keys, args)
+        """Run ``chatd/lua/<name>.lua`` (a function of chatd's library);
+        Deferred of its reply.
+
+        The library is on the store before any call (see :meth:`_connected`).
+        A call that finds it gone (an operator's ``FUNCTION FLUSH``) fails as
+        ``unavailable`` and has the library loaded again; it is never run a
+        second time behind calls sent after it, which is what would reorder
+        one connection's messages."""
+        d = self._send((b"FCALL", self._library.functions[name], len(keys), *keys, *args))
+        d.addErrback(self._missing)
         return d.addErrback(self._unavailable, name)
 
     def _conn(self):
@@ -229,8 +257,40 @@ class RedisClient:
 
         self._send((b"TIME",)).addCallbacks(got, lambda f: None)
 
+    def _load_library(self):
+        """Send ``FUNCTION LOAD REPLACE`` (pipelined: calls sent after it run
+        after it)."""
+        self._reloading = True
+
+        def loaded(_):
+            self._reloading = False
+
+        def failed(f):
+            self._reloading = False
+            if not f.check(txredisapi.ResponseError):
+                return  # the connection is gone: the next one loads it
+            self.log.error(
+                "the store refused chatd's function library ({why}); chatd needs "
+                "Redis >= 7.0 or Valkey (FUNCTION LOAD, FCALL)", why=f.getErrorMessage())
+
+        self._send((b"FUNCTION", b"LOAD", b"REPLACE", self._library.source)).addCallbacks(
+            loaded, failed)
+
+    def _missing(self, failure):
+        if failure.check(txredisapi.ResponseError) and \
+                "function not found" in str(failure.value).lower():
+            if not self._reloading:
+                self.log.warn("chatd's function library is gone from the store "
+                              "(FUNCTION FLUSH?); loading it again")
+                self._load_library()
+            raise StoreUnavailable("the store had lost chatd's functions; nothing was stored")
+        return failure
+
     def _connected(self):
-        """A connection is ready: send what waited for it, and wake waiters."""
+        """A connection is ready: load the library, send what waited for it,
+        and wake waiters. All pipelined on the one connection, so the library
+        is there before any call runs."""
+        self._load_library()
         self._read_clock()
         waiting, self._waiting = self._waiting, collections.deque()
         for deadline, args, d in waiting:
@@ -275,12 +335,6 @@ class RedisClient:
             _, _, d = waiting.popleft()
             if not d.called:
                 d.errback(StoreUnavailable(why))
-
-    def _noscript(self, failure, script, keys, args):
-        if failure.check(txredisapi.ResponseError) and \
-                str(failure.value).startswith(("NOSCRIPT", "b'NOSCRIPT")):
-            return self._send((b"EVAL", script.source, len(keys), *keys, *args))
-        return failure
 
     def _unavailable(self, failure, what):
         if failure.check(StoreUnavailable):

@@ -36,7 +36,7 @@ def redis_server():
 def redis(redis_server):
     """The session's store, empty."""
     redis_server.command("FLUSHALL")
-    redis_server.command("SCRIPT", "FLUSH")
+    redis_server.command("FUNCTION", "FLUSH")
     return redis_server
 
 

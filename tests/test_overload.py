@@ -52,8 +52,7 @@ async def test_unavailable_means_not_stored_even_if_the_store_runs_it_late(
     b = await clients(node)
     await a.register("alice")
     await b.register("bob")
-    # a first send loads the script (a store that does not know it would
-    # refuse the late one with NOSCRIPT anyway, proving nothing)
+    # a first send, so that the store is known to answer before it freezes
     a.send({"message": "before", "receiver": "bob"})
     await a.expect("accepted")
     await b.expect("message", message="before")

@@ -3,6 +3,7 @@ StoreUnavailable, and it recovers by itself. Against a real server that the
 tests stop, freeze (SIGSTOP) and start again."""
 
 import os
+import shutil
 import signal
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from chatd.redisclient import RedisClient, StoreUnavailable
-from tests.helpers import with_deadline
+from tests.helpers import wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -50,9 +51,37 @@ async def test_calls_and_scripts(client, own_redis):
     own_redis.command("SET", "chatd:{a}:seq", "7")
     assert await client.script("fetch", [b"chatd:{a}:inbox", b"chatd:{a}:seq"],
                                [0, 10, 0, 1000]) == [0, b"7"]
-    # a store that forgot its scripts (restart, SCRIPT FLUSH) gets them again
+    # chatd's Lua is a function library: the script cache is not used
     own_redis.command("SCRIPT", "FLUSH")
     assert await client.script("ack", [b"chatd:{a}:inbox"], [5]) == 0
+    libs = own_redis.command("FUNCTION", "LIST")
+    assert [lib[1] for lib in libs] == [client._library.name.encode()]
+
+
+@ensure
+async def test_library_is_loaded_before_anything_after_a_restart(client, own_redis):
+    """Calls made while the store is down wait for the connection, and the
+    library is loaded on it before them: none fails for want of it."""
+    own_redis.stop()
+    # it comes back empty (a new machine, a failover to an empty replica):
+    # no functions at all
+    shutil.rmtree(os.path.join(own_redis.directory, "appendonlydir"))
+    await wait_until(lambda: client._conn() is None, what="the client sees the store gone")
+    calls = [client.script("ack", [b"chatd:{a}:inbox"], [i]) for i in range(5)]
+    own_redis.start()
+    await own_redis.await_ready()
+    assert [await with_deadline(d) for d in calls] == [0] * 5
+
+
+@ensure
+async def test_function_flush_fails_calls_then_recovers(client, own_redis):
+    """An operator's FUNCTION FLUSH: the call that meets it is unavailable
+    (never run later, behind newer calls), and the library is loaded again."""
+    assert await client.script("ack", [b"chatd:{a}:inbox"], [1]) == 0
+    own_redis.command("FUNCTION", "FLUSH")
+    with pytest.raises(StoreUnavailable):
+        await with_deadline(client.script("ack", [b"chatd:{a}:inbox"], [2]))
+    assert await client.script("ack", [b"chatd:{a}:inbox"], [3]) == 0
 
 
 @ensure
