@@ -972,14 +972,24 @@ class Conversation(App):
 class Listener(App):
     """``--listen``: each incoming message as one JSON line on stdout (the
     push as received), acked once written; status lines on stderr. Runs until
-    the end of stdin, SIGINT or SIGTERM."""
+    SIGINT or SIGTERM (or ``--count N`` messages). stdin is not read: a
+    listener started from a script, cron or systemd has it at its end or
+    closed, and that means nothing to it."""
+
+    uses_stdio = False
 
     def begin(self):
+        self.shown = 0
         self.make_session(self.options.id)
         self.session.start()
 
     def incoming(self, push, raw):
-        return self.write_out(raw)
+        if self.finishing or not self.write_out(raw):
+            return False
+        self.shown += 1
+        if self.options.count and self.shown >= self.options.count:
+            self.finish(0)  # its ack is flushed by the session's stop
+        return True
 
 
 class OneShot(App):
@@ -1046,6 +1056,16 @@ def _seconds(text):
     return value
 
 
+def _count_arg(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("not a positive whole number: %r" % text)
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="chatd-client",
@@ -1065,7 +1085,9 @@ def parse_args(argv):
                            "refused, 2 could not connect or register")
     mode.add_argument("--listen", action="store_true",
                       help="print each incoming message as a JSON line and ack it, "
-                           "until the end of input or SIGINT/SIGTERM")
+                           "until SIGINT/SIGTERM (stdin is not read); status on stderr")
+    parser.add_argument("--count", type=_count_arg, metavar="N",
+                        help="with --listen: exit 0 after N messages")
     parser.add_argument("--register", action="store_true",
                         help="register anew (a new token) instead of reusing the saved one")
     parser.add_argument("--state-dir", metavar="DIR",
@@ -1080,6 +1102,8 @@ def parse_args(argv):
             _device(options.send[0])
         except argparse.ArgumentTypeError as e:
             parser.error("--send: %s" % e)
+    if options.count and not options.listen:
+        parser.error("--count goes with --listen")
     if (options.send is not None or options.listen) and not options.id:
         parser.error("--%s needs --id" % ("send" if options.send is not None else "listen"))
     return options

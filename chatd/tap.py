@@ -49,9 +49,11 @@ class Options(usage.Options):
          _coerce(config.parse_duration, "ref-ttl")],
         ["auth-timeout", None, "30s", "Close a connection that has not registered "
          "or reconnected by then.", _coerce(config.parse_duration, "auth-timeout")],
-        ["keepalive", None, "60s", "Ping a bound connection silent for this long.",
+        ["keepalive", None, "60s", "Ping a bound connection silent for this long "
+         "(given --idle-timeout alone: at most half of it).",
          _coerce(config.parse_duration, "keepalive")],
-        ["idle-timeout", None, "300s", "Close a connection silent for this long.",
+        ["idle-timeout", None, "300s", "Close a connection silent for this long "
+         "(given --keepalive alone: at least twice it).",
          _coerce(config.parse_duration, "idle-timeout")],
         ["rate-limit", None, "50", "Packets per second one connection may send "
          "(acks are free); 0 turns the limit off.", _coerce(config.parse_rate, "rate-limit")],
@@ -73,6 +75,15 @@ class Options(usage.Options):
         for name, _, default, _, *coerce in self.optParameters:
             if coerce and isinstance(default, str):
                 self[name] = coerce[0](default)
+        # which of the two liveness options the user gave (see postOptions)
+        self.given = set()
+        for name in ("keepalive", "idle-timeout"):
+            handler = self._dispatch[name]
+            handler.coerce = functools.partial(self._given, name, handler.coerce)
+
+    def _given(self, name, coerce, value):
+        self.given.add(name)
+        return coerce(value)
 
     def opt_listen(self, description):
         """An extra endpoint to listen on (repeatable), same forms as --port."""
@@ -98,16 +109,30 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--max-message (%d) must not exceed --max-line (%d)"
                 % (self["max-message"], self["max-line"]))
-        if self["idle-timeout"] < self["keepalive"]:
-            raise usage.UsageError(
-                "--idle-timeout (%gs) must not be shorter than --keepalive (%gs)"
-                % (self["idle-timeout"], self["keepalive"]))
+        self._liveness()
         self["listen"] = tuple(self["listen"])
         self.settings = config.Settings(**{
             f.name: self[f.name.replace("_", "-")]
             for f in dataclasses.fields(config.Settings)
             if f.name.replace("_", "-") in self
         }, registration_secret=secret)
+
+    def _liveness(self):
+        """The keepalive ping must come well before the idle timeout closes a
+        silent connection. Given one of the two alone, the other follows it:
+        keepalive = min(60s, idle timeout / 2) and idle timeout =
+        max(300s, 2 x keepalive). Only an explicit pair whose ping would come
+        at or after the close is refused."""
+        keepalive, idle = self["keepalive"], self["idle-timeout"]
+        if self.given >= {"keepalive", "idle-timeout"}:
+            if keepalive >= idle:
+                raise usage.UsageError(
+                    "--keepalive (%gs) must be shorter than --idle-timeout (%gs): the "
+                    "ping would come after the connection is closed" % (keepalive, idle))
+        elif "idle-timeout" in self.given:
+            self["keepalive"] = min(keepalive, idle / 2)
+        elif "keepalive" in self.given:
+            self["idle-timeout"] = max(idle, 2 * keepalive)
 
 
 def makeService(options):

@@ -126,6 +126,8 @@ def test_command_line():
 @pytest.mark.parametrize("argv", [
     ["h", "5000", "--send", "bob", "hi"],                   # --send needs --id
     ["h", "5000", "--listen"],                              # so does --listen
+    ["h", "5000", "--id", "a", "--count", "2"],             # --count needs --listen
+    ["h", "5000", "--id", "a", "--listen", "--count", "0"],
     ["h", "70000"],
     ["h", "5000", "--id", "no spaces"],
     ["h", "5000", "--id", "a", "--send", "b b", "hi"],
@@ -566,7 +568,13 @@ async def test_listen_prints_json_acks_and_reconnects_next_time(chatd, clients, 
         ("message", "alice", "one"), ("message", "alice", "two")]
     assert pushes[0]["id"] < pushes[1]["id"] and isinstance(pushes[0]["sent_at"], int)
     await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0, what="the acks")
+    # the end of its input means nothing to a listener: it goes on
     bob.close_stdin()
+    alice.send({"message": "after eof", "receiver": "bob"})
+    await alice.expect("accepted")
+    [line] = await bob.wait_for(r'(?m)^\{.*"after eof".*\}$')
+    await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0, what="the ack")
+    bob.transport.signalProcess("INT")
     assert await bob.exited() == 0
     # the next run reconnects with the saved token, and stops on SIGTERM
     bob = client(node.port, "--id", "bob", "--listen")
@@ -581,6 +589,28 @@ async def test_listen_prints_json_acks_and_reconnects_next_time(chatd, clients, 
     bob.transport.signalProcess("TERM")
     assert await bob.exited() == 0
     assert "Traceback" not in bob.err
+
+
+@ensure
+async def test_listen_with_stdin_at_eof_from_the_start_and_count(chatd, clients, client,
+                                                                 redis):
+    """As from cron, systemd or `&` (stdin is /dev/null): the listener
+    registers and listens; --count N exits 0 after N messages, acked; stdout
+    holds only the JSON lines."""
+    node = await chatd()
+    alice = await registered(clients, node, "alice")
+    bob = client(node.port, "--id", "bob", "--listen", "--count", "2")
+    bob.close_stdin()
+    await bob.wait_for("registered as bob", stream="err")
+    for text in ("one", "two", "three"):
+        alice.send({"message": text, "receiver": "bob"})
+        await alice.expect("accepted")
+    assert await bob.exited() == 0, bob.err
+    pushes = [json.loads(line) for line in bob.out.splitlines()]
+    assert [p["message"] for p in pushes] == ["one", "two"]
+    # the two shown were acked before it exited; the third waits for next time
+    inbox = redis.command("LRANGE", "chatd:{bob}:inbox", 0, -1)
+    assert [json.loads(e)["message"] for e in inbox] == ["three"]
 
 
 @ensure
@@ -643,7 +673,13 @@ async def test_offline_messages_appear_once_in_order(chatd, clients, client, red
     shown = re.findall(r"(?m)^\[[\d:]+\] alice: (.*)$", bob.out)
     assert shown == texts + ["welcome back"]
     await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0, what="the acks")
+    # the end of its input means nothing to a listener: it goes on
     bob.close_stdin()
+    alice.send({"message": "after eof", "receiver": "bob"})
+    await alice.expect("accepted")
+    [line] = await bob.wait_for(r'(?m)^\{.*"after eof".*\}$')
+    await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0, what="the ack")
+    bob.transport.signalProcess("INT")
     assert await bob.exited() == 0
 
 

@@ -486,6 +486,22 @@ async def test_keepalive_ping_then_idle_timeout(chatd, clients):
 
 
 @ensure
+async def test_idle_timeout_alone_pings_before_it_closes(chatd, clients):
+    """`--idle-timeout 2s` alone (the default keepalive is 60 s): the node
+    starts, pings a silent client at half of it, and closes it at 2 s."""
+    from chatd.tap import Options
+    o = Options()
+    o.parseOptions(["--idle-timeout", "2s"])
+    node = await chatd(keepalive=o.settings.keepalive, idle_timeout=o.settings.idle_timeout)
+    c = await clients(node)
+    await c.register("sleepy")
+    await c.expect("ping", timeout=10)
+    e = await c.error("idle_timeout", timeout=10)
+    assert "2s" in e["reason"]
+    await c.wait_closed()
+
+
+@ensure
 async def test_rate_limit(chatd, clients):
     node = await chatd(rate_limit=5.0, rate_burst=5)
     c = await clients(node)

@@ -63,7 +63,8 @@ def test_redis_urls(url, target):
     (["--max-message", "1M"], ["--max-message", "--max-line"]),
     (["--inbox-limit", "many"], ["--inbox-limit", "whole number"]),
     (["--rate-limit", "-1"], ["--rate-limit"]),
-    (["--keepalive", "10m"], ["--idle-timeout", "--keepalive"]),
+    (["--keepalive", "5m", "--idle-timeout", "1m"], ["--idle-timeout", "--keepalive"]),
+    (["--keepalive", "1m", "--idle-timeout", "1m"], ["--idle-timeout", "--keepalive"]),
     (["--registration", "closed"], ["--registration", "open or proof"]),
     (["--registration", "proof"], ["--registration-secret-file"]),
     (["--registration-secret-file", "/nonexistent/secret"], ["--registration-secret-file"]),
@@ -73,6 +74,19 @@ def test_bad_values_name_the_option(args, words):
         parse(*args)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("args, keepalive, idle", [
+    (["--idle-timeout", "30s"], 15, 30),        # alone and short: ping at half of it
+    (["--idle-timeout", "100s"], 50, 100),
+    (["--idle-timeout", "10m"], 60, 600),       # alone and long: the default ping
+    (["--keepalive", "10m"], 600, 1200),        # alone and long: idle at twice it
+    (["--keepalive", "20s"], 20, 300),
+    (["--keepalive", "20s", "--idle-timeout", "30s"], 20, 30),  # an explicit pair is kept
+])
+def test_one_liveness_option_alone_works(args, keepalive, idle):
+    s = parse(*args)
+    assert (s.keepalive, s.idle_timeout) == (keepalive, idle)
 
 
 def test_secret_file_loses_one_trailing_newline(tmp_path):
