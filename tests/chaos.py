@@ -39,6 +39,10 @@ unanswered send be retried and every accepted message be delivered, and checks:
 * lost: an accepted message (receiver, id) never pushed to its receiver: must be 0
 * pushed twice on one connection: must be 0
 * out of order or a gap on one connection: must be 0
+* one connection, one order (contract 1.1): the replies on a connection come
+  in the order of its send packets, and of the messages a connection got
+  accepted at their first attempt, those to one receiver have ids in send
+  order (devices sometimes send a burst of several at once): must be 0
 * stored twice (a text pushed under two ids) or a retry answered with another
   id than the message was stored under: must be 0
 * no-reply sends: counted; each must end accepted (and delivered with the
@@ -161,6 +165,9 @@ class Tracker:
         self.binds = Counter()            # registered / reconnected
         self.latencies = []               # send -> accepted, first attempts (s)
         self.noreply_at_shutdown = []     # (Sent, ms when its connection got "shutdown")
+        self.awaiting = {}                # serial -> refs sent there, unanswered, in order
+        self.first_ids = {}               # (serial, receiver) -> [(send position, id)]
+        self.positions = {}               # (serial, ref) -> its position among serial's sends
 
     def anomaly(self, kind, detail=None):
         self.anomalies[kind] += 1
@@ -175,18 +182,51 @@ class Tracker:
         self.by_text[text] = s
         return s
 
-    def attempt(self, s, now):
+    def attempt(self, s, now, serial=None):
         self.attempts += 1
         s.attempts += 1
         if s.first_sent is None:
             s.first_sent = now
+        if serial is not None:
+            self.awaiting.setdefault(serial, []).append(s.ref)
+            self.positions[(serial, s.ref)] = self.attempts
 
-    def accepted(self, s, server_id, now):
+    def answered(self, serial, s):
+        """A reply to s came on connection ``serial``: it must answer the
+        oldest send still unanswered there."""
+        waiting = self.awaiting.get(serial)
+        if not waiting or waiting[0] != s.ref:
+            self.anomaly("reply_out_of_packet_order",
+                         (s.sender, serial, s.ref, list(waiting or [])[:5]))
+        if waiting and s.ref in waiting:
+            waiting.remove(s.ref)
+
+    def _check_send_order(self, serial, s, server_id):
+        try:
+            server_id = int(server_id)
+        except (TypeError, ValueError):
+            return
+        self.first_ids.setdefault((serial, s.receiver), []).append(
+            (self.positions.get((serial, s.ref), 0), server_id, s.sender, s.ref))
+
+    def check_send_order(self):
+        """Of the messages one connection got accepted at their first
+        attempt, those to one receiver must have ids in send order."""
+        for (serial, _), got in self.first_ids.items():
+            got.sort()
+            for (_, a, sender, _), (_, b, _, ref) in zip(got, got[1:]):
+                if b <= a:
+                    self.anomaly("accepted_out_of_send_order", (sender, serial, ref, a, b))
+        self.first_ids = {}
+
+    def accepted(self, s, server_id, now, serial=None):
         self.replies["accepted"] += 1
         if s.id is not None and s.id != server_id:
             self.anomaly("retry_answered_with_another_id", (s.sender, s.ref, s.id, server_id))
         if s.status == "accepted":
             return
+        if serial is not None and s.attempts == 1:
+            self._check_send_order(serial, s, server_id)
         s.status, s.id, s.accepted_at = "accepted", server_id, now
         if s.attempts == 1 and s.first_sent is not None:
             self.latencies.append(now - s.first_sent)
@@ -277,6 +317,7 @@ class Tracker:
         return [s for s in self.sents if s.status == "new"]
 
     def report(self, **extra):
+        self.check_send_order()
         accepted = [s for s in self.sents if s.status == "accepted"]
         lost = self.undelivered()
         stored_twice = {t: ids for t, ids in self.text_ids.items() if len(ids) > 1}
@@ -311,6 +352,8 @@ class Tracker:
             pushed_twice=self.anomalies["pushed_twice_on_one_connection"],
             out_of_order=self.anomalies["out_of_order_on_one_connection"]
             + self.anomalies["gap_on_one_connection"],
+            send_order=self.anomalies["reply_out_of_packet_order"]
+            + self.anomalies["accepted_out_of_send_order"],
             stored_twice=len(stored_twice), id_mismatch=len(mismatch),
             noreply=len(noreply), noreply_attempts=sum(s.noreply for s in noreply),
             noreply_outcomes=dict(outcomes),
@@ -345,6 +388,7 @@ class Report:
     lost_examples: list = field(default_factory=list)
     pushed_twice: int = 0
     out_of_order: int = 0
+    send_order: int = 0
     stored_twice: int = 0
     id_mismatch: int = 0
     noreply: int = 0
@@ -434,6 +478,7 @@ class Report:
             "  LOST:                   %d" % self.lost,
             "  pushed twice on one connection: %d" % self.pushed_twice,
             "  out of order / gaps on one connection: %d" % self.out_of_order,
+            "  replies or ids out of send order on one connection: %d" % self.send_order,
             "  stored twice: %d, pushed under another id than accepted: %d"
             % (self.stored_twice, self.id_mismatch),
             "  no-reply sends:         %d (%d attempts); outcome: %s"
@@ -609,10 +654,11 @@ class Device:
             if s is None:
                 t.anomaly("reply_to_unknown_ref", raw[:200])
                 return
+            t.answered(conn.serial, s)
             if obj.get("receiver") != s.receiver:
                 t.anomaly("reply_names_another_receiver", raw[:200])
             if kind == "accepted":
-                t.accepted(s, obj.get("id"), h.now())
+                t.accepted(s, obj.get("id"), h.now(), conn.serial)
                 self.unresolved.pop(s.ref, None)
             else:
                 t.duplicate(s)
@@ -622,6 +668,7 @@ class Device:
             ref = obj.get("ref")
             s = conn.outstanding.pop(ref, None) if ref is not None else None
             if s is not None:
+                t.answered(conn.serial, s)
                 final = code not in RETRYABLE
                 t.send_error(s, code, final)
                 if final:
@@ -676,16 +723,19 @@ class Device:
             self.retry.clear()
         if self.h.sending and now >= self.next_send:
             self.next_send = now + self.rng.expovariate(self.h.cfg.rate)
-            if len(self.unresolved) < MAX_UNRESOLVED:
-                self.send(c, self.new_message(now), now)
+            # now and then a burst: several messages to one receiver at once
+            burst = self.rng.randint(2, 5) if self.rng.random() < 0.2 else 1
+            receiver = self.h.pick_receiver(self)
+            for _ in range(burst):
+                if len(self.unresolved) < MAX_UNRESOLVED:
+                    self.send(c, self.new_message(now, receiver), now)
         if now >= self.next_ack and c.last_push > c.acked:
             c.send({"ack": "%016d" % c.last_push})
             c.acked = c.last_push
             self.next_ack = now + self.ack_interval
 
-    def new_message(self, now):
+    def new_message(self, now, receiver):
         self.seq += 1
-        receiver = self.h.pick_receiver(self)
         ref = self.seq if self.seq % 5 == 0 else "r%d" % self.seq
         text = "%s>%s #%d %08x" % (self.name, receiver, self.seq, self.rng.getrandbits(32))
         extra = self.rng.random()
@@ -698,7 +748,7 @@ class Device:
         return s
 
     def send(self, c, s, now):
-        self.h.tracker.attempt(s, now)
+        self.h.tracker.attempt(s, now, c.serial)
         c.outstanding[s.ref] = s
         c.send({"message": s.text, "receiver": s.receiver, "ref": s.ref})
 
@@ -856,7 +906,7 @@ class Harness:
                 return
             if kind == "cut_inflight":
                 c = d.conn
-                d.send(c, d.new_message(self.now()), self.now())
+                d.send(c, d.new_message(self.now(), self.pick_receiver(d)), self.now())
                 delay = self.rng.choice((0, 0, 0.001, 0.005, 0.02))
                 if delay:
                     await task.deferLater(reactor, delay, lambda: None)

@@ -161,3 +161,26 @@ def test_the_checks_can_fail():
                                    "message": "x"})
     r = clean.report(left_in_inboxes=0)
     assert r.problems() == [] and r.noreply_outcomes == {"accepted on retry, delivered": 1}
+
+
+def test_the_send_order_checks_can_fail():
+    """One connection, one order: a reply that overtakes an earlier send's,
+    and a later send stored under a lower id, are both caught; the same
+    events in order are clean."""
+    def run(reply_order, ids):
+        t = chaos.Tracker()
+        serial = t.conn_opened()
+        sents = [t.new_send("alice", "bob", "r%d" % i, "m%d" % i, 0.0) for i in range(3)]
+        for s in sents:
+            t.attempt(s, 0.0, serial)
+        for i in reply_order:
+            t.answered(serial, sents[i])
+            t.accepted(sents[i], "%016d" % ids[i], 0.1, serial)
+        return t.report()
+
+    assert run([0, 1, 2], [1, 2, 3]).send_order == 0
+    bad = run([0, 2, 1], [1, 3, 2])
+    assert bad.send_order == 2  # r2 answered before r1; and r1's id is lower than r2's
+    problems = " | ".join(bad.problems())
+    assert "reply_out_of_packet_order" in problems and "accepted_out_of_send_order" in problems
+    assert run([0, 1, 2], [1, 3, 2]).send_order == 1  # in order, but ids not
