@@ -27,14 +27,14 @@ def test_values_and_units():
     s = parse("-p", "5001", "--listen", "tcp:6000:interface=127.0.0.1", "--listen", "7000",
               "--redis-timeout", "500ms", "--dedup-window", "0", "--max-line", "128k",
               "--max-message", "1k", "--inbox-limit", "5", "--inbox-ttl", "2d",
-              "--ref-ttl", "1h", "--auth-timeout", "10", "--keepalive", "1m",
-              "--idle-timeout", "5m", "--rate-limit", "0", "--output-limit", "2M")
+              "--ref-ttl", "1h", "--auth-timeout", "10", "--keepalive", "2m",
+              "--idle-timeout", "10m", "--rate-limit", "0", "--output-limit", "2M")
     assert s.port == "tcp:5001"
     assert s.listen == ("tcp:6000:interface=127.0.0.1", "tcp:7000")
     assert s.redis_timeout == 0.5 and s.dedup_window == 0
     assert s.max_line == 128 * 1024 and s.max_message == 1024
     assert s.inbox_limit == 5 and s.inbox_ttl == 2 * 86400 and s.ref_ttl == 3600
-    assert (s.auth_timeout, s.keepalive, s.idle_timeout) == (10, 60, 300)
+    assert (s.auth_timeout, s.keepalive, s.idle_timeout) == (10, 120, 600)
     assert s.rate_limit == 0 and s.output_limit == 2 << 20
 
 
