@@ -3,7 +3,7 @@
 import pytest
 from twisted.python import usage
 
-from chatd.config import RedisTarget, Settings
+from chatd.config import DEFAULT_BACKLOG, RedisTarget, Settings, with_backlog
 from chatd.tap import Options
 
 
@@ -83,3 +83,17 @@ def test_secret_file_loses_one_trailing_newline(tmp_path):
     p.write_bytes(b"\n")
     with pytest.raises(usage.UsageError):
         parse("--registration-secret-file", str(p))
+
+
+@pytest.mark.parametrize("given, used", [
+    ("tcp:5000", "tcp:5000:backlog=%d" % DEFAULT_BACKLOG),
+    ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=%d" % DEFAULT_BACKLOG),
+    ("ssl:5443:privateKey=k.pem", "ssl:5443:privateKey=k.pem:backlog=%d" % DEFAULT_BACKLOG),
+    ("tcp:5000:backlog=50", "tcp:5000:backlog=50"),
+    ("tcp:5000:backlog=4096:interface=::", "tcp:5000:backlog=4096:interface=::"),
+    ("unix:/run/chatd.sock", "unix:/run/chatd.sock"),
+])
+def test_listen_backlog_default(given, used):
+    """A tcp or ssl listener that names no backlog gets DEFAULT_BACKLOG
+    (reconnect storms), one that names it keeps it."""
+    assert with_backlog(given) == used
