@@ -75,13 +75,21 @@ class _Reader:
         raise RuntimeError("bad reply %r" % line)
 
 
-def redis_command(path, *args, timeout=5.0):
+def redis_command(path, *args, timeout=5.0, db=0, password=None):
+    """One command on a new connection (in database ``db``)."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     try:
         s.connect(path)
+        reader = _Reader(s)
+        if password is not None:
+            s.sendall(_encode("AUTH", password))
+            reader.reply()
+        if db:
+            s.sendall(_encode("SELECT", db))
+            reader.reply()
         s.sendall(_encode(*args))
-        return _Reader(s).reply()
+        return reader.reply()
     finally:
         s.close()
 
