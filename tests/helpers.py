@@ -240,6 +240,17 @@ async def connect(port, host="127.0.0.1"):
     return client
 
 
+async def pair(chatd, clients, target=None, **settings):
+    """A node (on ``target``, or the session store) with alice and bob
+    registered on it: (node, alice's client, bob's client)."""
+    node = await chatd(target=target, **settings)
+    a = await clients(node)
+    b = await clients(node)
+    await a.register("alice")
+    await b.register("bob")
+    return node, a, b
+
+
 async def registered(clients, node, device):
     c = await clients(node)
     await c.register(device)

@@ -15,18 +15,9 @@ import pytest
 import pytest_twisted
 
 from chatd import store as store_module
-from tests.helpers import wait_until
+from tests.helpers import pair, wait_until
 
 ensure = pytest_twisted.ensureDeferred
-
-
-async def pair(chatd, clients, **settings):
-    node = await chatd(**settings)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
-    return node, a, b
 
 
 @ensure
@@ -73,11 +64,7 @@ async def test_a_saturated_store_stops_every_client_being_read(chatd, clients, o
     (Broken: the protocol no longer checks ``store.saturated``.)"""
     monkeypatch.setattr(store_module, "HIGH_WATER", 8)
     monkeypatch.setattr(store_module, "LOW_WATER", 2)
-    node = await chatd(target=own_redis.target, redis_timeout=30)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
+    node, a, b = await pair(chatd, clients, own_redis.target, redis_timeout=30)
     os.kill(own_redis.proc.pid, signal.SIGSTOP)
     try:
         a.send(b"".join(b'{"message": "m%d", "receiver": "bob", "ref": %d}\n' % (i, i)
@@ -103,11 +90,7 @@ async def test_a_saturated_store_stops_every_client_being_read(chatd, clients, o
 async def test_an_ack_the_store_cannot_take_is_answered_unavailable(chatd, clients, own_redis):
     """The phone is told its ack was not stored (so it acks again later).
     (Broken: the failed ack only dropped, not reported.)"""
-    node = await chatd(target=own_redis.target, redis_timeout=0.5)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
+    node, a, b = await pair(chatd, clients, own_redis.target, redis_timeout=0.5)
     a.send({"message": "ack me", "receiver": "bob"})
     await a.expect("accepted")
     push = await b.expect("message")

@@ -11,18 +11,23 @@ import pytest
 import pytest_twisted
 
 from chatd import tokens
-from tests.helpers import pass_time, wait_until
+from tests.helpers import pair, pass_time, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
 
-async def pair(chatd, clients, **settings):
-    node = await chatd(**settings)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
-    return node, a, b
+def read_to_end(s):
+    """Everything a blocking socket reads until the server's FIN (bytes),
+    or a description of the reset that ended it (str)."""
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except OSError as e:
+        return "reset (%r) after %d bytes ending %r" % (e, len(data), data[-200:])
 
 
 # -- register / reconnect -----------------------------------------------------------
@@ -689,15 +694,7 @@ async def test_a_client_streaming_an_endless_line_gets_line_too_long(chatd, clie
 
         sender = threading.Thread(target=send)
         sender.start()
-        data = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as e:
-            data = "reset (%r) after %r" % (e, data)
+        data = read_to_end(s)
         sender.join()
         s.close()
         return data
@@ -740,15 +737,7 @@ async def test_the_closing_error_survives_input_that_arrives_after_it(chatd, cli
                 s.sendall(b"z" * 100)
             except OSError:
                 break
-        data = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as e:
-            data = "reset (%r) after %d bytes ending %r" % (e, len(data), data[-200:])
+        data = read_to_end(s)
         s.close()
         return data
 

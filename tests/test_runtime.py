@@ -16,20 +16,11 @@ import pytest
 import pytest_twisted
 
 from chatd.config import DEFAULT_BACKLOG, parse_redis_url
-from tests.helpers import (DEADLINE, LineClient, _client_protocol, pass_time, wait_until,
-                           with_deadline)
+from tests.helpers import (DEADLINE, LineClient, _client_protocol, pair, pass_time,
+                           wait_until, with_deadline)
 from tests.procs import ChatdProcess, ValkeyProcess, group_members, wait_for
 
 ensure = pytest_twisted.ensureDeferred
-
-
-async def pair(chatd, clients, target=None, **settings):
-    node = await chatd(target=target, **settings)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
-    return node, a, b
 
 
 async def a_message_goes_through(a, b, text="through"):
