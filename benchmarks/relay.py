@@ -301,7 +301,7 @@ def main(argv=None):
     p.add_argument("--dedup-window", type=float, default=5.0)
     p.add_argument("--ref-ttl", type=float, default=86400.0)
     p.add_argument("--inbox-limit", type=int, default=10000)
-    p.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default, as chatd)")
+    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (chatd's default)")
     args = p.parse_args(argv)
     from twisted.internet import epollreactor
     epollreactor.install()

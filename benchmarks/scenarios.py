@@ -22,8 +22,9 @@ from benchmarks.procs import BenchError
 #: a worker above this fraction of a core during the window was (close to)
 #: the bottleneck: the run is flagged
 GEN_SATURATED = 0.90
-#: connection attempts in flight across all workers (Twisted's listen backlog,
-#: which chatd keeps, is 50: more would overflow the accept queue)
+#: connection attempts in flight across all workers (kept under Twisted's
+#: listen backlog of 50, so that a server on an endpoint with that backlog
+#: never overflows its accept queue; chatd's default is 1024)
 CONNECT_CONCURRENCY = 48
 #: devices per worker in the memory scenario (each worker stays under its
 #: own fd limit)

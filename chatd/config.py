@@ -137,6 +137,22 @@ def parse_endpoint(text, name):
     return text
 
 
+#: the listen backlog of a tcp or ssl endpoint that names none: Twisted's 50
+#: overflows when every phone reconnects at once (after a restart), and each
+#: connection that overflows waits for a SYN retransmit (1 s, 3 s...). The
+#: kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description):
+    """The endpoint description, with ``:backlog=DEFAULT_BACKLOG`` added to
+    a tcp, tcp6 or ssl endpoint that gives no backlog of its own."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(?:^|:)backlog=", description):
+        return "%s:backlog=%d" % (description, DEFAULT_BACKLOG)
+    return description
+
+
 def parse_redis_url(text, name="redis"):
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
     ``unix:///path/to.sock[?db=N][&password=...]``."""

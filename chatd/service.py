@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from chatd.config import RedisTarget
+from chatd.config import RedisTarget, with_backlog
 from chatd.hub import Hub
 from chatd.protocol import ChatFactory
 from chatd.redisclient import RedisClient
@@ -74,7 +74,7 @@ class ChatService(service.Service):
         hub = Hub(store, self.settings, self.reactor)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
         for description in (self.settings.port,) + tuple(self.settings.listen):
-            endpoint = endpoints.serverFromString(self.reactor, description)
+            endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
             port = yield endpoint.listen(self.factory)
             self.ports.append(port)
             host = port.getHost()

@@ -26,7 +26,8 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", "tcp:5000", "Where to listen: a port number (tcp:N) or any "
          "Twisted server endpoint (tcp:5000:interface=127.0.0.1, ssl:5443:"
-         "privateKey=key.pem:certKey=cert.pem, unix:/run/chatd.sock).",
+         "privateKey=key.pem:certKey=cert.pem, unix:/run/chatd.sock). A tcp or ssl "
+         "endpoint without backlog= listens with a backlog of 1024.",
          _coerce(config.parse_endpoint, "port")],
         ["redis", None, None, "External store: redis://[:password@]host:port/db, "
          "rediss://host:port/db (TLS) or unix:///path.sock?db=N. Absent: the "

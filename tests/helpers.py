@@ -75,13 +75,21 @@ class _Reader:
         raise RuntimeError("bad reply %r" % line)
 
 
-def redis_command(path, *args, timeout=5.0):
+def redis_command(path, *args, timeout=5.0, db=0, password=None):
+    """One command on a new connection (in database ``db``)."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     try:
         s.connect(path)
+        reader = _Reader(s)
+        if password is not None:
+            s.sendall(_encode("AUTH", password))
+            reader.reply()
+        if db:
+            s.sendall(_encode("SELECT", db))
+            reader.reply()
         s.sendall(_encode(*args))
-        return _Reader(s).reply()
+        return reader.reply()
     finally:
         s.close()
 
@@ -230,6 +238,17 @@ async def connect(port, host="127.0.0.1"):
     await with_deadline(connectProtocol(TCP4ClientEndpoint(reactor, host, port),
                                         _client_protocol(client)), DEADLINE, "connection")
     return client
+
+
+async def pair(chatd, clients, target=None, **settings):
+    """A node (on ``target``, or the session store) with alice and bob
+    registered on it: (node, alice's client, bob's client)."""
+    node = await chatd(target=target, **settings)
+    a = await clients(node)
+    b = await clients(node)
+    await a.register("alice")
+    await b.register("bob")
+    return node, a, b
 
 
 async def registered(clients, node, device):

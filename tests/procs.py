@@ -279,12 +279,13 @@ class ValkeyProcess(_Process):
     ``appendfsync`` (``everysec``, ``always``) it keeps an append-only file;
     with None it keeps nothing (the session's store, flushed per test)."""
 
-    def __init__(self, directory, appendfsync="everysec", binary=None):
+    def __init__(self, directory, appendfsync="everysec", binary=None, password=None):
         super().__init__(os.path.join(directory, "valkey.log"))
         self.directory = directory
         self.path = os.path.join(directory, "redis.sock")
         self.appendfsync = appendfsync
         self.binary = binary or server_binary()
+        self.password = password  # requirepass
 
     @property
     def url(self):
@@ -299,7 +300,8 @@ class ValkeyProcess(_Process):
             "--appendonly", "yes", "--appendfsync", self.appendfsync]
         self._spawn([self.binary, "--port", "0", "--unixsocket", self.path,
                      "--unixsocketperm", "700", "--dir", self.directory, "--save", "",
-                     "--databases", "16"] + persistence)
+                     "--databases", "16"] + persistence
+                    + (["--requirepass", self.password] if self.password else []))
         return self
 
     def _check_ready(self):
@@ -317,8 +319,8 @@ class ValkeyProcess(_Process):
     async def await_ready(self, timeout=30):
         return await wait_until(self._check_ready, timeout, "valkey-server ready", 0.05)
 
-    def command(self, *args):
-        return redis_command(self.path, *args, timeout=2.0)
+    def command(self, *args, db=0):
+        return redis_command(self.path, *args, timeout=2.0, db=db, password=self.password)
 
 
 def scan_store(command):

@@ -317,10 +317,11 @@ async def test_stop_leaves_nothing_behind(tmp_path, make_store):
     early.startService()
     d = early.whenReady()
     child = early.pid
-    began = reactor.seconds()
+    proc = early._child
     await within(early.stopService())
-    # SIGTERM was not lost in the spawn (no wait for the SIGKILL at 5 s)
-    assert reactor.seconds() - began < 2
+    # SIGTERM was not lost in the spawn: it ended the child, no SIGKILL
+    # after the grace was needed (asserted on how it ended, not how soon)
+    assert "SIGKILL" not in proc.describeExit(), proc.describeExit()
     with pytest.raises(EmbeddedStoreError, match="stopped"):
         await d
     assert not alive(child)

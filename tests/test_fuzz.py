@@ -365,14 +365,16 @@ def test_known_parser_crashes():
     for line in [b"{(0, []): 0}", b"{'ping': 1, 'x': {(1, [2]): 3}}",
                  b"{'ping': {(1, 2): 'x'}}"]:
         p = outcome(line)
-        if not isinstance(p, PacketError):
-            packets.reply({"type": "pong", "ping": p.ping})
+        assert isinstance(p, PacketError) and p.code == "bad_packet", (line, p)
 
 
 # -- the live fuzz ------------------------------------------------------------------------
 
 MAX_LINE = 4096
 CONNECTIONS = 50
+#: round trips the healthy client must make while the fuzz runs (the fuzz
+#: goes on until it has them: a count, never a count within a time)
+HEALTHY_ROUNDS = 20
 TARGET_LINES = 110_000
 
 
@@ -620,13 +622,16 @@ async def test_live_fuzz_of_a_running_server(tmp_short):
         healthy = defer.ensureDeferred(_healthy(port, lambda: done["fuzz"], rtts, problems))
         per_worker = TARGET_LINES // CONNECTIONS + 1
 
+        def more(sent):
+            return sent < per_worker or (len(rtts) < HEALTHY_ROUNDS and not healthy.called)
+
         async def worker(w):
             sent, batch_no = 0, 0
-            while sent < per_worker:
+            while more(sent):
                 conn = await with_deadline(connectProtocol(
                     TCP4ClientEndpoint(reactor, "127.0.0.1", port), FuzzConn()), 10, "connection")
                 stats["connections"] += 1
-                while sent < per_worker:
+                while more(sent):
                     batch_no += 1
                     lines = [gen.line() for _ in range(rng.randint(20, 150))]
                     data = b"\n".join(lines) + b"\n"
@@ -710,8 +715,8 @@ async def test_live_fuzz_of_a_running_server(tmp_short):
         assert stats["lines"] >= 100_000
         assert stats["bad_server_lines"] == 0
         assert stats["codes"]["bad_packet"] > 1000 and stats["codes"]["line_too_long"] >= 1
-        assert len(rtts) >= 20, "the healthy client got too few answers: %s" % summary
-        assert rtts[-1] < 10.0, summary
+        # each round trip had its deadline (30 s: only a hang misses it)
+        assert len(rtts) >= HEALTHY_ROUNDS, summary
     finally:
         done["fuzz"] = True
         server.cleanup()

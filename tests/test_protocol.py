@@ -11,18 +11,23 @@ import pytest
 import pytest_twisted
 
 from chatd import tokens
-from tests.helpers import pass_time, wait_until
+from tests.helpers import pair, pass_time, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
 
-async def pair(chatd, clients, **settings):
-    node = await chatd(**settings)
-    a = await clients(node)
-    b = await clients(node)
-    await a.register("alice")
-    await b.register("bob")
-    return node, a, b
+def read_to_end(s):
+    """Everything a blocking socket reads until the server's FIN (bytes),
+    or a description of the reset that ended it (str)."""
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except OSError as e:
+        return "reset (%r) after %d bytes ending %r" % (e, len(data), data[-200:])
 
 
 # -- register / reconnect -----------------------------------------------------------
@@ -205,26 +210,31 @@ async def test_inbox_full_drops_nothing(chatd, clients, redis):
 
 @ensure
 async def test_dedup_window_anchored_on_accepted_copy(chatd, clients):
-    """window 1 s: accepted at 0, duplicate at ~0.5 even from another sender,
-    accepted again at ~1.2 (the suppressed copy did not extend the window)."""
-    node, a, b = await pair(chatd, clients, dedup_window=1.0)
+    """window 3 s: accepted at 0, duplicate at ~1.5 even from another sender,
+    accepted again just past 3 (the suppressed copy at 1.5 did not extend
+    the window: had it, the window would last until ~4.5).
+
+    Times are anchored on the ``accepted`` reply (the window started before
+    it), and each step has about 1.5 s of slack, so only a stall that long
+    makes it fail on a correct server."""
+    window = 3.0
+    node, a, b = await pair(chatd, clients, dedup_window=window)
     c = await clients(node)
     await c.register("carol")
-    t0 = time.monotonic()
     a.send({"message": "same text", "receiver": "bob"})
     await a.expect("accepted")
+    accepted = time.monotonic()  # the window started before this
     a.send({"message": "same text", "receiver": "bob"})
     await a.expect("duplicate", receiver="bob", ref=None)
-    await wait_until(lambda: time.monotonic() - t0 >= 0.5)
+    await wait_until(lambda: time.monotonic() - accepted >= window / 2)
     c.send({"message": "same text", "receiver": "bob", "ref": "c1"})
     dup = await c.expect("duplicate", receiver="bob", ref="c1")
     assert set(dup) == {"type", "receiver", "ref"}
-    assert time.monotonic() - t0 < 1.0, "the machine is too slow for this test's window"
     # same text to another receiver is not a duplicate
     a.send({"message": "same text", "receiver": "carol"})
     await a.expect("accepted")
     await c.expect("message", receiver="carol")
-    await wait_until(lambda: time.monotonic() - t0 >= 1.2)
+    await wait_until(lambda: time.monotonic() - accepted >= window + 0.05)
     c.send({"message": "same text", "receiver": "bob"})
     await c.expect("accepted")
     pushes = [m for m in await b.sync() if m["type"] == "message"]
@@ -411,8 +421,7 @@ async def test_bad_input_gets_the_right_error_and_connection_stays(chatd, client
     c.send(line + b"\n")
     e = await c.error(code)
     assert set(e) >= {"type", "code", "reason", "ref"}
-    if field:
-        assert field in e["reason"]
+    assert e.get("field") == field, e
     await c.register("still-works")
 
 
@@ -462,10 +471,8 @@ async def test_ping_pong_and_auth_timeout(chatd, clients):
     c = await clients(node)
     c.send({"ping": {"any": ["value"]}})
     await c.expect("pong", ping={"any": ["value"]})
-    t0 = time.monotonic()
     await c.error("auth_timeout", timeout=5)   # a ping does not satisfy it
     await c.wait_closed()
-    assert time.monotonic() - t0 < 3
     d = await clients(node)
     await d.register("in-time")
     assert await d.sync() == []
@@ -683,12 +690,10 @@ async def test_a_client_done_sending_still_gets_its_answers(chatd, clients):
 
 
 @ensure
-async def test_the_closing_error_arrives_even_if_the_client_keeps_sending(chatd, clients):
-    """A client that streams an endless line gets line_too_long before the
-    connection ends. (chatd shuts only its sending side and drops further
-    input until the client hangs up, since closing a socket with unread input
-    resets it; the fuzz run saw such lost lines. Loopback here delivers the
-    line before the reset anyway, so this guards the close path as a whole.)"""
+async def test_a_client_streaming_an_endless_line_gets_line_too_long(chatd, clients):
+    """A client that streams an endless line (and reads all the while) gets
+    line_too_long before the connection ends, every time. (Whether the close
+    loses the error to a reset is the next test's question.)"""
     import threading
     from twisted.internet import threads
     node = await chatd(max_line=1024)
@@ -705,15 +710,7 @@ async def test_the_closing_error_arrives_even_if_the_client_keeps_sending(chatd,
 
         sender = threading.Thread(target=send)
         sender.start()
-        data = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as e:
-            data = "reset (%r) after %r" % (e, data)
+        data = read_to_end(s)
         sender.join()
         s.close()
         return data
@@ -722,3 +719,47 @@ async def test_the_closing_error_arrives_even_if_the_client_keeps_sending(chatd,
         data = await threads.deferToThread(stream)
         assert isinstance(data, bytes), data
         assert json.loads(data.splitlines()[0])["code"] == "line_too_long"
+
+
+@ensure
+async def test_the_closing_error_survives_input_that_arrives_after_it(chatd, clients):
+    """The closing error must reach a client that is behind on reading and
+    still sending when chatd closes on it. Closing a socket with unread
+    input makes the kernel reset the connection and drop whatever it had not
+    yet delivered, the error line with it; chatd therefore shuts only its
+    sending side and reads (and drops) what still comes.
+
+    Here the client does not read at first (a small receive buffer: chatd's
+    answers to 30 pings wait in chatd's kernel queue), sends a line over the
+    limit, and then, as a phone would, a little more. Only then does it
+    read: it must get every pong, then line_too_long, then the end."""
+    import threading
+    from twisted.internet import threads
+    node = await chatd(max_line=1024)
+    pings = 30
+
+    def behind():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", node.port))
+        s.sendall(b"".join(b'{"ping":"%d %s"}\n' % (i, b"p" * 900) for i in range(pings)))
+        s.sendall(b"y" * 1100 + b"\n")  # over the limit: chatd closes
+        stop = threading.Event()
+        for _ in range(8):  # input after the close (less than a line's worth)
+            if stop.wait(0.03):
+                break
+            try:
+                s.sendall(b"z" * 100)
+            except OSError:
+                break
+        data = read_to_end(s)
+        s.close()
+        return data
+
+    data = await threads.deferToThread(behind)
+    assert isinstance(data, bytes), data
+    assert data.endswith(b"\n"), "cut short after %d bytes: ...%r" % (len(data), data[-100:])
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert [m["type"] for m in lines] == ["pong"] * pings + ["error"], lines[-2:]
+    assert lines[-1]["code"] == "line_too_long"

@@ -3,7 +3,7 @@
 import pytest
 from twisted.python import usage
 
-from chatd.config import RedisTarget, Settings
+from chatd.config import DEFAULT_BACKLOG, RedisTarget, Settings, with_backlog
 from chatd.tap import Options
 
 
@@ -27,14 +27,14 @@ def test_values_and_units():
     s = parse("-p", "5001", "--listen", "tcp:6000:interface=127.0.0.1", "--listen", "7000",
               "--redis-timeout", "500ms", "--dedup-window", "0", "--max-line", "128k",
               "--max-message", "1k", "--inbox-limit", "5", "--inbox-ttl", "2d",
-              "--ref-ttl", "1h", "--auth-timeout", "10", "--keepalive", "1m",
-              "--idle-timeout", "5m", "--rate-limit", "0", "--output-limit", "2M")
+              "--ref-ttl", "1h", "--auth-timeout", "10", "--keepalive", "2m",
+              "--idle-timeout", "10m", "--rate-limit", "0", "--output-limit", "2M")
     assert s.port == "tcp:5001"
     assert s.listen == ("tcp:6000:interface=127.0.0.1", "tcp:7000")
     assert s.redis_timeout == 0.5 and s.dedup_window == 0
     assert s.max_line == 128 * 1024 and s.max_message == 1024
     assert s.inbox_limit == 5 and s.inbox_ttl == 2 * 86400 and s.ref_ttl == 3600
-    assert (s.auth_timeout, s.keepalive, s.idle_timeout) == (10, 60, 300)
+    assert (s.auth_timeout, s.keepalive, s.idle_timeout) == (10, 120, 600)
     assert s.rate_limit == 0 and s.output_limit == 2 << 20
 
 
@@ -97,3 +97,17 @@ def test_secret_file_loses_one_trailing_newline(tmp_path):
     p.write_bytes(b"\n")
     with pytest.raises(usage.UsageError):
         parse("--registration-secret-file", str(p))
+
+
+@pytest.mark.parametrize("given, used", [
+    ("tcp:5000", "tcp:5000:backlog=%d" % DEFAULT_BACKLOG),
+    ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=%d" % DEFAULT_BACKLOG),
+    ("ssl:5443:privateKey=k.pem", "ssl:5443:privateKey=k.pem:backlog=%d" % DEFAULT_BACKLOG),
+    ("tcp:5000:backlog=50", "tcp:5000:backlog=50"),
+    ("tcp:5000:backlog=4096:interface=::", "tcp:5000:backlog=4096:interface=::"),
+    ("unix:/run/chatd.sock", "unix:/run/chatd.sock"),
+])
+def test_listen_backlog_default(given, used):
+    """A tcp or ssl listener that names no backlog gets DEFAULT_BACKLOG
+    (reconnect storms), one that names it keeps it."""
+    assert with_backlog(given) == used
