@@ -435,12 +435,15 @@ class ChatProtocol:
             return
         if silent >= s.keepalive and not self._pinged and self.device is not None:
             self._pinged = True
-            self.sendLine_(b'{"type":"ping"}\n')
+            self._keepalive()
         if self._pinged or self.device is None:
             next_check = self.last_seen + s.idle_timeout
         else:
             next_check = self.last_seen + s.keepalive
         self._later("live", max(next_check - now, 0.01), self._liveness)
+
+    def _keepalive(self):
+        self.sendLine_(b'{"type":"ping"}\n')
 
     # -- shutdown ------------------------------------------------------------------
 
