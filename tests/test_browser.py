@@ -2,8 +2,11 @@
 The chat page in a real headless Chromium (Debian's ``chromium``, driven by
 playwright; no browser is downloaded): two people register, talk, one goes
 offline and comes back to the messages that waited, a duplicate is shown as
-such, a second tab takes the id over; proof mode asks for the ticket. The
-screenshot in the README (docs/browser.png) is taken here.
+such, a second tab takes the id over, and the page talks with a
+``chatd-client`` user in a terminal; proof mode asks for the ticket. The
+screenshot in the README (docs/browser.png) is taken here: with
+``CHATD_UPDATE_SCREENSHOT=1`` it is written there, else to a temp dir (so
+that a test run leaves the work tree as it was).
 
 The browser runs in a thread of its own (playwright's sync API blocks),
 while the reactor serves the chatd node of the test.
@@ -14,8 +17,12 @@ install them; under CI (``CI=true``) that is a failure instead.
 
 import hashlib
 import hmac
+import json
 import os
+import select
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -106,7 +113,22 @@ def shown(page, text):
     page.locator("#log li.in .text", has_text=text).wait_for()
 
 
-def conversation(browser, url, redis_command):
+def terminal(port, state_dir, *args):
+    """``chatd-client`` as carol, a person in a terminal (on chatd's TCP port)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatd.client", "127.0.0.1", str(port), "--state-dir",
+         state_dir, "--id", "carol"] + list(args),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def first_line(proc, timeout=WAIT / 1000):
+    """The first line the process writes on stdout, within the timeout."""
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError("no output from %s" % proc.args)
+    return proc.stdout.readline()
+
+
+def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir):
     alice_ctx = browser.new_context(viewport={"width": 900, "height": 560})
     bob_ctx = browser.new_context(viewport={"width": 900, "height": 560})
     alice = open_page(alice_ctx, url)
@@ -143,9 +165,25 @@ def conversation(browser, url, redis_command):
 
     say(bob, "OK!")
     shown(alice, "OK!")
+
+    # carol, in a terminal, writes to alice; alice answers while carol is away
+    carol = terminal(tcp_port, state_dir, "--send", "alice", "Hello from a terminal")
+    out, err = carol.communicate(timeout=WAIT / 1000)
+    assert carol.returncode == 0, err
+    alice.click("#peers button:has-text('carol')")
+    shown(alice, "Hello from a terminal")
+    say(alice, "Hello carol, from the browser")
+    carol = terminal(tcp_port, state_dir, "--listen")
+    try:
+        push = json.loads(first_line(carol))
+        assert (push["sender"], push["message"]) == ("alice", "Hello carol, from the browser")
+    finally:
+        carol.stdin.close()
+        carol.wait(WAIT / 1000)
+    alice.click("#peers button:has-text('bob')")
     say(alice, "See you")
     say(alice, "See you", status="duplicate")
-    alice.screenshot(path=SCREENSHOT)
+    alice.screenshot(path=screenshot)
 
     # a second tab of bob's takes the id over; the first one says so plainly
     second = open_page(bob_ctx, url)
@@ -170,12 +208,15 @@ def proof_asked(browser, url, ticket):
 
 @pytest.mark.slow
 @ensure
-async def test_two_people_chat_in_chromium(chatd, redis):
+async def test_people_chat_in_chromium_and_a_terminal(chatd, redis, tmp_path):
     chromium()
     node = await chatd(websocket=("tcp:0:interface=127.0.0.1",), dedup_window=60.0)
     url = "http://127.0.0.1:%d/" % ws_port(node)
-    await in_browser(conversation, url, redis.command)
-    assert os.path.getsize(SCREENSHOT) > 10_000
+    screenshot = SCREENSHOT if os.environ.get("CHATD_UPDATE_SCREENSHOT") else str(
+        tmp_path / "browser.png")
+    await in_browser(conversation, url, redis.command, screenshot, node.port,
+                     str(tmp_path / "client"))
+    assert os.path.getsize(screenshot) > 10_000
     await wait_until(lambda: not node.factory.connections, what="the pages' sockets closed")
 
 
