@@ -29,8 +29,8 @@ async def web(chatd, clients):
         async def node(self, **settings):
             return await chatd(websocket=WS, **settings)
 
-        async def ws(self, node, path="/ws"):
-            c = await ws_connect(ws_port(node), path)
+        async def ws(self, node, path="/ws", tls=None):
+            c = await ws_connect(ws_port(node), path, tls)
             opened.append(c)
             return c
 
@@ -174,6 +174,28 @@ async def test_takeover_from_websocket_to_tcp_and_back(web):
     await t.error("session_replaced")
     await t.wait_closed()
     assert node.hub.sessions["dana"].conn in node.factory.connections
+
+
+@ensure
+async def test_wss(web, chatd, tmp_path):
+    """--websocket ssl:…: the same over TLS, closing included (no half-close there)."""
+    from twisted.internet import ssl
+    from tests.test_tls import make_certificate, ssl_port
+    key_path, cert_path = make_certificate(str(tmp_path))
+    node = await chatd(websocket=(ssl_port(key_path, cert_path),))
+    with open(cert_path, "rb") as f:
+        tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(f.read()))
+    a = await web.ws(node, tls=tls)
+    b = await web.ws(node, tls=tls)
+    token = await a.register("alice")
+    await b.register("bob")
+    a.send({"message": "over wss", "receiver": "bob"})
+    await a.expect("accepted")
+    await b.expect("message", message="over wss")
+    a2 = await web.ws(node, tls=tls)
+    await a2.reconnect("alice", token)
+    await a.error("session_replaced")
+    assert await a.wait_closed() == (1000, "session_replaced")
 
 
 # -- bad frames -------------------------------------------------------------------------
@@ -324,6 +346,17 @@ async def test_shutdown_closes_websockets_with_1001(web):
     await node.stop()
     await c.error("shutdown")
     assert await c.wait_closed() == (1001, "shutdown")
+
+
+def test_the_websocket_option():
+    from twisted.python import usage
+
+    from chatd.tap import Options
+    o = Options()
+    o.parseOptions(["--websocket", "8080", "--websocket", "tcp:8081:interface=127.0.0.1"])
+    assert o.settings.websocket == ("tcp:8080", "tcp:8081:interface=127.0.0.1")
+    with pytest.raises(usage.UsageError, match="--websocket"):
+        Options().parseOptions(["--websocket", "nope"])
 
 
 # -- the page ---------------------------------------------------------------------------

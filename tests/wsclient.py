@@ -124,11 +124,16 @@ def ws_port(node):
     return node.service.web_ports[0].getHost().port
 
 
-async def ws_connect(port, path="/ws"):
+async def ws_connect(port, path="/ws", tls=None):
+    """A WsClient on ws://127.0.0.1:port/ws (wss:// with ``tls``, client TLS options)."""
     from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
     client = WsClient()
-    await with_deadline(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port),
-                                        _WsProtocol(client, path)), DEADLINE, "connection")
+    if tls is None:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    else:
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, tls)
+    await with_deadline(connectProtocol(endpoint, _WsProtocol(client, path)), DEADLINE,
+                        "connection")
     await with_deadline(client.opened, DEADLINE, "WebSocket upgrade")
     return client
