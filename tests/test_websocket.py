@@ -12,7 +12,7 @@ import socket
 import pytest
 import pytest_twisted
 
-from tests.helpers import DEADLINE, pass_time, wait_until, with_deadline
+from tests.helpers import DEADLINE, pass_time, send_until_cut, wait_until, with_deadline
 from tests.wsclient import (BINARY, PING, TEXT, frame, frame_header, handshake, ws_connect,
                             ws_port)
 
@@ -278,13 +278,7 @@ async def test_slow_websocket_reader_is_cut_and_keeps_its_messages(web, redis):
         assert response.startswith(b"HTTP/1.1 101 ")
         sleeper.sendall(frame(TEXT, b'{"register":"true","sender":"sleeper"}'))
         await wait_until(lambda: "sleeper" in node.hub.sessions)
-        text = "z" * 16000
-        n = 0
-        while "sleeper" in node.hub.sessions:
-            assert n < 2000, "the slow consumer was never cut"
-            a.send({"message": "%d %s" % (n, text), "receiver": "sleeper"})
-            await a.expect("accepted")
-            n += 1
+        n = await send_until_cut(a, node, "sleeper")
         assert redis.command("LLEN", "chatd:{sleeper}:inbox") == n  # nothing lost
         a.send({"ping": "ok"})
         await a.expect("pong")
