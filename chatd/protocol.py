@@ -534,7 +534,6 @@ class LineProtocol(ChatProtocol, protocol.Protocol):
             self.transport.abortConnection()
 
 
-
 class ChatFactory(protocol.Factory):
     """Holds what every connection shares: settings, the hub, the clock, and
     the set of live connections (for a graceful shutdown)."""
