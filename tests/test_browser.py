@@ -128,7 +128,7 @@ def first_line(proc, timeout=WAIT / 1000):
     return proc.stdout.readline()
 
 
-def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir):
+def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir, cut):
     alice_ctx = browser.new_context(viewport={"width": 900, "height": 560})
     bob_ctx = browser.new_context(viewport={"width": 900, "height": 560})
     alice = open_page(alice_ctx, url)
@@ -187,6 +187,14 @@ def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir):
     say(alice, "See you", status="duplicate")
     alice.screenshot(path=screenshot)
 
+    # the connection drops: the page says so, writes on, and reconnects by itself
+    cut("alice")
+    alice.locator("#status.offline").wait_for()
+    say(alice, "Back in a minute", status="sending")
+    online(alice)
+    alice.locator("#log li.out").last.locator("small", has_text="sent").wait_for()
+    bob.locator("#log li.in .text", has_text="Back in a minute").wait_for()
+
     # a second tab of bob's takes the id over; the first one says so plainly
     second = open_page(bob_ctx, url)
     online(second)
@@ -211,13 +219,18 @@ def proof_asked(browser, url, ticket):
 @pytest.mark.slow
 @ensure
 async def test_people_chat_in_chromium_and_a_terminal(chatd, redis, tmp_path):
+    from twisted.internet import reactor, threads
     chromium()
     node = await chatd(websocket=("tcp:0:interface=127.0.0.1",), dedup_window=60.0)
     url = "http://127.0.0.1:%d/" % ws_port(node)
     screenshot = SCREENSHOT if os.environ.get("CHATD_UPDATE_SCREENSHOT") else str(
         tmp_path / "browser.png")
+    def cut(device):  # from the browser's thread: drop the device's connection
+        conn = threads.blockingCallFromThread(reactor, lambda: node.hub.sessions[device].conn)
+        reactor.callFromThread(conn.transport.abortConnection)
+
     await in_browser(conversation, url, redis.command, screenshot, node.port,
-                     str(tmp_path / "client"))
+                     str(tmp_path / "client"), cut)
     assert os.path.getsize(screenshot) > 10_000
     await wait_until(lambda: not node.factory.connections, what="the pages' sockets closed")
 

@@ -297,13 +297,13 @@ def _recv(sock):
 async def test_ping_frames_count_as_activity(web):
     """A client that only sends WebSocket pings is not idle; one that sends
     nothing is, after the server's own ping (a JSON line and a ping frame)."""
-    node = await web.node(keepalive=0.5, idle_timeout=1.5)
+    node = await web.node(keepalive=0.5, idle_timeout=2.5)
     busy = await web.ws(node)
     await busy.register("busy")
     quiet = await web.ws(node)
     await quiet.register("quiet")
     quiet.proto.write_event = lambda event: None  # does not even answer pings
-    for _ in range(40):  # 4 s: well past the idle timeout
+    for _ in range(30):  # 3 s: past the idle timeout
         busy.send_raw(frame(PING, b"still here"))
         await pass_time(0.1)
     assert busy.close_code is None and "busy" in node.hub.sessions
