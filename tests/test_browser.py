@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -110,7 +111,10 @@ def say(page, text, status="sent"):
 
 
 def shown(page, text):
-    page.locator("#log li.in .text", has_text=text).wait_for()
+    """``text`` is in the open conversation, from the other side, with its time."""
+    item = page.locator("#log li.in", has_text=text)
+    item.wait_for()
+    assert re.search(r"\b\d{1,2}:\d{2}\b", item.locator("small").inner_text())
 
 
 def terminal(port, state_dir, *args):
