@@ -199,6 +199,11 @@ def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir, c
     alice.locator("#log li.out").last.locator("small", has_text="sent").wait_for()
     bob.locator("#log li.in .text", has_text="Back in a minute").wait_for()
 
+    # signed out, and in as someone else: alice's conversations are not theirs
+    alice.click("#signout")
+    register(alice, "dave")
+    assert alice.locator("#peers li").count() == 0
+
     # a second tab of bob's takes the id over; the first one says so plainly
     second = open_page(bob_ctx, url)
     online(second)
