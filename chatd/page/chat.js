@@ -112,8 +112,14 @@ function bound(pending) {
 function received(p) {
   switch (p.type) {
     case "registered":
+      if (saved.get("owner", p.sender) !== p.sender) {
+        // another id in this browser: its server ids are another count
+        Object.assign(state, {chats: {}, unread: {}, lastId: "", peer: ""});
+        save();
+      }
       state.me = {id: p.sender, token: p.token};
       saved.set("me", state.me);
+      saved.set("owner", p.sender);
       bound(0);
       break;
     case "reconnected":
@@ -140,6 +146,7 @@ function newer(id, than) {  // server ids: digits, growing
 }
 
 function incoming(p) {
+  if (!state.me) return;  // signed out meanwhile
   if (newer(p.id, state.lastId)) {  // else: shown before this reconnect
     const peer = p.sender === state.me.id ? p.receiver : p.sender;
     add(peer, {out: false, text: p.message, at: p.sent_at, id: p.id});
@@ -153,9 +160,10 @@ function incoming(p) {
   // ack once it is stored and shown: the highest id, after this turn
   state.ackId = p.id;
   if (!state.ackTimer) {
+    const serial = state.serial;  // an id is acked on the connection it came on
     state.ackTimer = setTimeout(() => {
       state.ackTimer = null;
-      send({ack: state.ackId});
+      if (serial === state.serial) send({ack: state.ackId});
     }, 0);
   }
 }
@@ -248,6 +256,7 @@ function newRef() {
 }
 
 function save() {
+  saved.set("peer", state.peer);
   saved.set("chats", state.chats);
   saved.set("unread", state.unread);
   saved.set("lastId", state.lastId);
@@ -257,7 +266,6 @@ function open(peer) {
   state.peer = peer;
   delete state.unread[peer];
   state.chats[peer] = state.chats[peer] || [];
-  saved.set("peer", peer);
   save();
   render();
   $("#text").focus();
