@@ -38,6 +38,7 @@ class Settings:
 
     port: str = "tcp:5000"
     listen: tuple = ()
+    websocket: tuple = ()  # endpoints of the web page + WebSocket listeners
     redis: Optional[RedisTarget] = None  # None: the embedded store
     data_dir: str = "chatd-data"
     redis_timeout: float = 2.0

@@ -52,6 +52,7 @@ class ChatService(service.Service):
         self.client = None
         self.factory = None
         self.ports = []
+        self.web_ports = []  # --websocket listeners
         self._starting = None
 
     def startService(self):
@@ -82,6 +83,16 @@ class ChatService(service.Service):
             self.log.info("chatd listening on {kind} {where} (store: {store})",
                           kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
+        if self.settings.websocket:
+            from chatd.websocket import site
+            web = site(self.factory)
+        for description in self.settings.websocket:
+            port = yield endpoints.serverFromString(self.reactor, description).listen(web)
+            self.web_ports.append(port)
+            host = port.getHost()
+            scheme = "https" if description.startswith("ssl:") else "http"
+            where = getattr(host, "name", None) or "%s://%s:%s/" % (scheme, host.host, host.port)
+            self.log.info("chatd web page on {where} (WebSocket at /ws)", where=where)
 
     def _failed(self, failure):
         self.log.failure("chatd could not start", failure)
@@ -92,9 +103,10 @@ class ChatService(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
-        for port in self.ports:
+        for port in self.ports + self.web_ports:
             yield port.stopListening()
         self.ports = []
+        self.web_ports = []
         if self.factory is not None:
             yield self.factory.shutdown()
         if self.client is not None:

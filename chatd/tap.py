@@ -71,6 +71,7 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["websocket"] = []
         # twistd coerces values given on the command line, not the defaults
         # (written above as users would type them)
         for name, _, default, _, *coerce in self.optParameters:
@@ -93,6 +94,15 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def opt_websocket(self, description):
+        """Serve the chat page at / and the protocol over WebSocket at /ws on
+        this endpoint (repeatable): tcp:8080, or ssl:8443:privateKey=...
+        for https and wss."""
+        try:
+            self["websocket"].append(config.parse_endpoint(description, name="websocket"))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self):
         if self["registration"] not in ("open", "proof"):
             raise usage.UsageError(
@@ -112,6 +122,7 @@ class Options(usage.Options):
                 % (self["max-message"], self["max-line"]))
         self._liveness()
         self["listen"] = tuple(self["listen"])
+        self["websocket"] = tuple(self["websocket"])
         self.settings = config.Settings(**{
             f.name: self[f.name.replace("_", "-")]
             for f in dataclasses.fields(config.Settings)

@@ -277,3 +277,16 @@ async def pass_time(seconds):
     (a window, a refill); never to wait for an event."""
     from twisted.internet import reactor, task
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def send_until_cut(sender, node, device):
+    """Send big messages to ``device`` (connected, not reading) until chatd
+    cuts it as a slow consumer; how many were accepted."""
+    text = "z" * 16000
+    n = 0
+    while device in node.hub.sessions:
+        assert n < 2000, "the slow consumer was never cut"
+        sender.send({"message": "%d %s" % (n, text), "receiver": device})
+        await sender.expect("accepted")
+        n += 1
+    return n

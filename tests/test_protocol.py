@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from chatd import tokens
-from tests.helpers import pair, pass_time, wait_until
+from tests.helpers import pair, pass_time, send_until_cut, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -545,13 +545,7 @@ async def test_slow_consumer_is_cut_and_keeps_its_messages(chatd, clients, redis
     try:
         sleeper.sendall(b'{"register":"true","sender":"sleeper"}\n')
         await wait_until(lambda: "sleeper" in node.hub.sessions)
-        text = "z" * 16000
-        n = 0
-        while "sleeper" in node.hub.sessions:
-            assert n < 2000, "the slow consumer was never cut"
-            a.send({"message": "%d %s" % (n, text), "receiver": "sleeper"})
-            await a.expect("accepted")
-            n += 1
+        n = await send_until_cut(a, node, "sleeper")
         stored = redis.command("LLEN", "chatd:{sleeper}:inbox")
         assert stored == n  # nothing acked, nothing lost
         # the other client was not held up
