@@ -38,6 +38,8 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
+from chatd import config
+
 LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
 
 
@@ -166,9 +168,8 @@ class RedisClient:
         if t.path:
             endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
         else:
-            from twisted.internet import ssl
             endpoint = txredisapi._makeEndpoint(
-                t.host, t.port, self.timeout, ssl.ClientContextFactory() if t.tls else None)
+                t.host, t.port, self.timeout, tls_options(t, self.log) if t.tls else None)
         self._factory = factory
         factory.startConnecting(endpoint)
         self._watchdog = task.LoopingCall(self._check_deadlines)
@@ -344,6 +345,27 @@ class RedisClient:
             # an error reply is a bug or a misconfigured store, not an outage
             self.log.error("store error on {what}: {reason}", what=_text(what), reason=reason)
         raise StoreUnavailable("%s: %s" % (_text(what), reason))
+
+
+def tls_options(target, log=None):
+    """The TLS client options of a ``rediss://`` target: the server's
+    certificate must be valid for the target's host name (or IP address) and
+    signed by a CA of ``target.tls_ca_file`` (else one the system trusts).
+    Only ``tls_verify=False`` (``--redis-tls-insecure``) turns that off, and
+    it is logged as critical: anyone on the path can then read and change
+    every message."""
+    from twisted.internet import ssl
+    if not target.tls_verify:
+        if log is not None:
+            log.critical(
+                "--redis-tls-insecure: the certificate of the store {store} is NOT "
+                "checked; anyone on the network path can read and change every "
+                "message and token. Use it for tests only.", store=target.describe())
+        return ssl.CertificateOptions(verify=False)
+    trust = None
+    if target.tls_ca_file:
+        trust = ssl.trustRootFromCertificates(config.load_certificates(target.tls_ca_file))
+    return ssl.optionsForClientTLS(target.host, trustRoot=trust)
 
 
 def _text(what):

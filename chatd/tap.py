@@ -6,6 +6,7 @@ tree it starts (:func:`makeService`).
 import dataclasses
 import functools
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd import config
@@ -31,6 +32,11 @@ class Options(usage.Options):
         ["redis", None, None, "External store: redis://[:password@]host:port/db, "
          "rediss://host:port/db (TLS) or unix:///path.sock?db=N. Absent: the "
          "embedded store in --data-dir.", _coerce(config.parse_redis_url, "redis")],
+        ["redis-password-file", None, None, "File holding the store's password "
+         "(instead of a password in --redis, which every user can read in the "
+         "process list)."],
+        ["redis-ca-file", None, None, "PEM file of the CA(s) that sign the "
+         "rediss:// server's certificate (default: the system's trusted CAs)."],
         ["data-dir", None, "chatd-data", "Directory of the embedded store (AOF data, "
          "socket, pid file)."],
         ["redis-timeout", None, "2s", "Deadline of every store call.",
@@ -65,8 +71,15 @@ class Options(usage.Options):
          "the phone-number verification service (proof mode)."],
     ]
 
+    optFlags = [
+        ["redis-tls-insecure", None, "rediss:// without checking the server's "
+         "certificate: anyone on the path can read and change every message. "
+         "For tests only; logged loudly."],
+    ]
+
     def __init__(self):
         super().__init__()
+        self.warnings = []
         self["listen"] = []
         # twistd coerces values given on the command line, not the defaults
         # (written above as users would type them)
@@ -87,10 +100,8 @@ class Options(usage.Options):
                 "--registration: %r is not allowed (open or proof)" % self["registration"])
         secret = None
         if self["registration-secret-file"]:
-            try:
-                secret = config.read_secret_file(self["registration-secret-file"])
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
+            secret = self._secret("registration-secret-file")
+        self._redis_options()
         if self["registration"] == "proof" and secret is None:
             raise usage.UsageError(
                 "--registration proof needs --registration-secret-file PATH")
@@ -110,6 +121,42 @@ class Options(usage.Options):
         }, registration_secret=secret)
 
 
+    def _secret(self, option, **kw):
+        try:
+            secret, warning = config.read_secret_file(self[option], name=option, **kw)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if warning:
+            self.warnings.append(warning)
+        return secret
+
+    def _redis_options(self):
+        """Fold the password file and the TLS options into the store target."""
+        target = self["redis"]
+        extra = {}
+        if self["redis-password-file"]:
+            if target is None:
+                raise usage.UsageError("--redis-password-file needs --redis")
+            extra["password"] = self._secret("redis-password-file", minimum=1).decode(
+                "utf-8", "surrogateescape")
+        if self["redis-ca-file"] or self["redis-tls-insecure"]:
+            if target is None or not target.tls:
+                raise usage.UsageError(
+                    "--redis-ca-file and --redis-tls-insecure need a rediss:// --redis")
+            if self["redis-ca-file"]:
+                try:
+                    config.check_ca_file(self["redis-ca-file"])
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+                extra["tls_ca_file"] = self["redis-ca-file"]
+            extra["tls_verify"] = not self["redis-tls-insecure"]
+        if extra:
+            self["redis"] = dataclasses.replace(target, **extra)
+
+
 def makeService(options):
     from chatd.service import build
+    log = Logger(namespace="chatd")
+    for warning in getattr(options, "warnings", ()):
+        log.warn("{warning}", warning=warning)
     return build(options.settings)

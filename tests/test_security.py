@@ -50,3 +50,90 @@ async def test_json_nests_no_deeper_than_literals(chatd, clients):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert critical == []
+
+
+# -- 9. secrets ---------------------------------------------------------------------------
+
+def _parse(*args):
+    from chatd.tap import Options
+    o = Options()
+    o.parseOptions(list(args))
+    return o
+
+
+def test_a_short_or_readable_registration_secret(tmp_path):
+    """A 1-byte, 0644 secret was accepted. Under 32 bytes is refused; a file
+    others can read is accepted with a warning that says so."""
+    import pytest
+    from twisted.python import usage
+    p = tmp_path / "secret"
+    p.write_bytes(b"x\n")
+    p.chmod(0o600)
+    with pytest.raises(usage.UsageError, match="at least 32"):
+        _parse("--registration", "proof", "--registration-secret-file", str(p))
+    p.write_bytes(b"s" * 32 + b"\r\n")
+    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
+    assert o.settings.registration_secret == b"s" * 32 and o.warnings == []
+    p.chmod(0o644)
+    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
+    assert any("chmod 600" in w and str(p) in w for w in o.warnings), o.warnings
+
+
+def test_a_store_password_is_never_printed(tmp_path):
+    """The --redis error echoed the URL with its password, and the target's
+    repr held it."""
+    import pytest
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError) as e:
+        _parse("--redis", "redis://:hunter2-pw@h:99999999/0")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+    with pytest.raises(usage.UsageError) as e:
+        _parse("--redis", "unix://x.sock?password=hunter2-pw")
+    assert "hunter2" not in str(e.value)
+    o = _parse("--redis", "redis://user:hunter2-pw@10.0.0.5:6380/1")
+    assert o.settings.redis.password == "hunter2-pw"
+    for text in (repr(o.settings), str(o.settings), repr(o.settings.redis),
+                 o.settings.redis.describe()):
+        assert "hunter2" not in text, text
+
+
+@ensure
+async def test_the_store_password_from_a_file(own_redis, tmp_path):
+    """--redis-password-file: chatd authenticates with it, and neither the
+    password nor a wrong one shows in anything it logs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    from tests.helpers import connect, start_node
+    own_redis.command("CONFIG", "SET", "requirepass", "pw-in-a-file-1234")
+    pw = tmp_path / "redis-password"
+    pw.write_bytes(b"pw-in-a-file-1234\n")
+    pw.chmod(0o600)
+    logged = []
+    globalLogPublisher.addObserver(lambda e: logged.append(formatEvent(e) + repr(e)))
+    observer = globalLogPublisher._observers[-1]
+    nodes = []
+    try:
+        o = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
+        assert o.settings.redis.password == "pw-in-a-file-1234"
+        node = await start_node(o.settings.redis)
+        nodes.append(node)
+        c = await connect(node.port)
+        try:
+            await c.register("with-a-password")
+        finally:
+            await c.close()
+        pw.write_bytes(b"wrong-pw-5678")
+        bad = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
+        node = await start_node(bad.settings.redis, redis_timeout=0.5)
+        nodes.append(node)
+        c = await connect(node.port)
+        try:
+            c.send({"register": "true", "sender": "x"})
+            await c.error("unavailable")
+        finally:
+            await c.close()
+    finally:
+        for node in nodes:
+            await node.stop()
+        globalLogPublisher.removeObserver(observer)
+    text = "\n".join(logged)
+    assert "pw-in-a-file" not in text and "wrong-pw" not in text

@@ -77,9 +77,13 @@ def test_bad_values_name_the_option(args, words):
 
 def test_secret_file_loses_one_trailing_newline(tmp_path):
     p = tmp_path / "secret"
-    p.write_bytes(b"abc\n\n")
+    key = b"k" * 32
+    p.write_bytes(key + b"\n\n")
+    p.chmod(0o600)
     s = parse("--registration", "proof", "--registration-secret-file", str(p))
-    assert s.registration_secret == b"abc\n"
+    assert s.registration_secret == key + b"\n"
+    p.write_bytes(key + b"\r\n")  # written on Windows, or with echo -e
+    assert parse("--registration-secret-file", str(p)).registration_secret == key
     p.write_bytes(b"\n")
     with pytest.raises(usage.UsageError):
         parse("--registration-secret-file", str(p))
