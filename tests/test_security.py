@@ -221,3 +221,55 @@ async def test_rediss_verifies_the_store_certificate(redis, tmp_path):
         globalLogPublisher.removeObserver(observe)
         for f in fronts:
             await f.stopListening()
+
+
+# -- 6. the data dir ------------------------------------------------------------------------
+
+def test_the_data_dir_is_private(tmp_path):
+    """A pre-made 0755 data dir let everyone read the AOF (every message, every
+    token hash). chatd creates it 0700 whatever the umask, and refuses one that
+    other users can enter or that another user owns, saying what to do."""
+    import os
+    import stat
+    import pytest
+    from chatd.embedded import EmbeddedStore, EmbeddedStoreError
+    from tests.helpers import server_binary
+    fresh = tmp_path / "fresh" / "data"
+    old = os.umask(0)
+    try:
+        store = EmbeddedStore(str(fresh), binary=server_binary())
+        store.claim()
+        store.release()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    for mode in (0o755, 0o750, 0o701, 0o707):
+        shared = tmp_path / ("shared-%o" % mode)
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(EmbeddedStoreError, match="chmod 700 " + str(shared)):
+            EmbeddedStore(str(shared), binary=server_binary()).claim()
+        assert not (shared / "chatd.lock").exists()
+    if os.geteuid() == 0:  # only root can give a dir away
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(EmbeddedStoreError, match="belongs to uid 65534"):
+            EmbeddedStore(str(theirs), binary=server_binary()).claim()
+
+
+def test_twistd_refuses_a_shared_data_dir(tmp_short):
+    """The same from the command line: chatd stops at once, with the reason."""
+    import os
+    from tests.procs import ChatdProcess
+    data = os.path.join(tmp_short, "data")
+    os.mkdir(data, 0o700)
+    os.chmod(data, 0o755)
+    proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--data-dir", data])
+    try:
+        proc.start()
+        assert proc.wait(60) != 0
+        assert "chmod 700 %s" % data in proc.log()
+        assert not os.path.exists(os.path.join(data, "valkey.conf"))
+    finally:
+        proc.cleanup()
