@@ -44,6 +44,7 @@ class Settings:
     listen: tuple = ()
     redis: Optional[RedisTarget] = None  # None: the embedded store
     data_dir: str = "chatd-data"
+    store_max_memory: int = 1 << 30  # the embedded store's maxmemory (bytes)
     redis_timeout: float = 2.0
     dedup_window: float = 5.0
     max_line: int = 65536
@@ -64,8 +65,8 @@ class Settings:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmM]i?[bB]?|[bB])?\s*$")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 ** 3}
 
 
 def parse_duration(text, name, allow_zero=False):

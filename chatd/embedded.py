@@ -281,13 +281,14 @@ class EmbeddedStore(service.Service):
     """
 
     def __init__(self, data_dir, binary=None, reactor=None,
-                 start_timeout=60.0, stop_grace=10.0):
+                 start_timeout=60.0, stop_grace=10.0, max_memory=0):
         self.data_dir = os.path.abspath(os.fspath(data_dir))
         self.socket_path = os.path.join(self.data_dir, "valkey.sock")
         self.config_path = os.path.join(self.data_dir, "valkey.conf")
         self.pid_path = os.path.join(self.data_dir, "valkey.pid")
         self.lock_path = os.path.join(self.data_dir, "chatd.lock")
         self.binary = binary
+        self.max_memory = max_memory
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self._reactor = reactor
@@ -555,6 +556,10 @@ class EmbeddedStore(service.Service):
             ("protected-mode", "no"),
             ("databases", "16"),
             ("proc-title-template", '"{title} {config-file} {unixsocket}"'),
+            # full means full: refuse writes (chatd answers 'unavailable'),
+            # never evict a stored message or token to make room
+            ("maxmemory", "%d" % self.max_memory),
+            ("maxmemory-policy", "noeviction"),
         ]
         text = ("# Written by chatd at each start of its embedded store; "
                 "edits are lost.\n"

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from chatd import packets
 from chatd.packets import PacketError
-from chatd.redisclient import StoreUnavailable
+from chatd.redisclient import StoreFull, StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
 CLOSE_GRACE = 5.0
@@ -269,6 +269,10 @@ class ChatProtocol(LineReceiver):
         if f.check(PacketError):
             e = f.value
             return packets.error(e.code, e.reason, ref, e.field)
+        if f.check(StoreFull):
+            return packets.error(
+                "unavailable", "the store is full (at its memory limit); nothing "
+                "was stored, retry later", ref)
         if f.check(StoreUnavailable):
             return packets.error(
                 "unavailable", "the store is unreachable (%s); nothing was "

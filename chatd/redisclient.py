@@ -32,6 +32,7 @@ library is loaded again; nothing runs out of order (see :meth:`RedisClient.scrip
 import collections
 import hashlib
 import os
+import re
 
 import txredisapi
 from twisted.internet import defer, task
@@ -47,6 +48,18 @@ class StoreUnavailable(Exception):
     """The store could not do what was asked in time; nothing can be assumed
     stored (a reply lost after the store acted is possible: clients retry with
     a ``ref``)."""
+
+
+#: a line ``-- flag: allow-oom`` in a script's text gives its function that
+#: flag. A function without it is refused up front (whole, before it runs)
+#: while the store is over its ``maxmemory``; only the steps that just read
+#: or delete (fetch, ack) have it, so that a full store can still drain.
+_FLAGS = re.compile(rb"^-- flag: ([a-z-]+)", re.M)
+
+
+class StoreFull(StoreUnavailable):
+    """The store refused a write because it is at its memory limit
+    (``maxmemory``, policy ``noeviction``): nothing of it was stored."""
 
 
 class Library:
@@ -68,9 +81,10 @@ class Library:
         for n, body in bodies:
             fname = ("%s_%s" % (self.name, n)).encode("ascii")
             self.functions[n] = fname
+            flags = b", ".join(b"'%s'" % f for f in _FLAGS.findall(body))
             parts.append(b"\nlocal function %s(KEYS, ARGV)\n%s\nend\n"
-                         b"redis.register_function('%s', %s)\n"
-                         % (n.encode(), body, fname, n.encode()))
+                         b"redis.register_function{function_name='%s', callback=%s, "
+                         b"flags={%s}}\n" % (n.encode(), body, fname, n.encode(), flags))
         self.source = b"".join(parts)
 
 
@@ -218,6 +232,13 @@ class RedisClient:
         d.addErrback(self._missing)
         return d.addErrback(self._unavailable, name)
 
+    def config_get(self, name):
+        """Deferred of a store setting (bytes), or None when the store will not
+        say (CONFIG renamed or forbidden, as managed Redis services do)."""
+        d = self._send((b"CONFIG", b"GET", name))
+        return d.addCallbacks(lambda r: r[1] if r and len(r) > 1 else None,
+                              lambda f: None)
+
     def _conn(self):
         factory = self._factory
         if factory is None or not factory.pool:
@@ -270,12 +291,30 @@ class RedisClient:
             self._reloading = False
             if not f.check(txredisapi.ResponseError):
                 return  # the connection is gone: the next one loads it
+            if f.getErrorMessage().startswith("OOM"):
+                # functions are stored with the data: the library loaded
+                # before is there, unless this chatd version is new
+                self._warn_full()
+                return
             self.log.error(
                 "the store refused chatd's function library ({why}); chatd needs "
                 "Redis >= 7.0 or Valkey (FUNCTION LOAD, FCALL)", why=f.getErrorMessage())
 
         self._send((b"FUNCTION", b"LOAD", b"REPLACE", self._library.source)).addCallbacks(
             loaded, failed)
+
+    _full_logged = None
+
+    def _warn_full(self):
+        """Say that the store is full, once a minute at most (every refused
+        write would be one line)."""
+        now = self.reactor.seconds()
+        if self._full_logged is None or now - self._full_logged >= 60:
+            self._full_logged = now
+            self.log.warn(
+                "the store is out of memory (its maxmemory): messages and registers "
+                "are refused with 'unavailable' until acks, expiry or a higher "
+                "limit (--store-max-memory, or maxmemory on your Redis) make room")
 
     def _missing(self, failure):
         if failure.check(txredisapi.ResponseError) and \
@@ -339,8 +378,12 @@ class RedisClient:
 
     def _unavailable(self, failure, what):
         if failure.check(StoreUnavailable):
-            raise StoreUnavailable("%s: %s" % (_text(what), failure.value))
+            raise failure.type("%s: %s" % (_text(what), failure.value))
         reason = "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+        if failure.check(txredisapi.ResponseError) and \
+                failure.getErrorMessage().startswith("OOM"):
+            self._warn_full()
+            raise StoreFull("%s: the store is out of memory (maxmemory)" % _text(what))
         if failure.check(txredisapi.ResponseError):
             # an error reply is a bug or a misconfigured store, not an outage
             self.log.error("store error on {what}: {reason}", what=_text(what), reason=reason)

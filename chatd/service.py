@@ -70,6 +70,8 @@ class ChatService(service.Service):
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
+        if self.settings.redis is not None:
+            self.client.config_get(b"maxmemory-policy").addCallback(self._check_policy)
         store = Store(self.client, self.settings, self.reactor)
         hub = Hub(store, self.settings, self.reactor)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
@@ -82,6 +84,16 @@ class ChatService(service.Service):
             self.log.info("chatd listening on {kind} {where} (store: {store})",
                           kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
+
+    def _check_policy(self, policy):
+        """An external store that evicts when full deletes tokens and waiting
+        messages (accepted, so promised) instead of refusing new writes."""
+        if policy is not None and policy != b"noeviction":
+            self.log.warn(
+                "the store {store} has maxmemory-policy {policy}: when it is full it "
+                "deletes keys (tokens, waiting messages) instead of refusing writes; "
+                "set maxmemory-policy noeviction (and a maxmemory) for chatd",
+                store=self.target.describe(), policy=policy.decode("ascii", "replace"))
 
     def _failed(self, failure):
         self.log.failure("chatd could not start", failure)
@@ -106,7 +118,7 @@ def build(settings):
     root = SequentialMultiService()
     if settings.redis is None:
         from chatd.embedded import EmbeddedStore, EmbeddedStoreError
-        store = EmbeddedStore(settings.data_dir)
+        store = EmbeddedStore(settings.data_dir, max_memory=settings.store_max_memory)
         try:
             store.claim()
         except EmbeddedStoreError as e:

@@ -12,6 +12,10 @@ from twisted.python import usage
 from chatd import config
 
 
+#: the smallest --store-max-memory: an empty valkey-server uses about 1 MiB
+MIN_STORE_MEMORY = 16 << 20
+
+
 def _coerce(parser, name, **kw):
     f = functools.partial(parser, name=name, **kw)
     f.coerceDoc = ""
@@ -39,6 +43,10 @@ class Options(usage.Options):
          "rediss:// server's certificate (default: the system's trusted CAs)."],
         ["data-dir", None, "chatd-data", "Directory of the embedded store (AOF data, "
          "socket, pid file)."],
+        ["store-max-memory", None, "1G", "Memory limit of the embedded store "
+         "(maxmemory, policy noeviction): over it, messages and registers are "
+         "refused with 'unavailable' and nothing stored is evicted; 0: no limit.",
+         _coerce(config.parse_size, "store-max-memory", minimum=0)],
         ["redis-timeout", None, "2s", "Deadline of every store call.",
          _coerce(config.parse_duration, "redis-timeout")],
         ["dedup-window", None, "5s", "A text accepted for a receiver is refused as "
@@ -105,6 +113,10 @@ class Options(usage.Options):
         if self["registration"] == "proof" and secret is None:
             raise usage.UsageError(
                 "--registration proof needs --registration-secret-file PATH")
+        if 0 < self["store-max-memory"] < MIN_STORE_MEMORY:
+            raise usage.UsageError(
+                "--store-max-memory: at least %dM (the store itself needs some), "
+                "or 0 for no limit" % (MIN_STORE_MEMORY >> 20))
         if self["max-message"] > self["max-line"]:
             raise usage.UsageError(
                 "--max-message (%d) must not exceed --max-line (%d)"

@@ -273,3 +273,67 @@ def test_twistd_refuses_a_shared_data_dir(tmp_short):
         assert not os.path.exists(os.path.join(data, "valkey.conf"))
     finally:
         proc.cleanup()
+
+
+# -- 1. the store's memory ------------------------------------------------------------------
+
+@ensure
+async def test_a_full_store_refuses_whole_messages_and_still_drains(own_redis, chatd, clients):
+    """Nothing bounded the store. At its limit (maxmemory, noeviction) a send
+    is refused up front, whole: 'unavailable' with the reason, and no key of
+    it (inbox, counter, dedup marker, ref record) written. Acks and fetches
+    still run (their functions may run over the limit: they only delete and
+    read), so phones can drain a full store."""
+    node = await chatd(own_redis.target)
+    a = await clients(node)
+    await a.register("full-a")
+    b = await clients(node)
+    token_b = await b.register("full-b")
+    a.send({"message": "before", "receiver": "full-b", "ref": 1})
+    await a.expect("accepted", ref=1)
+    first = await b.expect("message", message="before")
+    keys_before = sorted(own_redis.command("KEYS", "*"))
+    own_redis.command("CONFIG", "SET", "maxmemory", "1")
+    try:
+        a.send({"message": "while full", "receiver": "full-b", "ref": 2})
+        err = await a.error("unavailable")
+        assert "full" in err["reason"] and "nothing was stored" in err["reason"], err
+        assert err["ref"] == 2
+        c = await clients(node)
+        c.send({"register": "true", "sender": "full-c"})
+        assert "full" in (await c.error("unavailable"))["reason"]
+        assert sorted(own_redis.command("KEYS", "*")) == keys_before
+        assert own_redis.command("LLEN", "chatd:{full-b}:inbox") == 1
+        # draining works: the ack is stored, a reconnect reads the inbox
+        b.send({"ack": first["id"]})
+        await wait_until(lambda: own_redis.command("LLEN", "chatd:{full-b}:inbox") == 0,
+                         what="the ack, with the store full")
+        b2 = await clients(node)
+        assert (await b2.reconnect("full-b", token_b))["pending"] == 0
+    finally:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    a.send({"message": "while full", "receiver": "full-b", "ref": 2})  # the retry
+    await a.expect("accepted", ref=2)
+
+
+@ensure
+async def test_the_embedded_store_has_a_memory_limit(tmp_path):
+    """The embedded store ran with maxmemory 0; now --store-max-memory (1G by
+    default) with noeviction."""
+    import os
+    from chatd.embedded import EmbeddedStore
+    from chatd.tap import Options
+    from tests.helpers import redis_command, with_deadline
+    o = Options()
+    o.parseOptions([])
+    assert o.settings.store_max_memory == 1 << 30
+    store = EmbeddedStore(os.path.join(str(tmp_path), "d"), max_memory=64 << 20,
+                          stop_grace=5.0)
+    store.startService()
+    try:
+        path = await with_deadline(store.whenReady(), 30, "the embedded store")
+        assert redis_command(path, "CONFIG", "GET", "maxmemory") == [b"maxmemory", b"67108864"]
+        assert redis_command(path, "CONFIG", "GET", "maxmemory-policy") == [
+            b"maxmemory-policy", b"noeviction"]
+    finally:
+        await with_deadline(store.stopService(), 20, "the store's stop")

@@ -1,3 +1,4 @@
+-- flag: allow-oom (it reads, and drops expired messages: it never adds)
 -- Read a receiver's waiting messages after a given id, for a push.
 --
 -- KEYS[1] inbox, KEYS[2] id counter
