@@ -60,6 +60,7 @@ class Settings:
     output_limit: int = 1 << 20  # bytes queued for a client that does not read
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
+    proof_max_age: float = 600.0  # a proof ticket must expire within this
     drain_batch: int = 500
 
 

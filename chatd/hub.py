@@ -272,13 +272,33 @@ class Hub:
         """Register ``device`` on ``conn``: a new token, older ones revoked, any
         other connection of the id replaced, waiting messages pushed."""
         self._check_rebind(conn, device)
-        if self.settings.registration == "proof" and not tokens.check_proof(
-                self.settings.registration_secret, device, proof, self.clock.seconds()):
-            raise PacketError("forbidden", "register needs a valid, unexpired proof "
-                              "\"<expiry>:<hex hmac>\" for this id", field="proof")
+        s = self.settings
+        ticket_ms = 0
+        if s.registration == "proof":
+            now = self.clock.seconds()
+            expiry = tokens.check_proof(s.registration_secret, device, proof, now,
+                                        s.proof_max_age)
+            if expiry is None:
+                raise PacketError(
+                    "forbidden", "register needs a valid proof \"<expiry>:<hex hmac>\" "
+                    "for this id that expires within %gs" % s.proof_max_age, field="proof")
+            ticket_ms = max(1, int((expiry - now) * 1000))
         token = tokens.new_token()
         token_hash = tokens.token_hash(token)
-        yield self.store.register(device, token_hash)
+        current = self.delivery(conn)
+        # claim: the first register of an id keeps it (re-registering on the
+        # connection that holds it is still fine)
+        status = yield self.store.register(
+            device, token_hash, claim=s.registration == "claim" and current is None,
+            ticket=proof if ticket_ms else None, ticket_ms=ticket_ms)
+        if status == "taken":
+            raise PacketError("forbidden", "%s is registered already and this server "
+                              "lets only its first register keep it; reconnect with its "
+                              "token, or ask the operator to revoke it" % device,
+                              field="sender")
+        if status == "used":
+            raise PacketError("forbidden", "this proof was used already; each is good "
+                              "for one register: get a new one", field="proof")
         current = self.delivery(conn)
         if current is not None:
             # registering again on the same connection: a new token, same pushes

@@ -10,6 +10,7 @@ packets finish, send ``shutdown`` to every client, close the store client,
 and only then stop the embedded store.
 """
 
+import ipaddress
 import sys
 
 from twisted.application import service
@@ -84,6 +85,13 @@ class ChatService(service.Service):
             self.log.info("chatd listening on {kind} {where} (store: {store})",
                           kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
+            if self.settings.registration == "open" and not _loopback(host):
+                self.log.warn(
+                    "registration is open on {where}, which other machines can reach: "
+                    "anyone can register any id, take it over and read the messages "
+                    "waiting for it. Use --registration claim (first register keeps "
+                    "an id) or proof (a signed ticket), or listen on 127.0.0.1.",
+                    where=where)
 
     def _check_policy(self, policy):
         """An external store that evicts when full deletes tokens and waiting
@@ -111,6 +119,18 @@ class ChatService(service.Service):
             yield self.factory.shutdown()
         if self.client is not None:
             yield self.client.close()
+
+
+def _loopback(address):
+    """Whether only this machine can reach a listening address (a unix
+    socket, or a loopback IP; not 0.0.0.0, which is every interface)."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def build(settings):

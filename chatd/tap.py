@@ -12,6 +12,7 @@ from twisted.python import usage
 from chatd import config
 
 
+REGISTRATION_MODES = ("open", "claim", "proof")
 #: the smallest --store-max-memory: an empty valkey-server uses about 1 MiB
 MIN_STORE_MEMORY = 16 << 20
 
@@ -73,8 +74,13 @@ class Options(usage.Options):
          _coerce(config.parse_count, "rate-burst")],
         ["output-limit", None, "1M", "Bytes queued for a client that does not read "
          "before it is closed with slow_consumer.", _coerce(config.parse_size, "output-limit", minimum=4096)],
-        ["registration", None, "open", "open: anyone may register any id; proof: "
-         "register needs a ticket signed with --registration-secret-file."],
+        ["registration", None, "open", "open: anyone may register any id (and so "
+         "take it over); claim: the first register of an id keeps it, until the "
+         "operator revokes it (chatd-admin revoke); proof: register needs a ticket "
+         "signed with --registration-secret-file."],
+        ["proof-max-age", None, "10m", "A proof ticket must expire within this "
+         "(a later expiry is refused); each ticket is good for one register.",
+         _coerce(config.parse_duration, "proof-max-age")],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
     ]
@@ -103,9 +109,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def postOptions(self):
-        if self["registration"] not in ("open", "proof"):
+        if self["registration"] not in REGISTRATION_MODES:
             raise usage.UsageError(
-                "--registration: %r is not allowed (open or proof)" % self["registration"])
+                "--registration: %r is not allowed (open, claim or proof)"
+                % self["registration"])
         secret = None
         if self["registration-secret-file"]:
             secret = self._secret("registration-secret-file")

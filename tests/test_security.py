@@ -337,3 +337,99 @@ async def test_the_embedded_store_has_a_memory_limit(tmp_path):
             b"maxmemory-policy", b"noeviction"]
     finally:
         await with_deadline(store.stopService(), 20, "the store's stop")
+
+
+# -- 7. proof tickets -----------------------------------------------------------------------
+
+SECRET = b"a secret shared with the verifier, 32+ bytes long"
+
+
+@ensure
+async def test_a_proof_ticket_is_good_for_one_register_and_a_short_while(chatd, clients, redis):
+    """The same ticket registered twice (the replay revoked the first token),
+    and an expiry in the year 33658 was accepted. Now a ticket must expire
+    within --proof-max-age, and is remembered as used (in the device's hash
+    slot) until it expires."""
+    import time
+    from chatd import tokens
+    node = await chatd(registration="proof", registration_secret=SECRET, proof_max_age=600)
+    now = int(time.time())
+    a = await clients(node)
+    a.send({"register": "true", "sender": "ticket-1",
+            "proof": tokens.make_proof(SECRET, "ticket-1", 1_000_000_000_000)})
+    assert "600" in (await a.error("forbidden"))["reason"]
+    a.send({"register": "true", "sender": "ticket-1",
+            "proof": tokens.make_proof(SECRET, "ticket-1", now + 3600)})
+    await a.error("forbidden")
+    ticket = tokens.make_proof(SECRET, "ticket-1", now + 300)
+    token = await a.register("ticket-1", proof=ticket)
+    used = redis.command("KEYS", "chatd:{ticket-1}:proof:*")
+    assert len(used) == 1 and 0 < redis.command("PTTL", used[0]) <= 300_000
+    # the replay, from someone else
+    mallory = await clients(node)
+    mallory.send({"register": "true", "sender": "ticket-1", "proof": ticket})
+    err = await mallory.error("forbidden")
+    assert err["field"] == "proof" and "used" in err["reason"]
+    # ...changed nothing: the first token still works
+    again = await clients(node)
+    await again.reconnect("ticket-1", token)
+    await a.error("session_replaced")
+    # a fresh ticket registers again
+    fresh = await clients(node)
+    await fresh.register("ticket-1", proof=tokens.make_proof(SECRET, "ticket-1", now + 299))
+
+
+# -- 8. claim registration ------------------------------------------------------------------
+
+@ensure
+async def test_claim_the_first_register_keeps_an_id(chatd, clients, redis):
+    """--registration claim: a later register of a registered id is forbidden
+    (so it cannot be taken over, nor its waiting messages read), until the
+    operator revokes it (chatd-admin revoke: SET chatd:{ID}:token revoked)."""
+    node = await chatd(registration="claim")
+    owner = await clients(node)
+    token = await owner.register("claimed")
+    thief = await clients(node)
+    thief.send({"register": "true", "sender": "claimed"})
+    err = await thief.error("forbidden")
+    assert err["field"] == "sender" and "revoke" in err["reason"]
+    assert redis.command("GET", "chatd:{claimed}:token") == tokens_hash(token)
+    # the owner keeps its id: reconnect, and a new token on its own connection
+    other = await clients(node)
+    await other.reconnect("claimed", token)
+    await owner.error("session_replaced")
+    token = await other.register("claimed")
+    # revoked by the operator: the next register takes it
+    redis.command("SET", "chatd:{claimed}:token", "revoked")
+    newcomer = await clients(node)
+    await newcomer.register("claimed")
+    late = await clients(node)
+    late.send({"register": "true", "sender": "claimed"})
+    await late.error("forbidden")
+
+
+def tokens_hash(token):
+    from chatd import tokens
+    return tokens.token_hash(token).encode()
+
+
+@ensure
+async def test_open_registration_on_a_public_listener_is_warned_about(chatd):
+    """Open registration is kept as the default, but said out loud when
+    other machines can reach the listener."""
+    from twisted.logger import globalLogPublisher
+    warned = []
+
+    def observe(event):
+        if "registration is open" in (event.get("log_format") or ""):
+            warned.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await chatd()  # 127.0.0.1
+        await chatd(registration="claim", port="tcp:0")
+        assert warned == []
+        await chatd(port="tcp:0")  # every interface (no traffic goes there)
+        assert len(warned) == 1
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -64,7 +64,7 @@ def test_redis_urls(url, target):
     (["--inbox-limit", "many"], ["--inbox-limit", "whole number"]),
     (["--rate-limit", "-1"], ["--rate-limit"]),
     (["--keepalive", "10m"], ["--idle-timeout", "--keepalive"]),
-    (["--registration", "closed"], ["--registration", "open or proof"]),
+    (["--registration", "closed"], ["--registration", "open, claim or proof"]),
     (["--registration", "proof"], ["--registration-secret-file"]),
     (["--registration-secret-file", "/nonexistent/secret"], ["--registration-secret-file"]),
 ])
