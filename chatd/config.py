@@ -58,6 +58,8 @@ class Settings:
     rate_limit: float = 50.0  # message packets per second, 0 = unlimited
     rate_burst: int = 100
     output_limit: int = 1 << 20  # bytes queued for a client that does not read
+    max_connections: int = 0  # 0: the open-files limit, less some headroom
+    max_connections_per_ip: int = 0  # 0: no per-address cap
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
     proof_max_age: float = 600.0  # a proof ticket must expire within this

@@ -82,12 +82,18 @@ class ChatProtocol(LineReceiver):
         self._refill = self.clock.seconds()
         self.last_seen = self.clock.seconds()
         self._pinged = False
+        refusal = f.admit(self)
+        if refusal:
+            # over a cap: say so and close, before any timer or state exists
+            self._closing = True
+            self.transport.write(packets.error("too_many_connections", refusal))
+            self.transport.loseConnection()
+            return
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass  # not TCP (unix socket)
         self.transport.registerProducer(_OutputFlow(self), True)
-        f.connections.add(self)
         self._later("auth", s.auth_timeout, self._auth_expired)
         self._later("live", min(s.keepalive, s.idle_timeout), self._liveness)
 
@@ -98,7 +104,7 @@ class ChatProtocol(LineReceiver):
                 timer.cancel()
         self._timers.clear()
         self.hub.unbind(self)
-        self.factory.connections.discard(self)
+        self.factory.release(self)
         waiting, self._writable = self._writable, []
         for d in waiting:
             d.callback(None)
@@ -475,6 +481,36 @@ class ChatFactory(protocol.Factory):
         self.hub = hub
         self.clock = clock
         self.connections = set()
+        self.max_connections = settings.max_connections or max(
+            1, _files_limit() - FILES_HEADROOM)
+        self._per_ip = collections.Counter()  # address -> connections admitted
+
+    def admit(self, conn):
+        """Count a new connection in; the reason it is refused, if over a cap
+        (--max-connections, --max-connections-per-ip)."""
+        if len(self.connections) >= self.max_connections:
+            return ("the server has its most connections (%d); try again later"
+                    % self.max_connections)
+        per_ip = self.settings.max_connections_per_ip
+        ip = getattr(conn.transport.getPeer(), "host", None)
+        if per_ip and ip is not None:
+            if self._per_ip[ip] >= per_ip:
+                return ("%d connections from %s already; close one, or try again later"
+                        % (per_ip, ip))
+            self._per_ip[ip] += 1
+            conn._ip = ip
+        self.connections.add(conn)
+        return None
+
+    def release(self, conn):
+        """A connection is gone (admitted or not)."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            ip = getattr(conn, "_ip", None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
 
     @defer.inlineCallbacks
     def shutdown(self, grace=CLOSE_GRACE):
@@ -492,6 +528,20 @@ class ChatFactory(protocol.Factory):
         yield _within(defer.DeferredList(gone, consumeErrors=True), grace, self.clock)
         for c in list(self.connections):
             c.transport.abortConnection()
+
+
+#: files a node needs besides its client connections (listeners, the store,
+#: logs, the embedded store's pipes)
+FILES_HEADROOM = 100
+
+
+def _files_limit():
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _within(d, seconds, clock):

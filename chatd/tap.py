@@ -74,6 +74,13 @@ class Options(usage.Options):
          _coerce(config.parse_count, "rate-burst")],
         ["output-limit", None, "1M", "Bytes queued for a client that does not read "
          "before it is closed with slow_consumer.", _coerce(config.parse_size, "output-limit", minimum=4096)],
+        ["max-connections", None, "0", "Most client connections at once; one more "
+         "is sent too_many_connections and closed. 0: the open-files limit less "
+         "100 (each connection is a file).",
+         _coerce(config.parse_count, "max-connections", minimum=0)],
+        ["max-connections-per-ip", None, "0", "Most client connections from one "
+         "address; 0: no cap. Mind carrier NAT: thousands of phones may share "
+         "one address.", _coerce(config.parse_count, "max-connections-per-ip", minimum=0)],
         ["registration", None, "open", "open: anyone may register any id (and so "
          "take it over); claim: the first register of an id keeps it, until the "
          "operator revokes it (chatd-admin revoke); proof: register needs a ticket "

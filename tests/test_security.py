@@ -433,3 +433,62 @@ async def test_open_registration_on_a_public_listener_is_warned_about(chatd):
         assert len(warned) == 1
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+# -- 2. connection caps ---------------------------------------------------------------------
+
+async def _connect_from(port, source):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from tests.helpers import LineClient, _client_protocol, with_deadline
+    client = LineClient()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    await with_deadline(connectProtocol(endpoint, _client_protocol(client)), 10, "connection")
+    return client
+
+
+@ensure
+async def test_connections_over_a_cap_are_closed_at_once(chatd, clients):
+    """Nothing capped connections: 500 half-line connections cost 27 MB and
+    only the fd limit stopped more. Over --max-connections, or over
+    --max-connections-per-ip from one address, a connection is told
+    too_many_connections and closed at once (not left to its auth timeout)."""
+    node = await chatd(max_connections=3, max_connections_per_ip=2, auth_timeout=60)
+    first = [await clients(node) for _ in range(2)]
+    for c in first:
+        c.send({"ping": "in"})
+        await c.expect("pong")
+    third = await clients(node)  # the same address, over its cap of 2
+    err = await third.error("too_many_connections")
+    assert "127.0.0.1" in err["reason"]
+    await third.wait_closed()
+    other = await _connect_from(node.port, "127.0.0.2")  # another address
+    try:
+        other.send({"ping": "in"})
+        await other.expect("pong")
+        fourth = await _connect_from(node.port, "127.0.0.3")  # over the global cap
+        try:
+            await fourth.error("too_many_connections")
+            await fourth.wait_closed()
+        finally:
+            await fourth.close()
+    finally:
+        await other.close()
+    # room again once connections are gone
+    await first[0].close()
+    await wait_until(lambda: len(node.factory.connections) == 1, what="the close")
+    again = await clients(node)
+    again.send({"ping": "back"})
+    await again.expect("pong", ping="back")
+
+
+def test_the_connection_cap_follows_the_open_files_limit():
+    """By default a node takes connections up to its open-files limit less
+    some headroom, and no per-address cap (carrier NAT)."""
+    import resource
+    from chatd.config import Settings
+    from chatd.protocol import FILES_HEADROOM, ChatFactory
+    factory = ChatFactory(Settings(), None, None)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert factory.max_connections == soft - FILES_HEADROOM
+    assert Settings().max_connections_per_ip == 0
