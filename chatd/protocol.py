@@ -121,18 +121,20 @@ class ChatProtocol(LineReceiver):
         if len(line) > self.settings.max_line and not (
                 len(line) == self.settings.max_line + 1 and line.endswith(b"\r")):
             return self.lineLengthExceeded(line)
-        self.last_seen = self.clock.seconds()
-        self._pinged = False
         try:
             packet = packets.parse_line(line, self.settings.max_message)
         except PacketError as e:
             if self._rate_ok(e.ref):
+                self._touch()
                 self._reply(packets.error_from(e))
             return
         if packet is None:
+            self._rate_ok(None)  # an empty line is no packet, but not free
             return
-        if packet.kind != "ack" and not self._rate_ok(packet.ref):
+        if not (packet.kind == "ack" and self._acks_progress(packet.ack)) and \
+                not self._rate_ok(packet.ref):
             return
+        self._touch()
         if self.store.saturated and "store" not in self._pauses:
             # stop reading everyone until the store catches up: overload
             # slows senders down instead of timing their sends out
@@ -152,20 +154,52 @@ class ChatProtocol(LineReceiver):
     def lineLengthExceeded(self, line):
         self.close("line_too_long", "a line is longer than %d bytes" % self.settings.max_line)
 
+    def _touch(self):
+        """A packet: activity for the idle timeout."""
+        self.last_seen = self.clock.seconds()
+        self._pinged = False
+
+    def _acks_progress(self, server_id):
+        """An ack of something newly pushed here is free: there can only be as
+        many of those as the server pushed. Any other ack costs rate budget."""
+        delivery = self.hub.delivery(self)
+        return (delivery is not None and delivery.last_pushed is not None
+                and delivery.acked < server_id <= delivery.last_pushed)
+
+    _limited_at = None  # when the last rate_limited reply was sent
+    _overrun = 0        # lines dropped since one was last let through
+
     def _rate_ok(self, ref):
-        """Token bucket: --rate-limit packets per second, bursts of --rate-burst."""
-        rate = self.settings.rate_limit
+        """Token bucket: --rate-limit lines per second, bursts of --rate-burst.
+
+        A dropped line gets ``rate_limited`` only if no such reply went out
+        within the time the bucket takes to fill (so a flood of tiny lines
+        cannot be amplified into a flood of replies); a client that keeps
+        sending, 2 x --rate-burst lines with none let through, is closed."""
+        s = self.settings
+        rate = s.rate_limit
         if not rate:
             return True
         now = self.clock.seconds()
-        self._tokens = min(self.settings.rate_burst, self._tokens + (now - self._refill) * rate)
+        self._tokens = min(s.rate_burst, self._tokens + (now - self._refill) * rate)
         self._refill = now
         if self._tokens >= 1:
             self._tokens -= 1
+            self._overrun = 0
             return True
-        self._reply(packets.error(
-            "rate_limited", "more than %g packets a second; slow down (nothing "
-            "was done with this one)" % rate, ref))
+        self._overrun += 1
+        if self._overrun > 2 * s.rate_burst:
+            self.log.info("{peer}: still sending far over its rate, closing",
+                          peer=self._peer())
+            self.close("rate_limited", "more than %g packets a second, and still "
+                       "sending after rate_limited; closing" % rate)
+        elif self._limited_at is None or now - self._limited_at >= s.rate_burst / rate:
+            self._limited_at = now
+            self._reply(packets.error(
+                "rate_limited", "more than %g packets a second; slow down (nothing "
+                "was done with this one, nor will be with the next ones until "
+                "the rate drops; this is said once per %gs)" % (rate, s.rate_burst / rate),
+                ref))
         return False
 
     # -- packets -----------------------------------------------------------------

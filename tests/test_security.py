@@ -492,3 +492,58 @@ def test_the_connection_cap_follows_the_open_files_limit():
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert factory.max_connections == soft - FILES_HEADROOM
     assert Settings().max_connections_per_ip == 0
+
+
+# -- 3. every line costs rate budget ------------------------------------------------------
+
+@ensure
+async def test_empty_lines_cost_rate_budget(chatd, clients):
+    """Empty lines skipped the limiter (and kept the idle clock fresh): a
+    stream of newlines cost server CPU for free. They cost like a packet."""
+    node = await chatd(rate_limit=5.0, rate_burst=5)
+    c = await clients(node)
+    c.send(b"\n\r\n\n\n\n")
+    c.send({"ping": "over", "ref": "p"})
+    err = await c.error("rate_limited")
+    assert err["ref"] == "p"
+
+
+@ensure
+async def test_one_rate_limited_reply_per_refill_then_silence(chatd, clients):
+    """Each packet dropped for the rate got a ~130-byte rate_limited reply
+    (67x amplification for 'x' lines). Now one per refill period (burst /
+    rate: 1 s here), the rest in silence; answers resume with the budget."""
+    from tests.helpers import pass_time
+    node = await chatd(rate_limit=5.0, rate_burst=5)
+    c = await clients(node)
+    c.send(b"x\n" * 5)  # the burst: five bad_packet answers
+    c.send(b"x\n" * 8)  # over it: one rate_limited, then silence
+    for _ in range(5):
+        await c.error("bad_packet")
+    await c.error("rate_limited")
+    await pass_time(0.3)  # a token back (time itself is what is tested)
+    c.send({"ping": "answered"})
+    assert (await c.next()) == {"type": "pong", "ping": "answered"}
+    c.send(b"x\n" * 3)  # over again, within the same period: silence
+    await pass_time(0.3)
+    c.send({"ping": "again"})
+    assert (await c.next()) == {"type": "pong", "ping": "again"}
+    assert c.proto.transport.connected
+
+
+@ensure
+async def test_a_client_that_keeps_flooding_is_closed(chatd, clients):
+    """A megabyte of newlines, or of any line, past the allowance: one
+    rate_limited, then the connection is closed with rate_limited (the
+    default allowance: 50/s in bursts of 100)."""
+    node = await chatd(rate_limit=50.0, rate_burst=100)
+    c = await clients(node)
+    c.send(b"\n" * 1_000_000)
+    first = await c.error("rate_limited")
+    last = await c.error("rate_limited")
+    assert "closing" in last["reason"] and "closing" not in first["reason"]
+    await c.wait_closed()
+    # nobody else is affected
+    d = await clients(node)
+    d.send({"ping": "fine"})
+    await d.expect("pong", ping="fine")
