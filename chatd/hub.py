@@ -88,7 +88,8 @@ class Delivery:
         rest follows. The Deferred fires after the first batch; it fails with
         StoreUnavailable if the inbox cannot be read (nothing was sent)."""
         self._draining = True
-        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch)
+        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch,
+                                 self.hub.batch_bytes)
 
         def first(result):
             pending, last, entries = result
@@ -127,8 +128,8 @@ class Delivery:
             self.last_id = high
             self._pushed(first, high)
             self.conn.push(fresh)
-        if len(entries) >= self.hub.batch:
-            return False
+        if entries and packets.entry_id(entries[-1]) < last:
+            return False  # a batch cut by its count or size: more to read
         # the fetch saw the whole inbox: every id up to `last` is pushed or gone
         self.last_id = max(self.last_id, last)
         return True
@@ -149,7 +150,7 @@ class Delivery:
                     return
                 try:
                     _, last, entries = yield self.hub.store.fetch(
-                        self.device, self.last_id, self.hub.batch)
+                        self.device, self.last_id, self.hub.batch, self.hub.batch_bytes)
                 except StoreUnavailable as e:
                     self._retry_later(e)
                     return
@@ -227,6 +228,10 @@ class Hub:
         self.clock = clock
         self.remote = remote or NoRemote()
         self.batch = settings.drain_batch
+        # a drain batch is one write; half the output limit leaves room for
+        # the replies written while the client reads it (see
+        # ChatProtocol.sendLine_: the write that fills its buffer counts)
+        self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery
 
     # -- binding -----------------------------------------------------------------

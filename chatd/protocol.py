@@ -354,13 +354,15 @@ class ChatProtocol(LineReceiver):
         let too much pile up (its messages stay stored)."""
         if self._closing:
             return
-        # only what is written while the client is already not reading counts:
-        # the write that fills its buffer (a drain batch) is flow-controlled
+        # what is written while the client does not read counts, the write
+        # that fills its buffer included (a drain batch is at most half the
+        # limit: hub.Delivery); only that write may be over the limit by
+        # itself (one big pong does not cut a client that reads)
         counting = self._unsent is not None
         self.transport.write(data)
-        if counting:
+        if self._unsent is not None:
             self._unsent += len(data)
-            if self._unsent > self.settings.output_limit:
+            if counting and self._unsent > self.settings.output_limit:
                 self.log.info("{peer}: slow consumer ({n} bytes unread), closing",
                               peer=self._peer(), n=self._unsent)
                 self.close("slow_consumer", "the client is not reading; %d bytes are "

@@ -124,13 +124,14 @@ class Store:
         """D's stored token hash, or None if D never registered."""
         return self.client.call(b"GET", _keys(device) + b"token")
 
-    def fetch(self, device, after, count):
+    def fetch(self, device, after, count, max_bytes=0):
         """D's waiting messages with ids after ``after`` (an int), at most
-        ``count``: Deferred of ``(pending, last_id, entries)`` where pending
-        counts all stored messages and last_id is D's id counter."""
+        ``count`` and (but for the first) ``max_bytes``: Deferred of
+        ``(pending, last_id, entries)`` where pending counts all stored
+        messages and last_id is D's id counter."""
         prefix = _keys(device)
         d = self.client.script("fetch", [prefix + b"inbox", prefix + b"seq"],
-                               [after, count, self._now_ms(), self._ttl_ms])
+                               [after, count, self._now_ms(), self._ttl_ms, max_bytes])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
     # -- batched calls ---------------------------------------------------------------

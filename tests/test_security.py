@@ -8,7 +8,7 @@ import json
 import pytest_twisted
 
 from chatd import packets
-from tests.helpers import wait_until
+from tests.helpers import pass_time, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -547,3 +547,129 @@ async def test_a_client_that_keeps_flooding_is_closed(chatd, clients):
     d = await clients(node)
     d.send({"ping": "fine"})
     await d.expect("pong", ping="fine")
+
+
+# -- 4. reconnect pushes within --output-limit ---------------------------------------------
+
+class _Sleeper:
+    """A client that does not read until told to: a plain non-blocking socket
+    with a tiny receive buffer set before it connects (so the kernel holds
+    little for it), read by polling from the reactor."""
+
+    def __init__(self, port):
+        import socket
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.eof = False
+
+    async def send(self, obj):
+        """Write a packet, however long, without blocking the reactor (the
+        server reads in it)."""
+        data = [json.dumps(obj).encode() + b"\n"]
+
+        def written():
+            try:
+                data[0] = data[0][self.sock.send(data[0]):]
+            except BlockingIOError:
+                pass
+            return not data[0]
+        await wait_until(written, what="the write", interval=0.001)
+
+    def _pump(self):
+        while not self.eof:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
+
+    async def lines(self, n):
+        """Read until n lines (or the end) have come; the parsed lines."""
+        def enough():
+            self._pump()
+            return self.buf.count(b"\n") >= n or self.eof
+        await wait_until(enough, what="%d lines" % n, interval=0.001)
+        *lines, self.buf = self.buf.split(b"\n")
+        return [json.loads(line) for line in lines]
+
+    def close(self):
+        self.sock.close()
+
+
+def _held(conn):
+    """Bytes chatd holds in memory for a connection (its transport's buffer)."""
+    t = conn.transport
+    return len(t.dataBuffer) - t.offset + t._tempDataLen
+
+
+@ensure
+async def test_a_reconnect_push_stays_within_the_output_limit(chatd, clients):
+    """A drain batch (~500 entries, up to ~8 MB) was written at once and not
+    counted: four non-reading reconnects to full inboxes held 48 MB. Now a
+    batch is at most half of --output-limit bytes, and the next waits until
+    the client reads; a client that does read still gets everything."""
+    limit = 256 * 1024
+    node = await chatd(output_limit=limit)
+    phone = await clients(node)
+    token = await phone.register("big-inbox")
+    await phone.close()
+    sender = await clients(node)
+    await sender.register("filler")
+    n, text = 150, "f" * 15000  # 2.25 MB waiting
+    for i in range(n):
+        sender.send({"message": "%03d %s" % (i, text), "receiver": "big-inbox", "ref": i})
+    for i in range(n):
+        await sender.expect("accepted", ref=i)
+    sleeper = _Sleeper(node.port)
+    try:
+        await sleeper.send({"reconnect": "true", "sender": "big-inbox", "token": token})
+        delivery = await wait_until(
+            lambda: (d := node.hub.sessions.get("big-inbox")) and d.last_pushed and d,
+            what="the first push")
+        conn = delivery.conn
+        await wait_until(lambda: conn._unsent is not None, what="the client to stop reading")
+        assert conn._unsent > 0  # the batch that filled its buffer is counted
+        for _ in range(20):  # and it stays so (it never reads)
+            assert _held(conn) <= limit, "chatd holds %d bytes for a client that does " \
+                "not read (--output-limit %d)" % (_held(conn), limit)
+            await pass_time(0.01)
+        # once it reads it gets every message, in order, and is not cut
+        got = await sleeper.lines(n + 1)
+        assert got[0]["type"] == "reconnected"
+        assert [m["message"][:3] for m in got[1:]] == ["%03d" % i for i in range(n)]
+        assert not sleeper.eof
+    finally:
+        sleeper.close()
+
+
+@ensure
+async def test_the_write_that_fills_the_buffer_counts(chatd, clients):
+    """Only writes made while the client was already not reading counted, so
+    the one that filled its buffer was free. Now it counts: a client that
+    does not read after a big reply is cut at the next write."""
+    node = await chatd(output_limit=64 * 1024, max_line=8_000_000, max_message=1000)
+    sleeper = _Sleeper(node.port)
+    try:
+        await sleeper.send({"register": "true", "sender": "sleepy"})
+        await wait_until(lambda: node.hub.sessions.get("sleepy"), what="the register")
+        conn = node.hub.sessions["sleepy"].conn
+        # its pong fills the buffer: more than the kernel holds for a socket
+        # (tcp_wmem is at most 4 MiB), so chatd keeps the rest
+        await sleeper.send({"ping": "p" * 6_000_000})
+        await wait_until(lambda: conn._unsent is not None, what="the client to stop reading")
+        other = await clients(node)
+        await other.register("waker")
+        other.send({"message": "one more write", "receiver": "sleepy", "ref": 1})
+        await other.expect("accepted", ref=1)
+        got = await sleeper.lines(4)
+        assert [m["type"] for m in got] == ["registered", "pong", "message", "error"]
+        assert got[3]["code"] == "slow_consumer"
+    finally:
+        sleeper.close()
