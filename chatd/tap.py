@@ -160,6 +160,10 @@ class Options(usage.Options):
         """Fold the password file and the TLS options into the store target."""
         target = self["redis"]
         extra = {}
+        if target is not None and target.password and not self["redis-password-file"]:
+            self.warnings.append(
+                "--redis: a password in the URL can be read by every user of this "
+                "machine (the process list); use --redis-password-file")
         if self["redis-password-file"]:
             if target is None:
                 raise usage.UsageError("--redis-password-file needs --redis")

@@ -92,6 +92,7 @@ def test_a_store_password_is_never_printed(tmp_path):
     assert "hunter2" not in str(e.value)
     o = _parse("--redis", "redis://user:hunter2-pw@10.0.0.5:6380/1")
     assert o.settings.redis.password == "hunter2-pw"
+    assert any("--redis-password-file" in w for w in o.warnings), o.warnings
     for text in (repr(o.settings), str(o.settings), repr(o.settings.redis),
                  o.settings.redis.describe()):
         assert "hunter2" not in text, text
@@ -314,6 +315,28 @@ async def test_a_full_store_refuses_whole_messages_and_still_drains(own_redis, c
         own_redis.command("CONFIG", "SET", "maxmemory", "0")
     a.send({"message": "while full", "receiver": "full-b", "ref": 2})  # the retry
     await a.expect("accepted", ref=2)
+
+
+@ensure
+async def test_an_external_store_that_evicts_is_warned_about(own_redis, chatd):
+    """On an external Redis the operator sets the bound; one that evicts when
+    full would delete tokens and accepted messages: chatd says so at start."""
+    from twisted.logger import globalLogPublisher
+    warned = []
+
+    def observe(event):
+        if "maxmemory-policy" in (event.get("log_format") or ""):
+            warned.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await chatd(own_redis.target)
+        own_redis.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        await chatd(own_redis.target)
+        await wait_until(lambda: warned, what="the warning")
+        assert len(warned) == 1 and warned[0]["policy"] == "allkeys-lru"
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 @ensure
