@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from chatd import packets
+from chatd import packets, ratelimit
 from chatd.packets import PacketError
 from chatd.redisclient import StoreFull, StoreUnavailable
 
@@ -78,8 +78,7 @@ class ChatProtocol(LineReceiver):
         self._gone = []      # Deferreds waiting for connectionLost
         self._dropped = 0    # bytes read and dropped while closing
         self._timers = {}
-        self._tokens = float(s.rate_burst)
-        self._refill = self.clock.seconds()
+        self._rate = ratelimit.RateLimit(s.rate_limit, s.rate_burst, self.clock.seconds())
         self.last_seen = self.clock.seconds()
         self._pinged = False
         refusal = f.admit(self)
@@ -166,39 +165,24 @@ class ChatProtocol(LineReceiver):
         return (delivery is not None and delivery.last_pushed is not None
                 and delivery.acked < server_id <= delivery.last_pushed)
 
-    _limited_at = None  # when the last rate_limited reply was sent
-    _overrun = 0        # lines dropped since one was last let through
-
     def _rate_ok(self, ref):
-        """Token bucket: --rate-limit lines per second, bursts of --rate-burst.
-
-        A dropped line gets ``rate_limited`` only if no such reply went out
-        within the time the bucket takes to fill (so a flood of tiny lines
-        cannot be amplified into a flood of replies); a client that keeps
-        sending, 2 x --rate-burst lines with none let through, is closed."""
-        s = self.settings
-        rate = s.rate_limit
-        if not rate:
+        """Whether this line may be acted on (see :mod:`chatd.ratelimit`); a
+        line that may not is answered once per refill period, and a client
+        that keeps flooding is closed."""
+        verdict = self._rate.take(self.clock.seconds())
+        if verdict is ratelimit.PASS:
             return True
-        now = self.clock.seconds()
-        self._tokens = min(s.rate_burst, self._tokens + (now - self._refill) * rate)
-        self._refill = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            self._overrun = 0
-            return True
-        self._overrun += 1
-        if self._overrun > 2 * s.rate_burst:
+        rate = self._rate.rate
+        if verdict is ratelimit.CLOSE:
             self.log.info("{peer}: still sending far over its rate, closing",
                           peer=self._peer())
             self.close("rate_limited", "more than %g packets a second, and still "
                        "sending after rate_limited; closing" % rate)
-        elif self._limited_at is None or now - self._limited_at >= s.rate_burst / rate:
-            self._limited_at = now
+        elif verdict is ratelimit.TELL:
             self._reply(packets.error(
                 "rate_limited", "more than %g packets a second; slow down (nothing "
                 "was done with this one, nor will be with the next ones until "
-                "the rate drops; this is said once per %gs)" % (rate, s.rate_burst / rate),
+                "the rate drops; this is said once per %gs)" % (rate, self._rate.period),
                 ref))
         return False
 
