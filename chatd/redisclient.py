@@ -179,6 +179,9 @@ class RedisClient:
         factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
                            None, t.password, None, False, t.username)
         factory.client = self
+        # txredisapi fails this Deferred when AUTH is refused (and then stops
+        # retrying): say so plainly, not as an unhandled error
+        factory.deferred.addErrback(self._auth_failed)
         if t.path:
             endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
         else:
@@ -190,6 +193,12 @@ class RedisClient:
         self._watchdog.clock = self.reactor
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
         return self
+
+    def _auth_failed(self, failure):
+        self.log.error("the store {store} refused chatd's credentials ({why}); chatd "
+                       "will not try again: fix the password (--redis-password-file) "
+                       "and restart", store=self.target.describe(),
+                       why=failure.getErrorMessage())
 
     def when_connected(self, timeout):
         """Deferred that fires once connected, or after ``timeout`` regardless

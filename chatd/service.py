@@ -72,7 +72,7 @@ class ChatService(service.Service):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
         if self.settings.redis is not None:
-            self.client.config_get(b"maxmemory-policy").addCallback(self._check_policy)
+            self._check_policy((yield self.client.config_get(b"maxmemory-policy")))
         store = Store(self.client, self.settings, self.reactor)
         hub = Hub(store, self.settings, self.reactor)
         self.factory = ChatFactory(self.settings, hub, self.reactor)

