@@ -6,6 +6,7 @@ through the real path (sockets in, bytes out, state in the store).
 import contextlib
 import json
 
+import pytest
 import pytest_twisted
 
 from chatd import packets
@@ -230,6 +231,34 @@ async def test_a_client_that_keeps_flooding_is_closed(chatd, clients):
     await d.expect("pong", ping="fine")
 
 
+@pytest.mark.slow
+@ensure
+async def test_the_terminal_client_gets_every_send_through_the_limit(chatd, tmp_path):
+    """chatd-client resent what was answered rate_limited; now that only the
+    first dropped send is answered, it resends that one and every send
+    written after it (their refs make a resend of an accepted one harmless)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from chatd import client as cli
+    from tests.helpers import with_deadline
+    from tests.test_client import RecordingUi
+    # a window of 32 sends in flight against bursts of 20
+    node = await chatd(rate_limit=20.0, rate_burst=20)
+    ui = RecordingUi()
+    session = cli.Session(
+        "pasting", cli.TokenFile(str(tmp_path), "h", 1, "pasting"), ui,
+        lambda proto: connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", node.port),
+                                      proto), reactor, "chatd")
+    session.start()
+    try:
+        for i in range(100):
+            session.send("pasting", "line %d" % i)
+        await with_deadline(session.when_idle(), 30, "every send answered")
+    finally:
+        await session.stop()
+    assert sorted(ui.answers) == sorted(("line %d" % i, "accepted") for i in range(100))
+
+
 # -- 4. reconnect pushes within --output-limit ---------------------------------------------
 
 class _Sleeper:
@@ -440,7 +469,6 @@ def test_the_data_dir_is_private(tmp_path):
     other users can enter or that another user owns, saying what to do."""
     import os
     import stat
-    import pytest
     from chatd.embedded import EmbeddedStore, EmbeddedStoreError
     from tests.helpers import server_binary
     fresh = tmp_path / "fresh" / "data"
@@ -582,7 +610,6 @@ def _parse(*args):
 def test_a_short_or_readable_registration_secret(tmp_path):
     """A 1-byte, 0644 secret was accepted. Under 32 bytes is refused; a file
     others can read is accepted with a warning that says so."""
-    import pytest
     from twisted.python import usage
     p = tmp_path / "secret"
     p.write_bytes(b"x\n")
@@ -600,7 +627,6 @@ def test_a_short_or_readable_registration_secret(tmp_path):
 def test_a_store_password_is_never_printed(tmp_path):
     """The --redis error echoed the URL with its password, and the target's
     repr held it."""
-    import pytest
     from twisted.python import usage
     with pytest.raises(usage.UsageError) as e:
         _parse("--redis", "redis://:hunter2-pw@h:99999999/0")
