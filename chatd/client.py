@@ -541,7 +541,14 @@ class Session:
                 entry.sent = False
                 self._token_refused()
             elif code == "rate_limited":
-                entry.sent = False
+                # the server says so once, then drops what follows in silence:
+                # this one and every send written after it go again (same
+                # ref: one that was accepted after all is answered so again)
+                later = False
+                for other in self.outbox.values():
+                    later = later or other is entry
+                    if later:
+                        other.sent = False
                 self._pause_sending()
             else:
                 self._answered(reply)

@@ -6,7 +6,9 @@ by twistd's option parser with a message that names the option; the rest of
 chatd only ever sees a validated :class:`Settings`.
 """
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -21,8 +23,10 @@ class RedisTarget:
     path: Optional[str] = None  # unix socket
     db: int = 0
     username: Optional[str] = None
-    password: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)  # never printed
     tls: bool = False
+    tls_ca_file: Optional[str] = None  # trust these CAs (else the system's)
+    tls_verify: bool = True  # False only by an explicit, logged opt-out
 
     def describe(self):
         """A printable form without the password."""
@@ -41,6 +45,7 @@ class Settings:
     websocket: tuple = ()  # endpoints of the web page + WebSocket listeners
     redis: Optional[RedisTarget] = None  # None: the embedded store
     data_dir: str = "chatd-data"
+    store_max_memory: int = 1 << 30  # the embedded store's maxmemory (bytes)
     redis_timeout: float = 2.0
     dedup_window: float = 5.0
     max_line: int = 65536
@@ -54,15 +59,18 @@ class Settings:
     rate_limit: float = 50.0  # message packets per second, 0 = unlimited
     rate_burst: int = 100
     output_limit: int = 1 << 20  # bytes queued for a client that does not read
+    max_connections: int = 0  # 0: the open-files limit, less some headroom
+    max_connections_per_ip: int = 0  # 0: no per-address cap
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
+    proof_max_age: float = 600.0  # a proof ticket must expire within this
     drain_batch: int = 500
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmM]i?[bB]?|[bB])?\s*$")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 ** 3}
 
 
 def parse_duration(text, name, allow_zero=False):
@@ -184,7 +192,8 @@ def parse_redis_url(text, name="redis"):
     if problem:
         raise ValueError(
             "--%s: %r: %s (expected redis://[:password@]host:port/db, "
-            "rediss://host:port/db or unix:///path.sock?db=N)" % (name, text, problem))
+            "rediss://host:port/db or unix:///path.sock?db=N)"
+            % (name, redact_url(text), problem))
     password = unquote(u.password) if u.password else None
     if u.scheme == "unix":
         q = parse_qs(u.query)
@@ -195,15 +204,65 @@ def parse_redis_url(text, name="redis"):
         password=password, tls=(u.scheme == "rediss"))
 
 
-def read_secret_file(path, name="registration-secret-file"):
-    """The bytes of the secret file, less one trailing newline if there is one."""
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def redact_url(text):
+    """A store URL fit to print: its password replaced by ``***``."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", str(text)))
+
+
+#: the shortest registration secret accepted: an HMAC-SHA256 key of fewer
+#: bytes than its output can be guessed more cheaply than the MAC
+MIN_SECRET = 32
+
+
+def read_secret_file(path, name="registration-secret-file", minimum=MIN_SECRET):
+    """The bytes of a secret file, less one trailing LF or CRLF if there is
+    one (an editor's or ``echo``'s); refused when shorter than ``minimum``.
+    Returns ``(secret, warning)``: the warning (or None) says the file can be
+    read by other users."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             secret = f.read()
     except OSError as e:
         raise ValueError("--%s: cannot read %r: %s" % (name, path, e.strerror)) from None
-    if secret.endswith(b"\n"):
+    if secret.endswith(b"\r\n"):
+        secret = secret[:-2]
+    elif secret.endswith(b"\n"):
         secret = secret[:-1]
     if not secret:
         raise ValueError("--%s: %r is empty" % (name, path))
-    return secret
+    if len(secret) < minimum:
+        raise ValueError(
+            "--%s: %r holds %d bytes; a secret must have at least %d (e.g. "
+            "head -c 48 /dev/urandom | base64 > FILE)" % (name, path, len(secret), minimum))
+    warning = None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warning = ("--%s: %s can be read by other users (mode %04o); chmod 600 it"
+                   % (name, path, stat.S_IMODE(mode)))
+    return secret, warning
+
+
+def check_ca_file(path, name="redis-ca-file"):
+    """The CA file must be readable and hold at least one PEM certificate."""
+    try:
+        load_certificates(path)
+    except OSError as e:
+        raise ValueError("--%s: cannot read %r: %s" % (name, path, e.strerror)) from None
+    except Exception as e:
+        raise ValueError("--%s: %r: not a PEM certificate file (%s)" % (name, path, e)) from None
+
+
+def load_certificates(path):
+    """Every PEM certificate of a file (a CA bundle); ValueError if none."""
+    from twisted.internet import ssl
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    pems = [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE" in part]
+    if not pems:
+        raise ValueError("%s holds no PEM certificate" % path)
+    return [ssl.Certificate.loadPEM(pem) for pem in pems]

@@ -28,6 +28,7 @@ import fcntl
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 
@@ -280,13 +281,14 @@ class EmbeddedStore(service.Service):
     """
 
     def __init__(self, data_dir, binary=None, reactor=None,
-                 start_timeout=60.0, stop_grace=10.0):
+                 start_timeout=60.0, stop_grace=10.0, max_memory=0):
         self.data_dir = os.path.abspath(os.fspath(data_dir))
         self.socket_path = os.path.join(self.data_dir, "valkey.sock")
         self.config_path = os.path.join(self.data_dir, "valkey.conf")
         self.pid_path = os.path.join(self.data_dir, "valkey.pid")
         self.lock_path = os.path.join(self.data_dir, "chatd.lock")
         self.binary = binary
+        self.max_memory = max_memory
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self._reactor = reactor
@@ -341,7 +343,9 @@ class EmbeddedStore(service.Service):
                 "valkey-server %s is not an executable file" % self.binary)
         try:
             os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._checkPrivate()
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             raise EmbeddedStoreError(
                 "cannot use data dir %s: %s" % (self.data_dir, e.strerror)) from None
@@ -361,6 +365,26 @@ class EmbeddedStore(service.Service):
                 "cannot lock %s: %s" % (self.lock_path, e.strerror)) from None
         self._lockFd = fd
         self._writeLockPid()
+
+    def _checkPrivate(self):
+        """The data dir holds every message and token hash (the AOF) and the
+        store's config: it must be this user's alone. A dir that others can
+        read could leak them; one that others can write lets them swap
+        ``valkey.conf`` or the socket. Refused, not fixed: who made it so
+        may have meant it, and must decide."""
+        st = os.stat(self.data_dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise EmbeddedStoreError("data dir %s is not a directory" % self.data_dir)
+        if st.st_uid != os.geteuid():
+            raise EmbeddedStoreError(
+                "data dir %s belongs to uid %d, not to this user (uid %d); it holds "
+                "every message: use a directory of your own (chown it, or another "
+                "--data-dir)" % (self.data_dir, st.st_uid, os.geteuid()))
+        if st.st_mode & 0o077:
+            raise EmbeddedStoreError(
+                "data dir %s can be used by other users (mode %04o); it holds every "
+                "message and token hash: chmod 700 %s" % (
+                    self.data_dir, stat.S_IMODE(st.st_mode), self.data_dir))
 
     def _writeLockPid(self):
         # Again at startService: twistd daemonizes (forks) after makeService,
@@ -532,6 +556,10 @@ class EmbeddedStore(service.Service):
             ("protected-mode", "no"),
             ("databases", "16"),
             ("proc-title-template", '"{title} {config-file} {unixsocket}"'),
+            # full means full: refuse writes (chatd answers 'unavailable'),
+            # never evict a stored message or token to make room
+            ("maxmemory", "%d" % self.max_memory),
+            ("maxmemory-policy", "noeviction"),
         ]
         text = ("# Written by chatd at each start of its embedded store; "
                 "edits are lost.\n"

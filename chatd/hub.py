@@ -88,7 +88,8 @@ class Delivery:
         rest follows. The Deferred fires after the first batch; it fails with
         StoreUnavailable if the inbox cannot be read (nothing was sent)."""
         self._draining = True
-        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch)
+        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch,
+                                 self.hub.batch_bytes)
 
         def first(result):
             pending, last, entries = result
@@ -127,8 +128,8 @@ class Delivery:
             self.last_id = high
             self._pushed(first, high)
             self.conn.push(fresh)
-        if len(entries) >= self.hub.batch:
-            return False
+        if entries and packets.entry_id(entries[-1]) < last:
+            return False  # a batch cut by its count or size: more to read
         # the fetch saw the whole inbox: every id up to `last` is pushed or gone
         self.last_id = max(self.last_id, last)
         return True
@@ -149,7 +150,7 @@ class Delivery:
                     return
                 try:
                     _, last, entries = yield self.hub.store.fetch(
-                        self.device, self.last_id, self.hub.batch)
+                        self.device, self.last_id, self.hub.batch, self.hub.batch_bytes)
                 except StoreUnavailable as e:
                     self._retry_later(e)
                     return
@@ -227,6 +228,10 @@ class Hub:
         self.clock = clock
         self.remote = remote or NoRemote()
         self.batch = settings.drain_batch
+        # a drain batch is one write; half the output limit leaves room for
+        # the replies written while the client reads it (see
+        # ChatProtocol.sendLine_: the write that fills its buffer counts)
+        self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery
 
     # -- binding -----------------------------------------------------------------
@@ -272,13 +277,33 @@ class Hub:
         """Register ``device`` on ``conn``: a new token, older ones revoked, any
         other connection of the id replaced, waiting messages pushed."""
         self._check_rebind(conn, device)
-        if self.settings.registration == "proof" and not tokens.check_proof(
-                self.settings.registration_secret, device, proof, self.clock.seconds()):
-            raise PacketError("forbidden", "register needs a valid, unexpired proof "
-                              "\"<expiry>:<hex hmac>\" for this id", field="proof")
+        s = self.settings
+        ticket_ms = 0
+        if s.registration == "proof":
+            now = self.clock.seconds()
+            expiry = tokens.check_proof(s.registration_secret, device, proof, now,
+                                        s.proof_max_age)
+            if expiry is None:
+                raise PacketError(
+                    "forbidden", "register needs a valid proof \"<expiry>:<hex hmac>\" "
+                    "for this id that expires within %gs" % s.proof_max_age, field="proof")
+            ticket_ms = max(1, int((expiry - now) * 1000))
         token = tokens.new_token()
         token_hash = tokens.token_hash(token)
-        yield self.store.register(device, token_hash)
+        current = self.delivery(conn)
+        # claim: the first register of an id keeps it (re-registering on the
+        # connection that holds it is still fine)
+        status = yield self.store.register(
+            device, token_hash, claim=s.registration == "claim" and current is None,
+            ticket=proof if ticket_ms else None, ticket_ms=ticket_ms)
+        if status == "taken":
+            raise PacketError("forbidden", "%s is registered already and this server "
+                              "lets only its first register keep it; reconnect with its "
+                              "token, or ask the operator to revoke it" % device,
+                              field="sender")
+        if status == "used":
+            raise PacketError("forbidden", "this proof was used already; each is good "
+                              "for one register: get a new one", field="proof")
         current = self.delivery(conn)
         if current is not None:
             # registering again on the same connection: a new token, same pushes

@@ -17,7 +17,9 @@ TRUE_FLAGS = ("true", True, "True", "t")
 KINDS = ("register", "reconnect", "message", "ack", "ping")
 #: the longest ``ref`` a client may attach to a message
 MAX_REF = 128
-#: how deep a seed-style literal may nest (JSON is bounded by the interpreter)
+#: how deep a packet may nest (containers inside containers), JSON and
+#: literal alike: whatever is accepted can be echoed back (a ``ping``) without
+#: the encoder running out of stack
 MAX_DEPTH = 32
 #: server ids are zero-padded decimals, so they sort the same as text and as numbers
 ID_WIDTH = 16
@@ -102,11 +104,12 @@ def decode_line(line):
         try:
             obj, end = _scan_once(text, 0)
             if end == len(text):
-                return obj  # a JSON object starts with "{": always a dict
+                # a JSON object starts with "{": always a dict
+                return _check_depth(obj, text)
         except (StopIteration, ValueError, RecursionError):
             pass  # the slow path below says what is wrong
     try:
-        obj = _json_decode(text)
+        obj = _check_depth(_json_decode(text), text)
     except RecursionError:
         raise PacketError("bad_packet", "the packet nests too deeply") from None
     except ValueError:
@@ -116,6 +119,26 @@ def decode_line(line):
         raise PacketError("bad_packet", "a packet must be a JSON object, e.g. "
                           "{\"ping\": \"hello\"}")
     return obj
+
+
+def _check_depth(obj, text):
+    """obj, unless it nests more than :data:`MAX_DEPTH` containers deep
+    (PacketError). A line with fewer brackets than that cannot, which is
+    every ordinary packet: only those are walked."""
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return obj
+    level = [obj]
+    for _ in range(MAX_DEPTH):
+        inner = []
+        for value in level:
+            if isinstance(value, dict):
+                inner.extend(v for v in value.values() if isinstance(v, (dict, list)))
+            else:
+                inner.extend(v for v in value if isinstance(v, (dict, list)))
+        if not inner:
+            return obj
+        level = inner
+    raise PacketError("bad_packet", "the packet nests more than %d deep" % MAX_DEPTH)
 
 
 #: the commonest line of all, an ack as chatd's own ids look: no JSON needed

@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatd import packets
+from chatd import packets, ratelimit
 from chatd.packets import PacketError
-from chatd.redisclient import StoreUnavailable
+from chatd.redisclient import StoreFull, StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
 CLOSE_GRACE = 5.0
@@ -87,16 +87,21 @@ class ChatProtocol:
         self._gone = []      # Deferreds waiting for connectionLost
         self._dropped = 0    # bytes read and dropped while closing
         self._timers = {}
-        self._tokens = float(s.rate_burst)
-        self._refill = self.clock.seconds()
+        self._rate = ratelimit.RateLimit(s.rate_limit, s.rate_burst, self.clock.seconds())
         self.last_seen = self.clock.seconds()
         self._pinged = False
+        refusal = f.admit(self)
+        if refusal:
+            # over a cap: say so and close, before any timer or state exists
+            self._closing = True
+            self.transport.write(packets.error("too_many_connections", refusal))
+            self.transport.loseConnection()
+            return
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass  # not TCP (unix socket)
         self.transport.registerProducer(_OutputFlow(self), True)
-        f.connections.add(self)
         self._later("auth", s.auth_timeout, self._auth_expired)
         self._later("live", min(s.keepalive, s.idle_timeout), self._liveness)
 
@@ -107,7 +112,7 @@ class ChatProtocol:
                 timer.cancel()
         self._timers.clear()
         self.hub.unbind(self)
-        self.factory.connections.discard(self)
+        self.factory.release(self)
         waiting, self._writable = self._writable, []
         for d in waiting:
             d.callback(None)
@@ -142,18 +147,20 @@ class ChatProtocol:
         if len(line) > self.settings.max_line and not (
                 len(line) == self.settings.max_line + 1 and line.endswith(b"\r")):
             return self.lineLengthExceeded(line)
-        self.last_seen = self.clock.seconds()
-        self._pinged = False
         try:
             packet = packets.parse_line(line, self.settings.max_message)
         except PacketError as e:
             if self._rate_ok(e.ref):
+                self._touch()
                 self._reply(packets.error_from(e))
             return
         if packet is None:
+            self._rate_ok(None)  # an empty line is no packet, but not free
             return
-        if packet.kind != "ack" and not self._rate_ok(packet.ref):
+        if not (packet.kind == "ack" and self._acks_progress(packet.ack)) and \
+                not self._rate_ok(packet.ref):
             return
+        self._touch()
         if self.store.saturated and "store" not in self._pauses:
             # stop reading everyone until the store catches up: overload
             # slows senders down instead of timing their sends out
@@ -173,20 +180,37 @@ class ChatProtocol:
     def lineLengthExceeded(self, line):
         self.close("line_too_long", "a line is longer than %d bytes" % self.settings.max_line)
 
+    def _touch(self):
+        """A packet: activity for the idle timeout."""
+        self.last_seen = self.clock.seconds()
+        self._pinged = False
+
+    def _acks_progress(self, server_id):
+        """An ack of something newly pushed here is free: there can only be as
+        many of those as the server pushed. Any other ack costs rate budget."""
+        delivery = self.hub.delivery(self)
+        return (delivery is not None and delivery.last_pushed is not None
+                and delivery.acked < server_id <= delivery.last_pushed)
+
     def _rate_ok(self, ref):
-        """Token bucket: --rate-limit packets per second, bursts of --rate-burst."""
-        rate = self.settings.rate_limit
-        if not rate:
+        """Whether this line may be acted on (see :mod:`chatd.ratelimit`); a
+        line that may not is answered once per refill period, and a client
+        that keeps flooding is closed."""
+        verdict = self._rate.take(self.clock.seconds())
+        if verdict is ratelimit.PASS:
             return True
-        now = self.clock.seconds()
-        self._tokens = min(self.settings.rate_burst, self._tokens + (now - self._refill) * rate)
-        self._refill = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self._reply(packets.error(
-            "rate_limited", "more than %g packets a second; slow down (nothing "
-            "was done with this one)" % rate, ref))
+        rate = self._rate.rate
+        if verdict is ratelimit.CLOSE:
+            self.log.info("{peer}: still sending far over its rate, closing",
+                          peer=self._peer())
+            self.close("rate_limited", "more than %g packets a second, and still "
+                       "sending after rate_limited; closing" % rate)
+        elif verdict is ratelimit.TELL:
+            self._reply(packets.error(
+                "rate_limited", "more than %g packets a second; slow down (nothing "
+                "was done with this one, nor will be with the next ones until "
+                "the rate drops; this is said once per %gs)" % (rate, self._rate.period),
+                ref))
         return False
 
     # -- packets -----------------------------------------------------------------
@@ -296,6 +320,10 @@ class ChatProtocol:
         if f.check(PacketError):
             e = f.value
             return packets.error(e.code, e.reason, ref, e.field)
+        if f.check(StoreFull):
+            return packets.error(
+                "unavailable", "the store is full (at its memory limit); nothing "
+                "was stored, retry later", ref)
         if f.check(StoreUnavailable):
             return packets.error(
                 "unavailable", "the store is unreachable (%s); nothing was "
@@ -337,13 +365,15 @@ class ChatProtocol:
         let too much pile up (its messages stay stored)."""
         if self._closing:
             return
-        # only what is written while the client is already not reading counts:
-        # the write that fills its buffer (a drain batch) is flow-controlled
+        # what is written while the client does not read counts, the write
+        # that fills its buffer included (a drain batch is at most half the
+        # limit: hub.Delivery); only that write may be over the limit by
+        # itself (one big pong does not cut a client that reads)
         counting = self._unsent is not None
         self._write(data)
-        if counting:
+        if self._unsent is not None:
             self._unsent += len(data)
-            if self._unsent > self.settings.output_limit:
+            if counting and self._unsent > self.settings.output_limit:
                 self.log.info("{peer}: slow consumer ({n} bytes unread), closing",
                               peer=self._peer(), n=self._unsent)
                 self.close("slow_consumer", "the client is not reading; %d bytes are "
@@ -546,6 +576,36 @@ class ChatFactory(protocol.Factory):
         self.hub = hub
         self.clock = clock
         self.connections = set()
+        self.max_connections = settings.max_connections or max(
+            1, _files_limit() - FILES_HEADROOM)
+        self._per_ip = collections.Counter()  # address -> connections admitted
+
+    def admit(self, conn):
+        """Count a new connection in; the reason it is refused, if over a cap
+        (--max-connections, --max-connections-per-ip)."""
+        if len(self.connections) >= self.max_connections:
+            return ("the server has its most connections (%d); try again later"
+                    % self.max_connections)
+        per_ip = self.settings.max_connections_per_ip
+        ip = getattr(conn.transport.getPeer(), "host", None)
+        if per_ip and ip is not None:
+            if self._per_ip[ip] >= per_ip:
+                return ("%d connections from %s already; close one, or try again later"
+                        % (per_ip, ip))
+            self._per_ip[ip] += 1
+            conn._ip = ip
+        self.connections.add(conn)
+        return None
+
+    def release(self, conn):
+        """A connection is gone (admitted or not)."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            ip = getattr(conn, "_ip", None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
 
     @defer.inlineCallbacks
     def shutdown(self, grace=CLOSE_GRACE):
@@ -563,6 +623,20 @@ class ChatFactory(protocol.Factory):
         yield _within(defer.DeferredList(gone, consumeErrors=True), grace, self.clock)
         for c in list(self.connections):
             c.transport.abortConnection()
+
+
+#: files a node needs besides its client connections (listeners, the store,
+#: logs, the embedded store's pipes)
+FILES_HEADROOM = 100
+
+
+def _files_limit():
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _within(d, seconds, clock):

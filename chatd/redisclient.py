@@ -32,11 +32,14 @@ library is loaded again; nothing runs out of order (see :meth:`RedisClient.scrip
 import collections
 import hashlib
 import os
+import re
 
 import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
+
+from chatd import config
 
 LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
 
@@ -45,6 +48,18 @@ class StoreUnavailable(Exception):
     """The store could not do what was asked in time; nothing can be assumed
     stored (a reply lost after the store acted is possible: clients retry with
     a ``ref``)."""
+
+
+#: a line ``-- flag: allow-oom`` in a script's text gives its function that
+#: flag. A function without it is refused up front (whole, before it runs)
+#: while the store is over its ``maxmemory``; only the steps that just read
+#: or delete (fetch, ack) have it, so that a full store can still drain.
+_FLAGS = re.compile(rb"^-- flag: ([a-z-]+)", re.M)
+
+
+class StoreFull(StoreUnavailable):
+    """The store refused a write because it is at its memory limit
+    (``maxmemory``, policy ``noeviction``): nothing of it was stored."""
 
 
 class Library:
@@ -66,9 +81,10 @@ class Library:
         for n, body in bodies:
             fname = ("%s_%s" % (self.name, n)).encode("ascii")
             self.functions[n] = fname
+            flags = b", ".join(b"'%s'" % f for f in _FLAGS.findall(body))
             parts.append(b"\nlocal function %s(KEYS, ARGV)\n%s\nend\n"
-                         b"redis.register_function('%s', %s)\n"
-                         % (n.encode(), body, fname, n.encode()))
+                         b"redis.register_function{function_name='%s', callback=%s, "
+                         b"flags={%s}}\n" % (n.encode(), body, fname, n.encode(), flags))
         self.source = b"".join(parts)
 
 
@@ -163,18 +179,26 @@ class RedisClient:
         factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
                            None, t.password, None, False, t.username)
         factory.client = self
+        # txredisapi fails this Deferred when AUTH is refused (and then stops
+        # retrying): say so plainly, not as an unhandled error
+        factory.deferred.addErrback(self._auth_failed)
         if t.path:
             endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
         else:
-            from twisted.internet import ssl
             endpoint = txredisapi._makeEndpoint(
-                t.host, t.port, self.timeout, ssl.ClientContextFactory() if t.tls else None)
+                t.host, t.port, self.timeout, tls_options(t, self.log) if t.tls else None)
         self._factory = factory
         factory.startConnecting(endpoint)
         self._watchdog = task.LoopingCall(self._check_deadlines)
         self._watchdog.clock = self.reactor
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
         return self
+
+    def _auth_failed(self, failure):
+        self.log.error("the store {store} refused chatd's credentials ({why}); chatd "
+                       "will not try again: fix the password (--redis-password-file) "
+                       "and restart", store=self.target.describe(),
+                       why=failure.getErrorMessage())
 
     def when_connected(self, timeout):
         """Deferred that fires once connected, or after ``timeout`` regardless
@@ -216,6 +240,13 @@ class RedisClient:
         d = self._send((b"FCALL", self._library.functions[name], len(keys), *keys, *args))
         d.addErrback(self._missing)
         return d.addErrback(self._unavailable, name)
+
+    def config_get(self, name):
+        """Deferred of a store setting (bytes), or None when the store will not
+        say (CONFIG renamed or forbidden, as managed Redis services do)."""
+        d = self._send((b"CONFIG", b"GET", name))
+        return d.addCallbacks(lambda r: r[1] if r and len(r) > 1 else None,
+                              lambda f: None)
 
     def _conn(self):
         factory = self._factory
@@ -269,12 +300,30 @@ class RedisClient:
             self._reloading = False
             if not f.check(txredisapi.ResponseError):
                 return  # the connection is gone: the next one loads it
+            if f.getErrorMessage().startswith("OOM"):
+                # functions are stored with the data: the library loaded
+                # before is there, unless this chatd version is new
+                self._warn_full()
+                return
             self.log.error(
                 "the store refused chatd's function library ({why}); chatd needs "
                 "Redis >= 7.0 or Valkey (FUNCTION LOAD, FCALL)", why=f.getErrorMessage())
 
         self._send((b"FUNCTION", b"LOAD", b"REPLACE", self._library.source)).addCallbacks(
             loaded, failed)
+
+    _full_logged = None
+
+    def _warn_full(self):
+        """Say that the store is full, once a minute at most (every refused
+        write would be one line)."""
+        now = self.reactor.seconds()
+        if self._full_logged is None or now - self._full_logged >= 60:
+            self._full_logged = now
+            self.log.warn(
+                "the store is out of memory (its maxmemory): messages and registers "
+                "are refused with 'unavailable' until acks, expiry or a higher "
+                "limit (--store-max-memory, or maxmemory on your Redis) make room")
 
     def _missing(self, failure):
         if failure.check(txredisapi.ResponseError) and \
@@ -338,12 +387,37 @@ class RedisClient:
 
     def _unavailable(self, failure, what):
         if failure.check(StoreUnavailable):
-            raise StoreUnavailable("%s: %s" % (_text(what), failure.value))
+            raise failure.type("%s: %s" % (_text(what), failure.value))
         reason = "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+        if failure.check(txredisapi.ResponseError) and \
+                failure.getErrorMessage().startswith("OOM"):
+            self._warn_full()
+            raise StoreFull("%s: the store is out of memory (maxmemory)" % _text(what))
         if failure.check(txredisapi.ResponseError):
             # an error reply is a bug or a misconfigured store, not an outage
             self.log.error("store error on {what}: {reason}", what=_text(what), reason=reason)
         raise StoreUnavailable("%s: %s" % (_text(what), reason))
+
+
+def tls_options(target, log=None):
+    """The TLS client options of a ``rediss://`` target: the server's
+    certificate must be valid for the target's host name (or IP address) and
+    signed by a CA of ``target.tls_ca_file`` (else one the system trusts).
+    Only ``tls_verify=False`` (``--redis-tls-insecure``) turns that off, and
+    it is logged as critical: anyone on the path can then read and change
+    every message."""
+    from twisted.internet import ssl
+    if not target.tls_verify:
+        if log is not None:
+            log.critical(
+                "--redis-tls-insecure: the certificate of the store {store} is NOT "
+                "checked; anyone on the network path can read and change every "
+                "message and token. Use it for tests only.", store=target.describe())
+        return ssl.CertificateOptions(verify=False)
+    trust = None
+    if target.tls_ca_file:
+        trust = ssl.trustRootFromCertificates(config.load_certificates(target.tls_ca_file))
+    return ssl.optionsForClientTLS(target.host, trustRoot=trust)
 
 
 def _text(what):

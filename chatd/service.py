@@ -10,6 +10,7 @@ packets finish, send ``shutdown`` to every client, close the store client,
 and only then stop the embedded store.
 """
 
+import ipaddress
 import sys
 
 from twisted.application import service
@@ -71,6 +72,8 @@ class ChatService(service.Service):
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
+        if self.settings.redis is not None:
+            self._check_policy((yield self.client.config_get(b"maxmemory-policy")))
         store = Store(self.client, self.settings, self.reactor)
         hub = Hub(store, self.settings, self.reactor)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
@@ -83,6 +86,14 @@ class ChatService(service.Service):
             self.log.info("chatd listening on {kind} {where} (store: {store})",
                           kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
+            if self.settings.registration == "open" and not _loopback(host):
+                self.log.warn(
+                    "registration is open on {where}, which other machines can reach: "
+                    "anyone can register any id, take it over and read the messages "
+                    "waiting for it. Use --registration claim (first register keeps "
+                    "an id) or proof (a signed ticket), or listen on 127.0.0.1.",
+                    where=where)
+
         if self.settings.websocket:
             from chatd.websocket import site
             web = site(self.factory)
@@ -93,6 +104,16 @@ class ChatService(service.Service):
             scheme = "https" if description.startswith("ssl:") else "http"
             where = getattr(host, "name", None) or "%s://%s:%s/" % (scheme, host.host, host.port)
             self.log.info("chatd web page on {where} (WebSocket at /ws)", where=where)
+
+    def _check_policy(self, policy):
+        """An external store that evicts when full deletes tokens and waiting
+        messages (accepted, so promised) instead of refusing new writes."""
+        if policy is not None and policy != b"noeviction":
+            self.log.warn(
+                "the store {store} has maxmemory-policy {policy}: when it is full it "
+                "deletes keys (tokens, waiting messages) instead of refusing writes; "
+                "set maxmemory-policy noeviction (and a maxmemory) for chatd",
+                store=self.target.describe(), policy=policy.decode("ascii", "replace"))
 
     def _failed(self, failure):
         self.log.failure("chatd could not start", failure)
@@ -113,12 +134,24 @@ class ChatService(service.Service):
             yield self.client.close()
 
 
+def _loopback(address):
+    """Whether only this machine can reach a listening address (a unix
+    socket, or a loopback IP; not 0.0.0.0, which is every interface)."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def build(settings):
     """The root service of a chatd node."""
     root = SequentialMultiService()
     if settings.redis is None:
         from chatd.embedded import EmbeddedStore, EmbeddedStoreError
-        store = EmbeddedStore(settings.data_dir)
+        store = EmbeddedStore(settings.data_dir, max_memory=settings.store_max_memory)
         try:
             store.claim()
         except EmbeddedStoreError as e:

@@ -18,6 +18,9 @@ touches one slot):
     txredisapi is about 3x faster (flat replies), and ids are kept by the
     counter instead. Only the head is ever removed (acks, expiry), so the
     ids in it are consecutive and the scripts find an id by arithmetic.
+``chatd:{D}:proof:<hash of a proof ticket>``
+    Marks a registration ticket as used, until it expires (a ticket is good
+    for one register).
 ``chatd:{D}:dedup:<hash of text>``
     Marks a text accepted for D within the dedup window (``SET PX``).
 ``chatd:{D}:ref:<hash of sender and ref>``
@@ -105,21 +108,30 @@ class Store:
 
     # -- single calls ----------------------------------------------------------------
 
-    def register(self, device, token_hash):
-        """Store D's new token (hash); every older token is revoked by it."""
-        return self.client.call(b"SET", _keys(device) + b"token", token_hash)
+    def register(self, device, token_hash, claim=False, ticket=None, ticket_ms=0):
+        """Store D's new token (hash); every older token is revoked by it.
+        Deferred of ``"ok"``; or, changing nothing, ``"taken"`` (``claim``:
+        D is registered and not revoked) or ``"used"`` (the proof ``ticket``,
+        remembered for ``ticket_ms``, was used before)."""
+        prefix = _keys(device)
+        used = prefix + b"proof:" + (hashlib.sha256(ticket.encode("utf-8")).hexdigest().encode()
+                                     if ticket else b"-")
+        d = self.client.script("register", [prefix + b"token", used], [
+            token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0)])
+        return d.addCallback(lambda status: status.decode("ascii"))
 
     def token_hash(self, device):
         """D's stored token hash, or None if D never registered."""
         return self.client.call(b"GET", _keys(device) + b"token")
 
-    def fetch(self, device, after, count):
+    def fetch(self, device, after, count, max_bytes=0):
         """D's waiting messages with ids after ``after`` (an int), at most
-        ``count``: Deferred of ``(pending, last_id, entries)`` where pending
-        counts all stored messages and last_id is D's id counter."""
+        ``count`` and (but for the first) ``max_bytes``: Deferred of
+        ``(pending, last_id, entries)`` where pending counts all stored
+        messages and last_id is D's id counter."""
         prefix = _keys(device)
         d = self.client.script("fetch", [prefix + b"inbox", prefix + b"seq"],
-                               [after, count, self._now_ms(), self._ttl_ms])
+                               [after, count, self._now_ms(), self._ttl_ms, max_bytes])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
     # -- batched calls ---------------------------------------------------------------

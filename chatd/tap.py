@@ -6,9 +6,15 @@ tree it starts (:func:`makeService`).
 import dataclasses
 import functools
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd import config
+
+
+REGISTRATION_MODES = ("open", "claim", "proof")
+#: the smallest --store-max-memory: an empty valkey-server uses about 1 MiB
+MIN_STORE_MEMORY = 16 << 20
 
 
 def _coerce(parser, name, **kw):
@@ -32,8 +38,17 @@ class Options(usage.Options):
         ["redis", None, None, "External store: redis://[:password@]host:port/db, "
          "rediss://host:port/db (TLS) or unix:///path.sock?db=N. Absent: the "
          "embedded store in --data-dir.", _coerce(config.parse_redis_url, "redis")],
+        ["redis-password-file", None, None, "File holding the store's password "
+         "(instead of a password in --redis, which every user can read in the "
+         "process list)."],
+        ["redis-ca-file", None, None, "PEM file of the CA(s) that sign the "
+         "rediss:// server's certificate (default: the system's trusted CAs)."],
         ["data-dir", None, "chatd-data", "Directory of the embedded store (AOF data, "
          "socket, pid file)."],
+        ["store-max-memory", None, "1G", "Memory limit of the embedded store "
+         "(maxmemory, policy noeviction): over it, messages and registers are "
+         "refused with 'unavailable' and nothing stored is evicted; 0: no limit.",
+         _coerce(config.parse_size, "store-max-memory", minimum=0)],
         ["redis-timeout", None, "2s", "Deadline of every store call.",
          _coerce(config.parse_duration, "redis-timeout")],
         ["dedup-window", None, "5s", "A text accepted for a receiver is refused as "
@@ -62,14 +77,33 @@ class Options(usage.Options):
          _coerce(config.parse_count, "rate-burst")],
         ["output-limit", None, "1M", "Bytes queued for a client that does not read "
          "before it is closed with slow_consumer.", _coerce(config.parse_size, "output-limit", minimum=4096)],
-        ["registration", None, "open", "open: anyone may register any id; proof: "
-         "register needs a ticket signed with --registration-secret-file."],
+        ["max-connections", None, "0", "Most client connections at once; one more "
+         "is sent too_many_connections and closed. 0: the open-files limit less "
+         "100 (each connection is a file).",
+         _coerce(config.parse_count, "max-connections", minimum=0)],
+        ["max-connections-per-ip", None, "0", "Most client connections from one "
+         "address; 0: no cap. Mind carrier NAT: thousands of phones may share "
+         "one address.", _coerce(config.parse_count, "max-connections-per-ip", minimum=0)],
+        ["registration", None, "open", "open: anyone may register any id (and so "
+         "take it over); claim: the first register of an id keeps it, until the "
+         "operator revokes it (chatd-admin revoke); proof: register needs a ticket "
+         "signed with --registration-secret-file."],
+        ["proof-max-age", None, "10m", "A proof ticket must expire within this "
+         "(a later expiry is refused); each ticket is good for one register.",
+         _coerce(config.parse_duration, "proof-max-age")],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
     ]
 
+    optFlags = [
+        ["redis-tls-insecure", None, "rediss:// without checking the server's "
+         "certificate: anyone on the path can read and change every message. "
+         "For tests only; logged loudly."],
+    ]
+
     def __init__(self):
         super().__init__()
+        self.warnings = []
         self["listen"] = []
         self["websocket"] = []
         # twistd coerces values given on the command line, not the defaults
@@ -104,18 +138,21 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def postOptions(self):
-        if self["registration"] not in ("open", "proof"):
+        if self["registration"] not in REGISTRATION_MODES:
             raise usage.UsageError(
-                "--registration: %r is not allowed (open or proof)" % self["registration"])
+                "--registration: %r is not allowed (open, claim or proof)"
+                % self["registration"])
         secret = None
         if self["registration-secret-file"]:
-            try:
-                secret = config.read_secret_file(self["registration-secret-file"])
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
+            secret = self._secret("registration-secret-file")
+        self._redis_options()
         if self["registration"] == "proof" and secret is None:
             raise usage.UsageError(
                 "--registration proof needs --registration-secret-file PATH")
+        if 0 < self["store-max-memory"] < MIN_STORE_MEMORY:
+            raise usage.UsageError(
+                "--store-max-memory: at least %dM (the store itself needs some), "
+                "or 0 for no limit" % (MIN_STORE_MEMORY >> 20))
         if self["max-message"] > self["max-line"]:
             raise usage.UsageError(
                 "--max-message (%d) must not exceed --max-line (%d)"
@@ -147,6 +184,46 @@ class Options(usage.Options):
             self["idle-timeout"] = max(idle, 2 * keepalive)
 
 
+    def _secret(self, option, **kw):
+        try:
+            secret, warning = config.read_secret_file(self[option], name=option, **kw)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if warning:
+            self.warnings.append(warning)
+        return secret
+
+    def _redis_options(self):
+        """Fold the password file and the TLS options into the store target."""
+        target = self["redis"]
+        extra = {}
+        if target is not None and target.password and not self["redis-password-file"]:
+            self.warnings.append(
+                "--redis: a password in the URL can be read by every user of this "
+                "machine (the process list); use --redis-password-file")
+        if self["redis-password-file"]:
+            if target is None:
+                raise usage.UsageError("--redis-password-file needs --redis")
+            extra["password"] = self._secret("redis-password-file", minimum=1).decode(
+                "utf-8", "surrogateescape")
+        if self["redis-ca-file"] or self["redis-tls-insecure"]:
+            if target is None or not target.tls:
+                raise usage.UsageError(
+                    "--redis-ca-file and --redis-tls-insecure need a rediss:// --redis")
+            if self["redis-ca-file"]:
+                try:
+                    config.check_ca_file(self["redis-ca-file"])
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+                extra["tls_ca_file"] = self["redis-ca-file"]
+            extra["tls_verify"] = not self["redis-tls-insecure"]
+        if extra:
+            self["redis"] = dataclasses.replace(target, **extra)
+
+
 def makeService(options):
     from chatd.service import build
+    log = Logger(namespace="chatd")
+    for warning in getattr(options, "warnings", ()):
+        log.warn("{warning}", warning=warning)
     return build(options.settings)

@@ -42,19 +42,22 @@ def _mac(secret, sender, expiry_text):
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def check_proof(secret, sender, proof, now):
-    """True when ``proof`` is a valid, unexpired ticket for ``sender``."""
+def check_proof(secret, sender, proof, now, max_age=None):
+    """The expiry (unix seconds) of ``proof`` when it is a valid, unexpired
+    ticket for ``sender`` that expires within ``max_age`` seconds; else None.
+    (A ticket "valid" until the year 33658 is as good as eternal: the issuer
+    says how long a phone has to use it, and the server caps that.)"""
     if not isinstance(proof, str):
-        return False
+        return None
     expiry_text, sep, mac = proof.partition(":")
     if not sep or not expiry_text.isascii() or not expiry_text.isdigit() or len(expiry_text) > 12:
-        return False
+        return None
     expiry = int(expiry_text)
-    if expiry <= now:
-        return False
+    if expiry <= now or (max_age is not None and expiry > now + max_age):
+        return None
     # the MAC covers the expiry exactly as written in the ticket
     expected = _mac(secret, sender, expiry_text)
     # the contract says lowercase hex; compare_digest needs ASCII on both sides
     if not mac.isascii():
-        return False
-    return hmac.compare_digest(expected, mac)
+        return None
+    return expiry if hmac.compare_digest(expected, mac) else None

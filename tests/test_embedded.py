@@ -258,7 +258,7 @@ async def test_orphan_of_killed_chatd_is_stopped(tmp_path, make_store):
 @pytest_twisted.ensureDeferred
 async def test_stale_pid_file_of_unrelated_process(tmp_path, make_store):
     data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(mode=0o700)  # a data dir must be private (chatd refuses others)
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         (data / "valkey.pid").write_text("%d\n" % bystander.pid)

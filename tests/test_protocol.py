@@ -514,10 +514,11 @@ async def test_rate_limit(chatd, clients):
     c = await clients(node)
     for i in range(8):
         c.send({"ping": i, "ref": "p%d" % i})
-    replies = [await c.next() for _ in range(8)]
+    replies = [await c.next() for _ in range(6)]
     assert [r["type"] for r in replies[:5]] == ["pong"] * 5
-    assert all(r["type"] == "error" and r["code"] == "rate_limited" for r in replies[5:])
-    assert replies[5]["ref"] == "p5"
+    # one rate_limited for the first packet dropped; the others are dropped
+    # in silence (see test_security: a reply per drop was an amplifier)
+    assert replies[5]["code"] == "rate_limited" and replies[5]["ref"] == "p5"
     # the bucket refills at the rate
     await pass_time(0.25)
     c.send({"ping": "again"})

@@ -65,7 +65,7 @@ def test_redis_urls(url, target):
     (["--rate-limit", "-1"], ["--rate-limit"]),
     (["--keepalive", "5m", "--idle-timeout", "1m"], ["--idle-timeout", "--keepalive"]),
     (["--keepalive", "1m", "--idle-timeout", "1m"], ["--idle-timeout", "--keepalive"]),
-    (["--registration", "closed"], ["--registration", "open or proof"]),
+    (["--registration", "closed"], ["--registration", "open, claim or proof"]),
     (["--registration", "proof"], ["--registration-secret-file"]),
     (["--registration-secret-file", "/nonexistent/secret"], ["--registration-secret-file"]),
 ])
@@ -91,9 +91,13 @@ def test_one_liveness_option_alone_works(args, keepalive, idle):
 
 def test_secret_file_loses_one_trailing_newline(tmp_path):
     p = tmp_path / "secret"
-    p.write_bytes(b"abc\n\n")
+    key = b"k" * 32
+    p.write_bytes(key + b"\n\n")
+    p.chmod(0o600)
     s = parse("--registration", "proof", "--registration-secret-file", str(p))
-    assert s.registration_secret == b"abc\n"
+    assert s.registration_secret == key + b"\n"
+    p.write_bytes(key + b"\r\n")  # written on Windows, or with echo -e
+    assert parse("--registration-secret-file", str(p)).registration_secret == key
     p.write_bytes(b"\n")
     with pytest.raises(usage.UsageError):
         parse("--registration-secret-file", str(p))

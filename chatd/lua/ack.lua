@@ -1,3 +1,4 @@
+-- flag: allow-oom (it only deletes: a store at its memory limit must still drain)
 -- Remove acked messages from several inboxes (cumulative acks), one round
 -- trip for the batch.
 --

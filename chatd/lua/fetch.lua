@@ -1,10 +1,12 @@
+-- flag: allow-oom (it reads, and drops expired messages: it never adds)
 -- Read a receiver's waiting messages after a given id, for a push.
 --
 -- KEYS[1] inbox, KEYS[2] id counter
--- ARGV: after_id, count, now_ms, inbox_ttl_ms
+-- ARGV: after_id, count, now_ms, inbox_ttl_ms, max_bytes
 -- Returns {pending, last_id, entry...}: pending counts every stored message
 -- (pushed before or not), last_id is the counter (every id up to it is
--- either in the inbox or gone), then up to count entries with id > after_id.
+-- either in the inbox or gone), then up to count entries with id > after_id,
+-- and no more than max_bytes of them (but at least one; 0: no byte limit).
 --
 -- The inbox holds consecutive ids (only its head is ever removed: acks and
 -- expiry), so the entry with id x sits at index x - head_id.
@@ -21,5 +23,11 @@ local result = {redis.call("LLEN", inbox), last}
 local count = tonumber(ARGV[2])
 if count <= 0 then return result end
 local entries = redis.call("LRANGE", inbox, start, start + count - 1)
-for i = 1, #entries do result[i + 2] = entries[i] end
+local budget = tonumber(ARGV[5]) or 0
+local size = 0
+for i = 1, #entries do
+  size = size + #entries[i]
+  if budget > 0 and size > budget and i > 1 then break end
+  result[i + 2] = entries[i]
+end
 return result

@@ -1,0 +1,21 @@
+-- Register a device: store the hash of its new token (which revokes every
+-- older one), in the same atomic step as the checks of the registration
+-- mode, so that two registers of one id cannot both pass them.
+--
+-- KEYS[1] the token hash (absent: never registered; "revoked": the operator
+--   revoked it, see chatd-admin), KEYS[2] the used-ticket marker of the
+--   register's proof (unused without one).
+-- ARGV: token_hash, claim ("1": the id must be free or revoked), ticket_ms
+--   (the ticket's remaining life; "0": no ticket).
+-- Returns "ok", "taken" (claim: the id belongs to someone) or "used" (the
+-- ticket was used before). A refused register changes nothing.
+if ARGV[2] == "1" then
+  local current = redis.call("GET", KEYS[1])
+  if current and current ~= "revoked" then return "taken" end
+end
+local ticket_ms = tonumber(ARGV[3])
+if ticket_ms > 0 and not redis.call("SET", KEYS[2], "1", "NX", "PX", ticket_ms) then
+  return "used"
+end
+redis.call("SET", KEYS[1], ARGV[1])
+return "ok"
