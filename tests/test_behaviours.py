@@ -25,11 +25,18 @@ async def test_acks_do_not_count_against_the_rate_limit(chatd, clients, redis):
     """A phone acks every push; acks are free, so a big inbox never gets it
     rate_limited. (Broken: acks taken from the bucket like other packets.)"""
     node, a, b = await pair(chatd, clients, rate_limit=1.0, rate_burst=5)
-    a.send({"message": "ack me", "receiver": "bob"})
-    await a.expect("accepted")
-    push = await b.expect("message", message="ack me")
-    # 20 acks: four times what is left of bob's bucket (5, less the register)
-    b.send(b"".join(b'{"ack": "%s"}\n' % push["id"].encode() for _ in range(20))
+    token = a.token
+    # 20 messages for bob, from one-shot connections (each has its own bucket)
+    for i in range(5):
+        s = await clients(node)
+        for k in range(4):
+            s.send({"message": "ack me %d" % (4 * i + k), "receiver": "bob",
+                    "sender": "alice", "token": token})
+            await s.expect("accepted")
+    pushes = [await b.expect("message") for _ in range(20)]
+    # 20 acks, one per push: four times what is left of bob's bucket (5, less
+    # the register); an ack of an id newly pushed is free
+    b.send(b"".join(b'{"ack": "%s"}\n' % p["id"].encode() for p in pushes)
            + b'{"ping": "after the acks"}\n')
     assert await b.next() == {"type": "pong", "ping": "after the acks"}
     await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0,

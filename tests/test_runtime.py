@@ -9,6 +9,7 @@ Each test was run against chatd broken on purpose (named in its docstring)
 and failed.
 """
 
+import dataclasses
 import os
 import socket
 
@@ -165,7 +166,9 @@ async def test_rediss_speaks_tls_to_the_store(chatd, clients, redis, tmp_path):
     key_path, cert_path = make_certificate(str(tmp_path))
     port = await tls_proxy(key_path, cert_path, redis.path)
     try:
-        target = parse_redis_url("rediss://127.0.0.1:%d/2" % port.getHost().port)
+        target = dataclasses.replace(
+            parse_redis_url("rediss://localhost:%d/2" % port.getHost().port),
+            tls_ca_file=cert_path)  # the store's certificate is verified
         node, a, b = await pair(chatd, clients, target)
         await a_message_goes_through(a, b)
         assert redis.command("EXISTS", "chatd:{bob}:token", db=2) == 1
