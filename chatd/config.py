@@ -56,6 +56,7 @@ class Settings:
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
     drain_batch: int = 500
+    metrics: Optional[str] = None  # endpoint of /metrics and /health
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from chatd import packets, tokens
 from chatd.packets import PacketError
 from chatd.redisclient import StoreUnavailable
+from chatd.stats import Stats
 
 
 class Connection:
@@ -228,6 +229,7 @@ class Hub:
         self.remote = remote or NoRemote()
         self.batch = settings.drain_batch
         self.sessions = {}  # destinationId -> Delivery
+        self.stats = Stats()  # bumped by the connections, read by chatd.metrics
 
     # -- binding -----------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class ChatProtocol(LineReceiver):
         self.settings = s = f.settings
         self.hub = f.hub
         self.store = f.hub.store
+        self.stats = f.hub.stats
         self.clock = f.clock
         self.MAX_LENGTH = s.max_line + 1  # a telnet \r may follow a full line
         self._closing = False
@@ -121,6 +122,7 @@ class ChatProtocol(LineReceiver):
             packet = packets.parse_line(line, self.settings.max_message)
         except PacketError as e:
             if self._rate_ok(e.ref):
+                self.stats.errors[e.code] += 1
                 self._reply(packets.error_from(e))
             return
         if packet is None:
@@ -136,10 +138,14 @@ class ChatProtocol(LineReceiver):
         try:
             handler(packet)
         except PacketError as e:
+            self.stats.errors[e.code] += 1
+            if packet.kind == "message":
+                self.stats.messages[e.code] += 1
             self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
         except Exception:
             # a bug must not cost the client its connection (or an answer)
             self.log.failure("internal error on a {kind} packet", kind=packet.kind)
+            self.stats.errors["unavailable"] += 1
             self._reply(packets.error("unavailable", "internal error; retry later",
                                       packet.ref))
 
@@ -157,6 +163,7 @@ class ChatProtocol(LineReceiver):
         if self._tokens >= 1:
             self._tokens -= 1
             return True
+        self.stats.errors["rate_limited"] += 1
         self._reply(packets.error(
             "rate_limited", "more than %g packets a second; slow down (nothing "
             "was done with this one)" % rate, ref))
@@ -183,6 +190,7 @@ class ChatProtocol(LineReceiver):
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
+        self.stats.acks += 1
 
     def handle_ping(self, packet):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
@@ -196,6 +204,7 @@ class ChatProtocol(LineReceiver):
             self._done()
 
     def _answer(self, result, packet):
+        self.stats.messages[result.status] += 1
         if result.status == "accepted":
             return packets.accepted(result.id, packet.receiver, packet.ref)
         if result.status == "duplicate":
@@ -261,11 +270,13 @@ class ChatProtocol(LineReceiver):
             if slot is None:
                 self._reply(data)
             else:
+                self.stats.messages[f.value.code if f.check(PacketError) else "unavailable"] += 1
                 self._fill(slot, data)
         finally:
             self._done()
 
     def _answer_failure(self, f, ref):
+        self.stats.errors[f.value.code if f.check(PacketError) else "unavailable"] += 1
         if f.check(PacketError):
             e = f.value
             return packets.error(e.code, e.reason, ref, e.field)
@@ -288,12 +299,14 @@ class ChatProtocol(LineReceiver):
                                       "pending": pending}))
 
     def push(self, entries):
+        self.stats.pushes += len(entries)
         self.sendLine_(b"\n".join(entries) + b"\n")
 
     def kick(self, code, reason):
         self.close(code, reason)
 
     def report(self, code, reason):
+        self.stats.errors[code] += 1
         self.sendLine_(packets.error(code, reason))
 
     def wait_writable(self):
@@ -353,6 +366,7 @@ class ChatProtocol(LineReceiver):
         the error line could be lost with it."""
         if self._closing:
             return
+        self.stats.errors[code] += 1
         self.transport.write(packets.error(code, reason))
         self._closing = True
         self.hub.unbind(self)

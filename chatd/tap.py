@@ -63,6 +63,11 @@ class Options(usage.Options):
          "register needs a ticket signed with --registration-secret-file."],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
+        ["metrics", None, None, "Serve /metrics (Prometheus) and /health over HTTP on "
+         "this endpoint (tcp:9100:interface=127.0.0.1, unix:/run/chatd-metrics.sock). "
+         "Off by default.", _coerce(config.parse_endpoint, "metrics")],
+        ["log-format", None, "text", "text: twistd's lines; json: one JSON object per "
+         "event and line (to stdout, or to twistd's --logfile)."],
     ]
 
     def __init__(self):
@@ -102,6 +107,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--idle-timeout (%gs) must not be shorter than --keepalive (%gs)"
                 % (self["idle-timeout"], self["keepalive"]))
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(
+                "--log-format: %r is not allowed (text or json)" % self["log-format"])
+        if self["log-format"] == "json":
+            from chatd import logs
+            logs.use_json(getattr(self, "parent", None))
         self["listen"] = tuple(self["listen"])
         self.settings = config.Settings(**{
             f.name: self[f.name.replace("_", "-")]
