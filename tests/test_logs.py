@@ -63,3 +63,18 @@ def test_log_has_one_event_per_line_and_no_token_or_text(tmp_short, fmt):
     assert listening[0]["level"] == "info" and listening[0]["namespace"] == "chatd.service.ChatService"
     assert all(e["time"].endswith("+00:00") for e in events)
     assert events[-1]["message"] == "Server Shut Down."
+
+
+def test_log_format_json_chooses_twistds_observer():
+    from twisted.python import usage
+    from twisted.scripts.twistd import ServerOptions
+
+    from chatd import logs
+    config = ServerOptions()
+    config.parseOptions(["-n", "chatd", "--log-format", "json"])
+    assert config["logger"] is logs.json_observer
+    config = ServerOptions()
+    config.parseOptions(["-n", "chatd"])
+    assert config["logger"] is None
+    with pytest.raises(usage.UsageError, match="--log-format"):
+        ServerOptions().parseOptions(["-n", "chatd", "--log-format", "xml"])

@@ -101,7 +101,6 @@ def test_metrics_count_known_traffic(node):
     finally:
         alice.close()
         bob.close()
-    samples, _ = scrape(base)
     wait_for(lambda: value(scrape(base)[0], "chatd_connections") == 0, 10, "connections 0")
     assert value(scrape(base)[0], "chatd_bound_devices") == 0
 
@@ -170,3 +169,17 @@ async def test_health_says_shutting_down_while_the_node_stops(chatd, clients):
         assert (code, body["reason"]) == (503, "shutting down")
     finally:
         await metrics.stopService()
+
+
+def test_metrics_option_is_off_by_default_and_checked():
+    from twisted.python import usage
+
+    from chatd.tap import Options
+    o = Options()
+    o.parseOptions([])
+    assert o.settings.metrics is None
+    o = Options()
+    o.parseOptions(["--metrics", "tcp:9100:interface=127.0.0.1"])
+    assert o.settings.metrics == "tcp:9100:interface=127.0.0.1"
+    with pytest.raises(usage.UsageError, match="--metrics"):
+        Options().parseOptions(["--metrics", "nonsense:9100"])
