@@ -84,6 +84,14 @@ def test_admin_stats(node):
     assert "devices registered: 3 (0 revoked)" in out
     assert "messages waiting: 2 in 1 inboxes" in out
     assert "for carol" in out
+    assert "bound now: unknown here" in out
+    # presence records of several nodes (one key per bound device, valued
+    # with the node id) are counted per node
+    for device, node_id in (("alice", "n1"), ("bob", "n1"), ("carol", "n2")):
+        store(node, "SET", "chatd:{%s}:node" % device, node_id)
+    code, out, err = run_admin("--json", "stats", data_dir=node.data)
+    assert code == admin.OK, err
+    assert json.loads(out)["bound"] == {"n1": 2, "n2": 1}
     alice.close()
 
 

@@ -156,6 +156,9 @@ async def test_health_says_shutting_down_while_the_node_stops(chatd, clients):
         port = metrics.port.getHost().port
         code, body = await _get(port, b"/health")
         assert (code, body["status"], body["connections"]) == (200, "ok", 0)
+        node.service.node_id = "node-7"  # the node label follows a node id set later
+        code, body = await _get(port, b"/health")
+        assert (code, body["node"]) == (200, "node-7")
         c = await clients(node)
         await c.register("alice")
         code, body = await _get(port, b"/health")
