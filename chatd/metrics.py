@@ -18,6 +18,7 @@ series of several nodes can be told apart and summed.
 import json
 import os
 import socket
+import sys
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -273,10 +274,13 @@ class MetricsService(service.Service):
         self.log.info("chatd metrics listening on {where} (/metrics, /health)", where=where)
 
     def _failed(self, failure):
-        self.log.failure("chatd metrics could not listen on {where}", failure,
-                         where=self.description)
-        if self.reactor.running:
-            self.reactor.stop()
+        """Not listening is a failed start (an operator asked for metrics):
+        say why and stop."""
+        self.log.error("chatd metrics could not listen on {where}: {why}",
+                       where=self.description, why=failure.getErrorMessage())
+        print("chatd: --metrics %s: %s" % (self.description, failure.getErrorMessage()),
+              file=sys.stderr)
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     @defer.inlineCallbacks
     def stopService(self):
