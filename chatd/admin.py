@@ -33,7 +33,8 @@ from chatd.config import parse_duration, parse_redis_url
 OK, FAILED, USAGE, UNKNOWN_ID, UNREACHABLE, NO_STORE = 0, 1, 2, 3, 4, 5
 EXIT_CODES = {
     OK: "done",
-    FAILED: "the store refused a command (an error reply)",
+    FAILED: "the store refused a command (an error reply), or the id was registered "
+            "again while it was being purged",
     USAGE: "bad command line",
     UNKNOWN_ID: "the id is not registered (never, or purged)",
     UNREACHABLE: "the store is unreachable or did not answer within --timeout",
@@ -268,22 +269,52 @@ def cmd_revoke(client, args):
             "%d node(s) told to close its connection" % (device, told))
 
 
+#: delete KEYS[2..] unless KEYS[1] (the token) exists again: the id was
+#: registered again while it was being purged, and the rest is its own now
+_PURGE_STEP = """
+if redis.call("EXISTS", KEYS[1]) == 1 then return -1 end
+local n = 0
+for i = 2, #KEYS do n = n + redis.call("UNLINK", KEYS[i]) end
+return n
+"""
+
+
 def cmd_purge(client, args):
     device = args.id
     _check_id(device)
     prefix = _keys(device)
-    # the token first: from then on sends to it are unknown_receiver and
-    # nothing new of it is written while the rest is found and deleted
-    existed = client.delete(prefix + "token")
-    deleted = existed
-    batch = []
+    token, seq = (prefix + "token").encode(), (prefix + "seq").encode()
+    # the token first: from then on sends to the id are unknown_receiver and
+    # nothing new of it is written. Then the rest, a batch per atomic step,
+    # each only while the id is still unregistered; its id counter last, so
+    # that a register in the middle keeps its ids increasing.
+    deleted = client.delete(token)
+    batch, again = [], False
+
+    def step(keys):
+        nonlocal deleted, again
+        n = client.eval(_PURGE_STEP, 1 + len(keys), token, *keys)
+        if n < 0:
+            again = True
+        else:
+            deleted += n
+
     for key in _scan(client, prefix + "*"):
-        batch.append(key)
+        if key not in (token, seq):
+            batch.append(key)
         if len(batch) >= _SCAN_COUNT:
-            deleted += client.unlink(*batch)
+            step(batch)
             batch = []
-    if batch:
-        deleted += client.unlink(*batch)
+        if again:
+            break
+    if batch and not again:
+        step(batch)
+    if not again:
+        step([seq])
+    if again:
+        raise AdminError(FAILED, "%s registered again while it was being purged; "
+                                 "%d keys were deleted, the rest is kept for the new "
+                                 "registration (purge again if meant)" % (device, deleted))
     if not deleted:
         raise AdminError(UNKNOWN_ID, "%s has nothing in the store (never registered, "
                                      "or purged already)" % device)

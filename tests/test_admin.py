@@ -193,3 +193,37 @@ def test_admin_closes_the_live_connection_with_revoked(node, command):
     assert bob.expect("error")["code"] == "revoked"
     assert bob.recv() is None  # then closed
     bob.close()
+
+
+def test_admin_purge_keeps_a_registration_made_during_it(node):
+    """carol registers again while her keys are being deleted: the purge
+    stops, says so (exit code 1), and her new registration keeps working
+    with ids that still increase."""
+    import argparse
+
+    import valkey
+    alice, _ = with_waiting(node)
+    client = valkey.Valkey(unix_socket_path=os.path.join(node.data, "valkey.sock"),
+                           socket_timeout=10)
+    client.where = "the test store"
+    scan = client.scan_iter
+    carol = LineClient(node.port)
+
+    def scan_iter(**kw):
+        for i, key in enumerate(scan(**kw)):
+            if i == 0:
+                carol.register("carol")  # the token was deleted, the rest not yet
+            yield key
+
+    client.scan_iter = scan_iter
+    args = argparse.Namespace(id="carol", json=True)
+    with pytest.raises(admin.AdminError) as e:
+        admin.cmd_purge(client, args)
+    client.close()
+    assert e.value.code == admin.FAILED and "registered again" in str(e.value)
+    assert store(node, "GET", "chatd:{carol}:seq") == b"2"
+    reply = alice.message("carol", "still there?")
+    assert (reply["type"], reply["id"]) == ("accepted", "0000000000000003")
+    assert [carol.expect("message")["id"][-1:] for _ in range(3)] == ["1", "2", "3"]
+    carol.close()
+    alice.close()
