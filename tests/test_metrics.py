@@ -8,6 +8,7 @@ node while the test holds on to its /health.
 import json
 import os
 import signal
+import socket
 
 import pytest
 import pytest_twisted
@@ -134,7 +135,8 @@ def test_health_turns_503_while_the_store_is_frozen_and_200_after(node):
         alice.close()
 
 
-async def _get(port, path):
+async def _get(port, path, parse=json.loads):
+    """GET from a node of this process (through the reactor): (status, body)."""
     from twisted.internet import reactor
     from twisted.web.client import Agent, readBody
 
@@ -142,18 +144,55 @@ async def _get(port, path):
     response = await with_deadline(Agent(reactor).request(
         b"GET", b"http://127.0.0.1:%d%s" % (port, path)), what="an HTTP response")
     body = await with_deadline(readBody(response), what="an HTTP body")
-    return response.code, json.loads(body)
+    return response.code, parse(body)
+
+
+async def _metrics_of(node):
+    """A started MetricsService of an in-process node, and its port."""
+    from chatd.metrics import MetricsService
+    metrics = MetricsService("tcp:0:interface=127.0.0.1", node.service)
+    metrics.startService()
+    await metrics._listening
+    return metrics, metrics.port.getHost().port
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_a_slow_consumer(chatd, clients):
+    from tests.helpers import wait_until
+    node = await chatd(output_limit=64 * 1024)
+    metrics, port = await _metrics_of(node)
+    a = await clients(node)
+    await a.register("alice")
+    sleeper = socket.socket()
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.connect(("127.0.0.1", node.port))
+    try:
+        sleeper.sendall(b'{"register":"true","sender":"sleeper"}\n')
+        await wait_until(lambda: "sleeper" in node.hub.sessions)
+        n = 0
+        while "sleeper" in node.hub.sessions:
+            assert n < 2000, "the slow consumer was never cut"
+            a.send({"message": "%d %s" % (n, "z" * 16000), "receiver": "sleeper"})
+            await a.expect("accepted")
+            n += 1
+        code, text = await _get(port, b"/metrics", bytes.decode)
+        assert code == 200
+        samples = {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "node")):
+                   s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert value(samples, "chatd_slow_consumer_total") == 1
+        assert value(samples, "chatd_errors_total", code="slow_consumer") == 1
+        assert value(samples, "chatd_messages_total", result="accepted") == n
+        assert 1 <= value(samples, "chatd_pushes_total") <= n
+    finally:
+        sleeper.close()
+        await metrics.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_health_says_shutting_down_while_the_node_stops(chatd, clients):
-    from chatd.metrics import MetricsService
     node = await chatd()
-    metrics = MetricsService("tcp:0:interface=127.0.0.1", node.service)
-    metrics.startService()
+    metrics, port = await _metrics_of(node)
     try:
-        await metrics._listening
-        port = metrics.port.getHost().port
         code, body = await _get(port, b"/health")
         assert (code, body["status"], body["connections"]) == (200, "ok", 0)
         node.service.node_id = "node-7"  # the node label follows a node id set later
