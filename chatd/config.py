@@ -65,6 +65,7 @@ class Settings:
     registration_secret: Optional[bytes] = field(default=None, repr=False)
     proof_max_age: float = 600.0  # a proof ticket must expire within this
     drain_batch: int = 500
+    metrics: Optional[str] = None  # endpoint of /metrics and /health
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")

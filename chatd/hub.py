@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from chatd import packets, tokens
 from chatd.packets import PacketError
 from chatd.redisclient import StoreUnavailable
+from chatd.stats import Stats
 
 
 class Connection:
@@ -233,6 +234,7 @@ class Hub:
         # ChatProtocol.sendLine_: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery
+        self.stats = Stats()  # bumped by the connections, read by chatd.metrics
 
     # -- binding -----------------------------------------------------------------
 

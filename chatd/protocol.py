@@ -75,6 +75,7 @@ class ChatProtocol:
         self.settings = s = f.settings
         self.hub = f.hub
         self.store = f.hub.store
+        self.stats = f.hub.stats
         self.clock = f.clock
         self._closing = False
         self._pauses = set()
@@ -152,6 +153,7 @@ class ChatProtocol:
         except PacketError as e:
             if self._rate_ok(e.ref):
                 self._touch()
+                self.stats.errors[e.code] += 1
                 self._reply(packets.error_from(e))
             return
         if packet is None:
@@ -170,10 +172,14 @@ class ChatProtocol:
         try:
             handler(packet)
         except PacketError as e:
+            self.stats.errors[e.code] += 1
+            if packet.kind == "message":
+                self.stats.messages[e.code] += 1
             self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
         except Exception:
             # a bug must not cost the client its connection (or an answer)
             self.log.failure("internal error on a {kind} packet", kind=packet.kind)
+            self.stats.errors["unavailable"] += 1
             self._reply(packets.error("unavailable", "internal error; retry later",
                                       packet.ref))
 
@@ -206,6 +212,7 @@ class ChatProtocol:
             self.close("rate_limited", "more than %g packets a second, and still "
                        "sending after rate_limited; closing" % rate)
         elif verdict is ratelimit.TELL:
+            self.stats.errors["rate_limited"] += 1
             self._reply(packets.error(
                 "rate_limited", "more than %g packets a second; slow down (nothing "
                 "was done with this one, nor will be with the next ones until "
@@ -234,6 +241,7 @@ class ChatProtocol:
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
+        self.stats.acks += 1
 
     def handle_ping(self, packet):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
@@ -247,6 +255,7 @@ class ChatProtocol:
             self._done()
 
     def _answer(self, result, packet):
+        self.stats.messages[result.status] += 1
         if result.status == "accepted":
             return packets.accepted(result.id, packet.receiver, packet.ref)
         if result.status == "duplicate":
@@ -312,11 +321,13 @@ class ChatProtocol:
             if slot is None:
                 self._reply(data)
             else:
+                self.stats.messages[f.value.code if f.check(PacketError) else "unavailable"] += 1
                 self._fill(slot, data)
         finally:
             self._done()
 
     def _answer_failure(self, f, ref):
+        self.stats.errors[f.value.code if f.check(PacketError) else "unavailable"] += 1
         if f.check(PacketError):
             e = f.value
             return packets.error(e.code, e.reason, ref, e.field)
@@ -343,12 +354,14 @@ class ChatProtocol:
                                       "pending": pending}))
 
     def push(self, entries):
+        self.stats.pushes += len(entries)
         self.sendLine_(b"\n".join(entries) + b"\n")
 
     def kick(self, code, reason):
         self.close(code, reason)
 
     def report(self, code, reason):
+        self.stats.errors[code] += 1
         self.sendLine_(packets.error(code, reason))
 
     def wait_writable(self):
@@ -413,6 +426,7 @@ class ChatProtocol:
         the error line could be lost with it."""
         if self._closing:
             return
+        self.stats.errors[code] += 1
         self._write_closing(packets.error(code, reason), code)
         self._closing = True
         self._backlog.clear()

@@ -40,6 +40,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
 from chatd import config
+from chatd.stats import StoreStats
 
 LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
 
@@ -171,6 +172,7 @@ class RedisClient:
         self._overdue = None  # the call found overdue, awaiting confirmation
         self._offset = None   # the store's clock minus ours, in ms
         self._ready = []
+        self.stats = StoreStats()  # read by chatd.metrics
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -226,7 +228,8 @@ class RedisClient:
 
     def call(self, *args):
         """Run one command; Deferred of its reply (bytes, int, list, None)."""
-        return self._send(args).addErrback(self._unavailable, args[0])
+        d = self._send(args).addBoth(self._timed, args[0], self.reactor.seconds())
+        return d.addErrback(self._unavailable, args[0])
 
     def script(self, name, keys, args):
         """Run ``chatd/lua/<name>.lua`` (a function of chatd's library);
@@ -238,6 +241,7 @@ class RedisClient:
         second time behind calls sent after it, which is what would reorder
         one connection's messages."""
         d = self._send((b"FCALL", self._library.functions[name], len(keys), *keys, *args))
+        d.addBoth(self._timed, name, self.reactor.seconds())
         d.addErrback(self._missing)
         return d.addErrback(self._unavailable, name)
 
@@ -385,7 +389,12 @@ class RedisClient:
             if not d.called:
                 d.errback(StoreUnavailable(why))
 
+    def _timed(self, result, name, start):
+        self.stats.observe(name, self.reactor.seconds() - start)
+        return result
+
     def _unavailable(self, failure, what):
+        self.stats.unavailable += 1
         if failure.check(StoreUnavailable):
             raise failure.type("%s: %s" % (_text(what), failure.value))
         reason = "%s: %s" % (failure.type.__name__, failure.getErrorMessage())

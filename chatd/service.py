@@ -160,5 +160,10 @@ def build(settings):
         ready, target = store.whenReady, RedisTarget(path=store.socket_path)
     else:
         ready, target = None, settings.redis
-    ChatService(settings, target, ready).setServiceParent(root)
+    chat = ChatService(settings, target, ready)
+    if settings.metrics:
+        from chatd.metrics import MetricsService
+        # before the chat service: it stops after it (/health says "shutting down")
+        MetricsService(settings.metrics, chat).setServiceParent(root)
+    chat.setServiceParent(root)
     return root

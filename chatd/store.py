@@ -219,6 +219,7 @@ class Store:
             self._done(len(sends))
             error = failure.value
         else:
+            self.client.stats.unavailable += 1
             error = StoreUnavailable("the store ran the batch after its deadline; "
                                      "nothing was stored")
         for *_, d in sends:

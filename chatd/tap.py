@@ -93,6 +93,11 @@ class Options(usage.Options):
          _coerce(config.parse_duration, "proof-max-age")],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
+        ["metrics", None, None, "Serve /metrics (Prometheus) and /health over HTTP on "
+         "this endpoint (tcp:9100:interface=127.0.0.1, unix:/run/chatd-metrics.sock). "
+         "Off by default.", _coerce(config.parse_endpoint, "metrics")],
+        ["log-format", None, "text", "text: twistd's lines; json: one JSON object per "
+         "event and line (to stdout, or to twistd's --logfile)."],
     ]
 
     optFlags = [
@@ -158,6 +163,12 @@ class Options(usage.Options):
                 "--max-message (%d) must not exceed --max-line (%d)"
                 % (self["max-message"], self["max-line"]))
         self._liveness()
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(
+                "--log-format: %r is not allowed (text or json)" % self["log-format"])
+        if self["log-format"] == "json":
+            from chatd import logs
+            logs.use_json(getattr(self, "parent", None))
         self["listen"] = tuple(self["listen"])
         self["websocket"] = tuple(self["websocket"])
         self.settings = config.Settings(**{
