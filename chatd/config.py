@@ -56,6 +56,8 @@ class Settings:
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
     drain_batch: int = 500
+    presence_lease: float = 10.0  # a dead node's devices are free after this
+    workers: int = 1              # processes of this node (chatd.workers)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")

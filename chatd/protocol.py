@@ -296,6 +296,10 @@ class ChatProtocol(LineReceiver):
     def report(self, code, reason):
         self.sendLine_(packets.error(code, reason))
 
+    @property
+    def closed(self):
+        return self._closing
+
     def wait_writable(self):
         if self._unsent is None or self._closing:
             return defer.succeed(None)

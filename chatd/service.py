@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from chatd.config import RedisTarget
 from chatd.hub import Hub
+from chatd.presence import Presence, new_node_id
 from chatd.protocol import ChatFactory
 from chatd.redisclient import RedisClient
 from chatd.store import Store
@@ -49,7 +50,9 @@ class ChatService(service.Service):
         self.target = target
         self.ready = ready  # callable -> Deferred that fires when the store is up
         self.reactor = reactor
+        self.node_id = new_node_id()
         self.client = None
+        self.presence = None
         self.factory = None
         self.ports = []
         self._starting = None
@@ -70,8 +73,11 @@ class ChatService(service.Service):
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
-        store = Store(self.client, self.settings, self.reactor)
-        hub = Hub(store, self.settings, self.reactor)
+        store = Store(self.client, self.settings, self.reactor, self.node_id)
+        self.presence = Presence(store, self.settings, self.reactor, self.target)
+        hub = Hub(store, self.settings, self.reactor, self.presence)
+        self.presence.start(hub)
+        self.log.info("chatd node {node} starting", node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
         for description in (self.settings.port,) + tuple(self.settings.listen):
             endpoint = endpoints.serverFromString(self.reactor, description)
@@ -97,6 +103,8 @@ class ChatService(service.Service):
         self.ports = []
         if self.factory is not None:
             yield self.factory.shutdown()
+        if self.presence is not None:
+            yield self.presence.stop()
         if self.client is not None:
             yield self.client.close()
 

@@ -59,6 +59,9 @@ class Options(usage.Options):
          _coerce(config.parse_count, "rate-burst")],
         ["output-limit", None, "1M", "Bytes queued for a client that does not read "
          "before it is closed with slow_consumer.", _coerce(config.parse_size, "output-limit", minimum=4096)],
+        ["presence-lease", None, "10s", "How long a node's hold on its devices "
+         "outlives it (SIGKILL, power loss): renewed every third of it.",
+         _coerce(config.parse_duration, "presence-lease")],
         ["registration", None, "open", "open: anyone may register any id; proof: "
          "register needs a ticket signed with --registration-secret-file."],
         ["registration-secret-file", None, None, "File holding the secret shared with "
