@@ -79,6 +79,18 @@ def parse_duration(text, name, allow_zero=False):
     return value
 
 
+def parse_workers(text, name):
+    """A count of processes, 0 meaning one per core."""
+    import os
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        raise ValueError("--%s: %r is not a whole number" % (name, text)) from None
+    if n < 0:
+        raise ValueError("--%s: must be 0 (one per core) or more, got %r" % (name, text))
+    return n or os.cpu_count() or 1
+
+
 def parse_size(text, name, minimum=1):
     """``"65536"``, ``"64k"``, ``"1MiB"`` -> bytes."""
     m = _SIZE.match(str(text))

@@ -45,8 +45,11 @@ class ChatService(service.Service):
 
     log = Logger()
 
-    def __init__(self, settings, target, ready=None, reactor=None):
+    def __init__(self, settings, target, ready=None, reactor=None, role="chatd", ports=None):
         self.settings = settings
+        self.role = role     # how its log lines name it (a worker has its number)
+        self.shared = settings.workers > 1 or ports is not None
+        self.given_ports = ports  # a worker: the parent's port numbers
         self.target = target
         self.ready = ready  # callable -> Deferred that fires when the store is up
         self.reactor = reactor
@@ -77,17 +80,30 @@ class ChatService(service.Service):
         self.presence = Presence(store, self.settings, self.reactor, self.target)
         hub = Hub(store, self.settings, self.reactor, self.presence)
         self.presence.start(hub)
-        self.log.info("chatd node {node} starting", node=self.node_id)
+        self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
-        for description in (self.settings.port,) + tuple(self.settings.listen):
-            endpoint = endpoints.serverFromString(self.reactor, description)
-            port = yield endpoint.listen(self.factory)
+        for i, description in enumerate((self.settings.port,) + tuple(self.settings.listen)):
+            if self.shared:  # --workers: one port, several processes
+                from chatd import workers
+                if self.given_ports is not None and description.startswith("unix:"):
+                    continue  # the parent's alone
+                port = yield workers.listen(self.reactor, description, self.factory,
+                                            self.given_ports and self.given_ports[i])
+            else:
+                endpoint = endpoints.serverFromString(self.reactor, description)
+                port = yield endpoint.listen(self.factory)
             self.ports.append(port)
             host = port.getHost()
             where = getattr(host, "name", None) or "%s:%s" % (host.host, host.port)
-            self.log.info("chatd listening on {kind} {where} (store: {store})",
-                          kind=description.split(":", 1)[0], where=where,
+            self.log.info("{role} listening on {kind} {where} (store: {store})",
+                          role=self.role, kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
+
+    def started(self):
+        """Deferred that fires once it listens."""
+        d = defer.Deferred()
+        self._starting.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
 
     def _failed(self, failure):
         self.log.failure("chatd could not start", failure)
@@ -123,5 +139,9 @@ def build(settings):
         ready, target = store.whenReady, RedisTarget(path=store.socket_path)
     else:
         ready, target = None, settings.redis
-    ChatService(settings, target, ready).setServiceParent(root)
+    chat = ChatService(settings, target, ready)
+    chat.setServiceParent(root)
+    if settings.workers > 1:
+        from chatd.workers import WorkerPool
+        WorkerPool(chat, settings, target).setServiceParent(root)
     return root

@@ -62,6 +62,8 @@ class Options(usage.Options):
         ["presence-lease", None, "10s", "How long a node's hold on its devices "
          "outlives it (SIGKILL, power loss): renewed every third of it.",
          _coerce(config.parse_duration, "presence-lease")],
+        ["workers", None, "1", "Processes serving this node's ports (SO_REUSEPORT), "
+         "each a node of the service; 0: one per core.", _coerce(config.parse_workers, "workers")],
         ["registration", None, "open", "open: anyone may register any id; proof: "
          "register needs a ticket signed with --registration-secret-file."],
         ["registration-secret-file", None, None, "File holding the secret shared with "

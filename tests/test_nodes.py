@@ -291,3 +291,36 @@ async def test_a_hundred_devices_on_three_nodes(chatd, clients, redis):
             assert mine == sorted(mine), (i, j, mine)
     for c in devices:
         assert [m for m in await c.sync() if m.get("type") == "message"] == []
+
+
+@pytest.mark.slow
+@ensure
+async def test_store_restart_nodes_are_live_again_after(chatd, clients, own_redis):
+    """The store (appendonly) is stopped and started again under two nodes:
+    presence, subscriptions and pushes work again once it is back, and the
+    bound connections stay bound."""
+    a = await chatd(target=own_redis.target, redis_timeout=1.0)
+    b = await chatd(target=own_redis.target, redis_timeout=1.0)
+    bob = await clients(b)
+    await bob.register("bob")
+    alice = await clients(a)
+    await alice.register("alice")
+    alice.send({"message": "before", "receiver": "bob"})
+    await alice.expect("accepted")
+    await bob.expect("message", message="before")
+    subscribed = b.service.presence.subscriber._connections
+    own_redis.stop()
+    own_redis.start()
+    await own_redis.await_ready()
+    await wait_until(lambda: b.service.presence.subscriber._connections > subscribed
+                     and b.service.presence.subscriber.connected, timeout=15)
+    # sends may meet the store still reconnecting: retry with the same ref
+    for tries in range(40):
+        alice.send({"message": "after", "receiver": "bob", "ref": "after"})
+        r = await alice.next()
+        if r["type"] == "accepted":
+            break
+        assert r["code"] == "unavailable", r
+        await pass_time(0.25)
+    await bob.expect("message", message="after", timeout=15)
+    assert own_redis.command("GET", "chatd:{bob}:node").split()[0].decode() == b.hub.node_id
