@@ -37,8 +37,9 @@ import collections
 
 import txredisapi
 from twisted.internet import defer, task
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
+
+from chatd.redisclient import ConnectionFactory, start_factory
 
 #: seconds between PINGs on an idle subscriber connection
 PING_EVERY = 3.0
@@ -78,22 +79,15 @@ class _Protocol(txredisapi.SubscriberProtocol):
     def replyReceived(self, reply):
         if not self._ready:
             return super().replyReceived(reply)
-        self.factory.subscriber._reply(self, reply)
+        self.factory.owner._reply(self, reply)
 
     def connectionLost(self, why):
         super().connectionLost(why)
-        self.factory.subscriber._lost(self)
+        self.factory.owner._lost(self)
 
 
-class _Factory(txredisapi.RedisFactory):
+class _Factory(ConnectionFactory):
     protocol = _Protocol
-    initialDelay = 0.2
-    maxDelay = 2
-
-    def addConnection(self, conn):
-        super().addConnection(conn)
-        if conn in self.pool:
-            self.subscriber._connected(conn)
 
 
 class Subscriber:
@@ -126,18 +120,8 @@ class Subscriber:
     # -- lifecycle ---------------------------------------------------------------
 
     def connect(self):
-        t = self.target
-        factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
-                           None, t.password, None, False, t.username)
-        factory.subscriber = self
-        if t.path:
-            endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
-        else:
-            from twisted.internet import ssl
-            endpoint = txredisapi._makeEndpoint(
-                t.host, t.port, self.timeout, ssl.ClientContextFactory() if t.tls else None)
-        self._factory = factory
-        factory.startConnecting(endpoint)
+        self._factory = start_factory(_Factory, self.target, self.timeout, self.reactor,
+                                      owner=self)
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = self.reactor
         self._pinger.start(min(PING_EVERY, self.timeout), now=False)

@@ -124,7 +124,10 @@ class _Protocol(txredisapi.RedisProtocol):
         return self.replyQueue.get().addCallback(self.handle_reply)
 
 
-class _Factory(txredisapi.RedisFactory):
+class ConnectionFactory(txredisapi.RedisFactory):
+    """Tells its ``owner`` (``_connected(conn)``) when a connection is ready
+    (authenticated, database selected)."""
+
     protocol = _Protocol
     # reconnect soon after the store is back
     initialDelay = 0.2
@@ -133,7 +136,27 @@ class _Factory(txredisapi.RedisFactory):
     def addConnection(self, conn):
         super().addConnection(conn)
         if conn in self.pool:
-            self.client._connected()
+            self.owner._connected(conn)
+
+
+def start_factory(factory_class, target, timeout, reactor, **attributes):
+    """A txredisapi factory for ``target`` (TCP, TLS or unix socket), with
+    ``attributes`` set on it, connecting (and reconnecting) from now on.
+    The store client and the subscriber connection (chatd.notify) both
+    connect through here."""
+    t = target
+    factory = factory_class(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
+                            None, t.password, None, False, t.username)
+    for name, value in attributes.items():
+        setattr(factory, name, value)
+    if t.path:
+        endpoint = UNIXClientEndpoint(reactor, t.path, timeout=timeout)
+    else:
+        from twisted.internet import ssl
+        endpoint = txredisapi._makeEndpoint(
+            t.host, t.port, timeout, ssl.ClientContextFactory() if t.tls else None)
+    factory.startConnecting(endpoint)
+    return factory
 
 
 class RedisClient:
@@ -159,18 +182,8 @@ class RedisClient:
     # -- lifecycle ---------------------------------------------------------------
 
     def connect(self):
-        t = self.target
-        factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
-                           None, t.password, None, False, t.username)
-        factory.client = self
-        if t.path:
-            endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
-        else:
-            from twisted.internet import ssl
-            endpoint = txredisapi._makeEndpoint(
-                t.host, t.port, self.timeout, ssl.ClientContextFactory() if t.tls else None)
-        self._factory = factory
-        factory.startConnecting(endpoint)
+        self._factory = start_factory(ConnectionFactory, self.target, self.timeout,
+                                      self.reactor, owner=self)
         self._watchdog = task.LoopingCall(self._check_deadlines)
         self._watchdog.clock = self.reactor
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
@@ -286,7 +299,7 @@ class RedisClient:
             raise StoreUnavailable("the store had lost chatd's functions; nothing was stored")
         return failure
 
-    def _connected(self):
+    def _connected(self, conn=None):
         """A connection is ready: load the library, send what waited for it,
         and wake waiters. All pipelined on the one connection, so the library
         is there before any call runs."""

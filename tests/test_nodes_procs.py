@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import connect, wait_until
-from tests.procs import ChatdProcess, alive, children_of
+from tests.procs import ChatdProcess, children_of
 
 ensure = pytest_twisted.ensureDeferred
 
