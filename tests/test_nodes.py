@@ -335,3 +335,31 @@ async def test_store_restart_nodes_are_live_again_after(chatd, clients, own_redi
         await pass_time(0.25)
     await bob.expect("message", message="after", timeout=15)
     assert own_redis.command("GET", "chatd:{bob}:node").split()[0].decode() == b.hub.node_id
+
+
+@ensure
+async def test_a_stuck_subscriber_connection_is_cut_and_made_again(chatd, clients, redis):
+    """The subscriber PINGs; when the store does not answer within the
+    deadline (here: CLIENT PAUSE) the connection is cut and made again,
+    and pushes are live once the store answers."""
+    a = await chatd(redis_timeout=0.5)
+    b = await chatd(redis_timeout=0.5)
+    bob = await clients(b)
+    await bob.register("bob")
+    alice = await clients(a)
+    await alice.register("alice")
+    sub = b.service.presence.subscriber
+    before = sub._connections
+    redis.command("CLIENT", "PAUSE", "2500", "ALL")
+    try:
+        await wait_until(lambda: sub._connections > before, timeout=15,
+                         what="the subscriber reconnecting")
+    finally:
+        redis.command("CLIENT", "UNPAUSE")
+    for tries in range(40):
+        alice.send({"message": "after the pause", "receiver": "bob", "ref": "p"})
+        r = await alice.next()
+        if r["type"] == "accepted":
+            break
+        await pass_time(0.25)
+    await bob.expect("message", message="after the pause")
