@@ -147,35 +147,34 @@ async def test_workers_share_the_port_and_a_killed_worker_loses_nothing(tmp_shor
         for i in range(40):
             held.setdefault(store("GET", "chatd:{d%d}:node" % i).split()[0], []).append(i)
         assert len(held) == 2, held  # both processes took connections
-        sender = conns[0]
-        for i in range(1, 40):
-            sender.send({"message": "one for d%d" % i, "receiver": "d%d" % i})
-        for i in range(1, 40):
-            await sender.expect("accepted")
-        for i in range(1, 40):
-            await conns[i].expect("message", message="one for d%d" % i)
         [worker] = worker_pids(proc)
-        parent_node = node_id(proc)
-        victims = [i for ids in (v for k, v in held.items() if k.decode() != parent_node)
-                   for i in ids]
+        parent_node = node_id(proc).encode()
+        victims = [i for k, ids in held.items() if k != parent_node for i in ids]
         assert victims
+        s = held[parent_node][0]  # the sender stays up: it is on the parent
+        sender = conns[s]
+        others = [i for i in range(40) if i != s]
+        for i in others:
+            sender.send({"message": "one for d%d" % i, "receiver": "d%d" % i})
+        for i in others:
+            await sender.expect("accepted")
+        for i in others:
+            await conns[i].expect("message", message="one for d%d" % i)
         os.kill(worker, signal.SIGKILL)
         for i in victims:
             await conns[i].wait_closed()
-        for i in range(1, 40):  # while the worker is down (or restarting)
+        for i in others:  # while the worker is down (or restarting)
             sender.send({"message": "two for d%d" % i, "receiver": "d%d" % i})
-        for i in range(1, 40):
+        for i in others:
             await sender.expect("accepted")
         for i in victims:
-            if i == 0:
-                continue
             c = conns[i] = await connect(port)
             conns.append(c)
             r = await c.reconnect("d%d" % i, tokens["d%d" % i])
             assert r["pending"] == 2  # the first one was never acked
             await c.expect("message", message="one for d%d" % i)
             await c.expect("message", message="two for d%d" % i)
-        for i in range(1, 40):
+        for i in others:
             if i not in victims:
                 await conns[i].expect("message", message="two for d%d" % i)
         await wait_until(lambda: [p for p in worker_pids(proc) if p != worker], 30,
