@@ -16,7 +16,7 @@ from benchmarks import procs, report, scenarios
 from benchmarks.procs import BenchError
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
-ORDER = ["throughput", "latency", "memory", "drain", "dedup", "refs"]
+ORDER = ["throughput", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers"]
 
 
 def _ints(text):
@@ -59,6 +59,8 @@ def parse(argv):
     p.add_argument("--window", type=int, help="closed loop: messages in flight per device "
                    "(default: --inflight / devices)")
     p.add_argument("--fill-window", type=int, default=200, help="drain: sends in flight while storing")
+    p.add_argument("--node-rate", type=int, default=2000,
+                   help="nodes and workers scenarios: the fixed offered rate (default 2000 msg/s)")
     p.add_argument("--refs", type=int, default=20, help="ref scenario: first sends per device")
     p.add_argument("--text-pool", type=int, default=10, help="dedup scenario: distinct texts")
     p.add_argument("--chatd-arg", action="append", default=[], dest="chatd_args",

@@ -387,7 +387,10 @@ class Generator:
         self.lo, self.hi = cfg["lo"], cfg["hi"]
         self.accepted = [0] * n
         rnd = random.Random(cfg.get("seed", self.wid))
-        self.peers = [rnd.randrange(n) for _ in range(1 << 16)]
+        # peers: any device, or a range (the nodes scenario: the devices on
+        # the other node)
+        plo, phi = cfg.get("peer_lo", 0), cfg.get("peer_hi", n)
+        self.peers = [rnd.randrange(plo, phi) for _ in range(1 << 16)]
         self.fd_limit = raise_fd_limit()
         self._todo = iter(range(self.lo, self.hi))
         self._pending = 0

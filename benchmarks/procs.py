@@ -258,10 +258,20 @@ class Server:
                 pass
 
     def pids(self):
-        """{role: pid}: 'server' and, for chatd, 'store'."""
+        """{role: pid}: 'server' and, for chatd, 'store' and any
+        ``--workers`` processes ('worker1'...)."""
         out = {"server": self.pid}
         if self.store_pid:
             out["store"] = self.store_pid
+        n = 0
+        for pid in children(self.pid):
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    if b"chatd.workers" in f.read():
+                        n += 1
+                        out["worker%d" % n] = pid
+            except OSError:
+                pass
         return out
 
     def cpu(self):

@@ -136,7 +136,37 @@ def rows(results):
                            None if c is None else c.get("ref_mismatch") == 0))
             out.append(row(sc, "pushed again / lost", _bad(c), _bad(r), "0",
                            None if c is None else _bad(c) == 0))
+        elif key in ("nodes", "workers"):
+            out += _compare_rows(key, per)
     return out
+
+
+def _compare_rows(key, per):
+    """The nodes and workers scenarios: chatd against chatd. The 'chatd'
+    column is the variant (two nodes, --workers 2), the 'relay' column the
+    baseline of the same run (one node, --workers 1)."""
+    variant, base = (per.get("two"), per.get("one")) if key == "nodes" else \
+        (per.get("2"), per.get("1"))
+    sc = "cross-node vs 1 node" if key == "nodes" else "--workers 2 vs 1"
+    note = ("columns: chatd = %s, relay = %s (same run)"
+            % (("two nodes (every message crosses)", "one node") if key == "nodes"
+               else ("--workers 2", "--workers 1")))
+    sat = lambda r: _get(r, "saturation")  # noqa: E731
+    fixed = lambda r: _get(r, "fixed")  # noqa: E731
+    rate = _get(fixed(variant) or fixed(base), "offered_per_s")
+    flags = _flags(("variant", sat(variant)), ("baseline", sat(base)),
+                   ("variant fixed", fixed(variant)), ("baseline fixed", fixed(base)))
+    rs = [row(sc, "saturation msg/s", _get(sat(variant), "delivered_per_s"),
+              _get(sat(base), "delivered_per_s"), note=note + ("; " + flags if flags else "")),
+          row(sc, "CPU us/msg: total", _get(sat(variant), "server_cpu_us_per_msg", "total"),
+              _get(sat(base), "server_cpu_us_per_msg", "total"))]
+    for p in ("p50", "p99"):
+        rs.append(row(sc, "%s ms @%s/s" % (p, rate), _get(fixed(variant), "latency_ms", p),
+                      _get(fixed(base), "latency_ms", p)))
+    bad = lambda r: None if r is None else _bad(sat(r)) + _bad(fixed(r))  # noqa: E731
+    rs.append(row(sc, "lost+extra+repeated", bad(variant), bad(base), "0",
+                  None if variant is None else bad(variant) == 0 and bad(base) == 0))
+    return rs
 
 
 def _max(xs):

@@ -89,14 +89,20 @@ class Load:
             self.ranges.append((min(devices, i * per), min(devices, (i + 1) * per)))
         self.prefix = prefix()
         self.concurrency = max(1, concurrency // n)
+        self.ports = None        # per worker, instead of the server's port
+        self.peer_ranges = None  # per worker, (lo, hi) of the devices it sends to
 
     def setup(self, deadline=None):
         deadline = deadline or 60 + self.devices / 200.0
         t0 = time.monotonic()
-        for w, (lo, hi) in zip(self.workers, self.ranges):
-            w.send("setup", wid=w.wid, host="127.0.0.1", port=self.server.port,
+        for i, (w, (lo, hi)) in enumerate(zip(self.workers, self.ranges)):
+            extra = {}
+            if self.peer_ranges:
+                extra = {"peer_lo": self.peer_ranges[i][0], "peer_hi": self.peer_ranges[i][1]}
+            w.send("setup", wid=w.wid, host="127.0.0.1",
+                   port=self.ports[i] if self.ports else self.server.port,
                    devices=self.devices, lo=lo, hi=hi, prefix=self.prefix,
-                   concurrency=self.concurrency, deadline=deadline, seed=w.wid + 1)
+                   concurrency=self.concurrency, deadline=deadline, seed=w.wid + 1, **extra)
         ready = [w.wait("ready", deadline + 10) for w in self.workers]
         secs = time.monotonic() - t0
         registered = sum(r["registered"] for r in ready)
@@ -476,7 +482,90 @@ def refs(opts, log):
     return out
 
 
+# -- 6. several nodes -------------------------------------------------------------------
+
+class _Nodes:
+    """Several chatd processes measured as one server (CPU summed by role)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.kind = "chatd"
+        self.port = servers[0].port
+        self.pid = servers[0].pid
+
+    def cpu(self):
+        out = {}
+        for i, server in enumerate(self.servers):
+            for role, sec in server.cpu().items():
+                key = role if i == 0 or role != "server" else "server%d" % (i + 1)
+                out[key] = sec if out.get(key) is None else out[key] + (sec or 0)
+        return out
+
+    def problems(self):
+        return [p for server in self.servers for p in server.problems()]
+
+
+def _node_runs(load, opts, log, label):
+    """A closed-loop (saturation) run and an open-loop run at --node-rate."""
+    window = _window(opts)
+    sat = load.run("closed", opts.duration, opts.warmup, window=window)
+    log("  %s, saturation: %s" % (label, _brief(sat)))
+    load.mark()
+    fixed = load.run("rate", opts.duration, opts.warmup,
+                     rate=opts.node_rate / float(len(load.workers)))
+    fixed["offered_per_s"] = opts.node_rate
+    log("  %s @ %d/s: %s" % (label, opts.node_rate, _brief(fixed)))
+    return {"saturation": sat, "fixed": fixed}
+
+
+def nodes(opts, log):
+    """Cross-node delivery against one node, in the same run. Two generator
+    workers; each sends only to the other's devices. One node: both connect
+    to node A (no message crosses nodes). Two nodes: one worker's devices on
+    A, the other's on B (a second chatd on A's store), so every message is
+    accepted on one node and pushed by the other (a publish through the
+    store)."""
+    out = {}
+    n = opts.latency_devices
+    half = n // 2
+    for layout in ("one", "two"):
+        with procs.Processes() as pr:
+            a = _with_server(pr, "chatd", opts)
+            servers = [a]
+            if layout == "two":
+                sock = os.path.join(a.workdir, "data", "valkey.sock")
+                servers.append(pr.server("chatd", extra=["--redis", "unix://" + sock]
+                                         + list(opts.chatd_args)))
+            group = _Nodes(servers)
+            load = Load(pr, group, n, 2, opts)
+            load.ranges = [(0, half), (half, n)]
+            load.peer_ranges = [(half, n), (0, half)]
+            load.ports = [s.port for s in servers] if layout == "two" else [a.port, a.port]
+            load.setup()
+            out[layout] = _node_runs(load, opts, log, "%s node%s" % (layout, "s" * (layout == "two")))
+    return {"nodes": out}
+
+
+def workers(opts, log):
+    """``--workers 2`` against ``--workers 1``, same load, same run."""
+    out = {}
+    for count in (1, 2):
+        with procs.Processes() as pr:
+            server = _with_server(pr, "chatd", opts, extra=["--workers", str(count)])
+            if count > 1:
+                end = time.monotonic() + 30
+                while len(server.pids()) < 2 + count - 1 and time.monotonic() < end:
+                    time.sleep(0.1)
+                time.sleep(1.0)  # let the worker finish starting (it logs nothing we read)
+            load = Load(pr, server, opts.latency_devices, 2, opts)
+            load.setup()
+            out[str(count)] = _node_runs(load, opts, log, "--workers %d" % count)
+    return {"workers": out}
+
+
 SCENARIOS = {
+    "nodes": nodes,
+    "workers": workers,
     "throughput": throughput,
     "latency": latency,
     "memory": memory,

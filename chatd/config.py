@@ -66,6 +66,8 @@ class Settings:
     proof_max_age: float = 600.0  # a proof ticket must expire within this
     drain_batch: int = 500
     metrics: Optional[str] = None  # endpoint of /metrics and /health
+    presence_lease: float = 10.0  # a dead node's devices are free after this
+    workers: int = 1              # processes of this node (chatd.workers)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
@@ -85,6 +87,18 @@ def parse_duration(text, name, allow_zero=False):
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError("--%s: must be more than 0, got %r" % (name, text))
     return value
+
+
+def parse_workers(text, name):
+    """A count of processes, 0 meaning one per core."""
+    import os
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        raise ValueError("--%s: %r is not a whole number" % (name, text)) from None
+    if n < 0:
+        raise ValueError("--%s: must be 0 (one per core) or more, got %r" % (name, text))
+    return n or os.cpu_count() or 1
 
 
 def parse_size(text, name, minimum=1):

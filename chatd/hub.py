@@ -6,7 +6,10 @@ The hub knows no sockets and no Redis commands. It is handed connections (any
 object with the methods of :class:`Connection`) and a
 :class:`chatd.store.Store`. A receiver that is not bound here may be bound on
 another node: the hub hands such messages to its ``remote`` (on a single node
-there is none, and the message simply waits in the receiver's inbox).
+there is none, and the message simply waits in the receiver's inbox); the
+``remote`` also claims each device for this node before it is bound, and
+tells the hub when another node has taken a device over
+(:mod:`chatd.presence`).
 """
 
 from twisted.internet import defer
@@ -33,7 +36,7 @@ class Connection:
         """Write stored messages (push lines without newline), in order."""
 
     def kick(self, code, reason):
-        """Send an error and close (``session_replaced``)."""
+        """Send an error and close (``session_replaced``, ``revoked``)."""
 
     def report(self, code, reason):
         """Send an error and stay open (a failed ack)."""
@@ -41,11 +44,25 @@ class Connection:
     def wait_writable(self):
         """Deferred that fires when the client is reading again."""
 
+    closed = False  # True once the connection is closing or gone
+
+
+class Superseded(Exception):
+    """A remote's claim lost: the device was bound elsewhere with a higher
+    epoch while the claim was on its way."""
+
 
 class NoRemote:
-    """The seam for receivers bound on other nodes. A single node has none: an
-    accepted message for a receiver not bound here waits in its inbox and is
-    pushed when the receiver next registers or reconnects."""
+    """The seam for receivers bound on other nodes. Without one (a hub in a
+    unit test), an accepted message for a receiver not bound here waits in
+    its inbox and is pushed when the receiver next registers or reconnects;
+    nothing is claimed in the store."""
+
+    def claim(self, device):
+        return defer.succeed(0)
+
+    def release(self, device, epoch):
+        pass
 
     def deliver(self, receiver, server_id, entry):
         pass
@@ -64,9 +81,10 @@ class Delivery:
 
     log = Logger()
 
-    def __init__(self, hub, device, conn, token_hash):
+    def __init__(self, hub, device, conn, token_hash, epoch=0):
         self.hub = hub
         self.device = device
+        self.epoch = epoch  # of this bind (see chatd.presence)
         self.conn = conn
         self.token_hash = token_hash
         self.last_id = 0          # every id up to here is pushed here or gone
@@ -120,6 +138,15 @@ class Delivery:
         self.last_id = server_id
         self._pushed(server_id, server_id)
         self.conn.push((entry,))
+
+    def poke(self):
+        """Messages may have come without a word (a lost notification): read
+        the inbox after ``last_id``."""
+        if self.closed:
+            return
+        self._more = True
+        if not self._draining and self._retry is None:
+            self._drain()
 
     def _take(self, entries, last):
         """Push what a fetch returned; True when the inbox is caught up."""
@@ -238,17 +265,30 @@ class Hub:
 
     # -- binding -----------------------------------------------------------------
 
-    def _bind(self, conn, device, token_hash):
+    @property
+    def node_id(self):
+        return self.store.node_id.decode("ascii")
+
+    def _bind(self, conn, device, token_hash, epoch):
         old = self.sessions.get(device)
         if old is not None:
-            old.close()
-            old.conn.device = None
-            old.conn.kick("session_replaced",
-                          "%s connected again elsewhere; this connection is closed" % device)
-        delivery = Delivery(self, device, conn, token_hash)
+            if old.epoch > epoch:
+                return None
+            self._drop(old, "session_replaced",
+                       "%s connected again elsewhere; this connection is closed" % device)
+        delivery = Delivery(self, device, conn, token_hash, epoch)
         self.sessions[device] = delivery
         conn.device = device
         return delivery
+
+    def _drop(self, delivery, code, reason):
+        """Unbind a delivery's connection, then close it with an error."""
+        delivery.close()
+        if self.sessions.get(delivery.device) is delivery:
+            del self.sessions[delivery.device]
+        delivery.conn.device = None
+        self.remote.release(delivery.device, delivery.epoch)
+        delivery.conn.kick(code, reason)
 
     def unbind(self, conn):
         """The connection is gone (or failed to finish binding)."""
@@ -257,6 +297,7 @@ class Hub:
         if delivery is not None and delivery.conn is conn:
             delivery.close()
             del self.sessions[device]
+            self.remote.release(device, delivery.epoch)
 
     def delivery(self, conn):
         """The Delivery of a bound connection, or None."""
@@ -333,7 +374,19 @@ class Hub:
 
     @defer.inlineCallbacks
     def _start(self, conn, device, token_hash, announce):
-        delivery = self._bind(conn, device, token_hash)
+        try:
+            epoch = yield self.remote.claim(device)
+        except Superseded:
+            epoch = None
+        delivery = None
+        if epoch is not None and not conn.closed:
+            delivery = self._bind(conn, device, token_hash, epoch)
+        if delivery is None:
+            if epoch is not None:
+                self.remote.release(device, epoch)
+            conn.kick("session_replaced", "%s connected at the same time elsewhere; "
+                      "this connection is closed" % device)
+            return
         try:
             yield delivery.start(announce)
         except Exception:
@@ -382,6 +435,41 @@ class Hub:
             delivery.offer(server_id, entry)
         else:
             self.remote.deliver(receiver, server_id, entry)
+
+    # -- from other nodes (the remote) ----------------------------------------------
+
+    def held(self):
+        """[(device, epoch)] of every device bound here."""
+        return [(device, d.epoch) for device, d in self.sessions.items()]
+
+    def notified(self, device, entry):
+        """Another node accepted a message for D (its push line)."""
+        delivery = self.sessions.get(device)
+        if delivery is not None:
+            delivery.offer(packets.entry_id(entry), entry)
+
+    def replaced(self, device, epoch, newer=False, where=None):
+        """D was bound elsewhere with ``epoch`` (``newer``: close ours if it is
+        older), or this node lost its claim of ``epoch`` (close it)."""
+        delivery = self.sessions.get(device)
+        if delivery is None or (delivery.epoch >= epoch if newer else delivery.epoch != epoch):
+            return
+        self.log.info("{device} was bound on node {where}; closing it here",
+                      device=device, where=where or "?")
+        self._drop(delivery, "session_replaced",
+                   "%s connected again elsewhere; this connection is closed" % device)
+
+    def revoke(self, device):
+        """The operator revoked D's tokens: close its connection here."""
+        delivery = self.sessions.get(device)
+        if delivery is not None:
+            self._drop(delivery, "revoked", "the tokens of %s were revoked by the "
+                       "operator; register again" % device)
+
+    def catch_up(self):
+        """Read every bound inbox (notifications may have been lost)."""
+        for delivery in list(self.sessions.values()):
+            delivery.poke()
 
     def ack(self, conn, server_id):
         delivery = self.delivery(conn)

@@ -364,6 +364,10 @@ class ChatProtocol:
         self.stats.errors[code] += 1
         self.sendLine_(packets.error(code, reason))
 
+    @property
+    def closed(self):
+        return self._closing
+
     def wait_writable(self):
         if self._unsent is None or self._closing:
             return defer.succeed(None)

@@ -141,7 +141,10 @@ class _Protocol(txredisapi.RedisProtocol):
         return self.replyQueue.get().addCallback(self.handle_reply)
 
 
-class _Factory(txredisapi.RedisFactory):
+class ConnectionFactory(txredisapi.RedisFactory):
+    """Tells its ``owner`` (``_connected(conn)``) when a connection is ready
+    (authenticated, database selected)."""
+
     protocol = _Protocol
     # reconnect soon after the store is back
     initialDelay = 0.2
@@ -150,7 +153,26 @@ class _Factory(txredisapi.RedisFactory):
     def addConnection(self, conn):
         super().addConnection(conn)
         if conn in self.pool:
-            self.client._connected()
+            self.owner._connected(conn)
+
+
+def start_factory(factory_class, target, timeout, reactor, **attributes):
+    """A txredisapi factory for ``target`` (TCP, TLS or unix socket), with
+    ``attributes`` set on it, connecting (and reconnecting) from now on.
+    The store client and the subscriber connection (chatd.notify) both
+    connect through here."""
+    t = target
+    factory = factory_class(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
+                            None, t.password, None, False, t.username)
+    for name, value in attributes.items():
+        setattr(factory, name, value)
+    if t.path:
+        endpoint = UNIXClientEndpoint(reactor, t.path, timeout=timeout)
+    else:
+        endpoint = txredisapi._makeEndpoint(
+            t.host, t.port, timeout, tls_options(t, RedisClient.log) if t.tls else None)
+    factory.startConnecting(endpoint)
+    return factory
 
 
 class RedisClient:
@@ -177,20 +199,11 @@ class RedisClient:
     # -- lifecycle ---------------------------------------------------------------
 
     def connect(self):
-        t = self.target
-        factory = _Factory(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
-                           None, t.password, None, False, t.username)
-        factory.client = self
+        self._factory = start_factory(ConnectionFactory, self.target, self.timeout,
+                                      self.reactor, owner=self)
         # txredisapi fails this Deferred when AUTH is refused (and then stops
         # retrying): say so plainly, not as an unhandled error
-        factory.deferred.addErrback(self._auth_failed)
-        if t.path:
-            endpoint = UNIXClientEndpoint(self.reactor, t.path, timeout=self.timeout)
-        else:
-            endpoint = txredisapi._makeEndpoint(
-                t.host, t.port, self.timeout, tls_options(t, self.log) if t.tls else None)
-        self._factory = factory
-        factory.startConnecting(endpoint)
+        self._factory.deferred.addErrback(self._auth_failed)
         self._watchdog = task.LoopingCall(self._check_deadlines)
         self._watchdog.clock = self.reactor
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
@@ -339,7 +352,7 @@ class RedisClient:
             raise StoreUnavailable("the store had lost chatd's functions; nothing was stored")
         return failure
 
-    def _connected(self):
+    def _connected(self, conn=None):
         """A connection is ready: load the library, send what waited for it,
         and wake waiters. All pipelined on the one connection, so the library
         is there before any call runs."""

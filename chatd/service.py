@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from chatd.config import RedisTarget, with_backlog
 from chatd.hub import Hub
+from chatd.presence import Presence, new_node_id
 from chatd.protocol import ChatFactory
 from chatd.redisclient import RedisClient
 from chatd.store import Store
@@ -45,12 +46,17 @@ class ChatService(service.Service):
 
     log = Logger()
 
-    def __init__(self, settings, target, ready=None, reactor=None):
+    def __init__(self, settings, target, ready=None, reactor=None, role="chatd", ports=None):
         self.settings = settings
+        self.role = role     # how its log lines name it (a worker has its number)
+        self.shared = settings.workers > 1 or ports is not None
+        self.given_ports = ports  # a worker: the parent's port numbers
         self.target = target
         self.ready = ready  # callable -> Deferred that fires when the store is up
         self.reactor = reactor
+        self.node_id = new_node_id()
         self.client = None
+        self.presence = None
         self.factory = None
         self.ports = []
         self.web_ports = []  # --websocket listeners
@@ -74,17 +80,27 @@ class ChatService(service.Service):
                           "'unavailable' until it does", store=self.target.describe())
         if self.settings.redis is not None:
             self._check_policy((yield self.client.config_get(b"maxmemory-policy")))
-        store = Store(self.client, self.settings, self.reactor)
-        hub = Hub(store, self.settings, self.reactor)
+        store = Store(self.client, self.settings, self.reactor, self.node_id)
+        self.presence = Presence(store, self.settings, self.reactor, self.target)
+        hub = Hub(store, self.settings, self.reactor, self.presence)
+        self.presence.start(hub)
+        self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
-        for description in (self.settings.port,) + tuple(self.settings.listen):
-            endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
-            port = yield endpoint.listen(self.factory)
+        for i, description in enumerate((self.settings.port,) + tuple(self.settings.listen)):
+            if self.shared:  # --workers: one port, several processes
+                from chatd import workers
+                if self.given_ports is not None and description.startswith("unix:"):
+                    continue  # the parent's alone
+                port = yield workers.listen(self.reactor, description, self.factory,
+                                            self.given_ports and self.given_ports[i])
+            else:
+                endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
+                port = yield endpoint.listen(self.factory)
             self.ports.append(port)
             host = port.getHost()
             where = getattr(host, "name", None) or "%s:%s" % (host.host, host.port)
-            self.log.info("chatd listening on {kind} {where} (store: {store})",
-                          kind=description.split(":", 1)[0], where=where,
+            self.log.info("{role} listening on {kind} {where} (store: {store})",
+                          role=self.role, kind=description.split(":", 1)[0], where=where,
                           store=self.target.describe())
             if self.settings.registration == "open" and not _loopback(host):
                 self.log.warn(
@@ -115,6 +131,12 @@ class ChatService(service.Service):
                 "set maxmemory-policy noeviction (and a maxmemory) for chatd",
                 store=self.target.describe(), policy=policy.decode("ascii", "replace"))
 
+    def started(self):
+        """Deferred that fires once it listens."""
+        d = defer.Deferred()
+        self._starting.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
     def _failed(self, failure):
         self.log.failure("chatd could not start", failure)
         print("chatd: could not start: %s" % failure.getErrorMessage(), file=sys.stderr)
@@ -130,6 +152,8 @@ class ChatService(service.Service):
         self.web_ports = []
         if self.factory is not None:
             yield self.factory.shutdown()
+        if self.presence is not None:
+            yield self.presence.stop()
         if self.client is not None:
             yield self.client.close()
 
@@ -166,4 +190,7 @@ def build(settings):
         # before the chat service: it stops after it (/health says "shutting down")
         MetricsService(settings.metrics, chat).setServiceParent(root)
     chat.setServiceParent(root)
+    if settings.workers > 1:
+        from chatd.workers import WorkerPool
+        WorkerPool(chat, settings, target).setServiceParent(root)
     return root

@@ -27,6 +27,16 @@ touches one slot):
     The first reply to a (sender, ref) sent to D, for ``--ref-ttl``.
     Scoped to the receiver (the hash tag): a ref reused for another receiver
     is a new send.
+``chatd:{D}:node``
+    Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
+    with a lease (``PX``) that node keeps renewing (:mod:`chatd.presence`);
+    a dead node's records run out on their own.
+``chatd:{D}:epoch``
+    D's bind counter: every register/reconnect takes the next epoch; the
+    highest one holds D. Never expires (like ``seq``).
+``chatd:{D}:notify``
+    Not a key: D's sharded pub/sub channel (:mod:`chatd.notify` has the
+    payloads).
 """
 
 import hashlib
@@ -86,9 +96,10 @@ class Store:
     senders down (TCP backpressure) instead of timing their sends out.
     """
 
-    def __init__(self, client, settings, clock):
+    def __init__(self, client, settings, clock, node_id="-"):
         self.client = client
         self.clock = clock
+        self.node_id = node_id.encode("ascii")
         self._dedup_ms = int(settings.dedup_window * 1000)
         self._ttl_ms = int(settings.inbox_ttl * 1000)
         self._ref_ms = max(1, int(settings.ref_ttl * 1000))
@@ -134,6 +145,38 @@ class Store:
                                [after, count, self._now_ms(), self._ttl_ms, max_bytes])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
+    # -- presence (see chatd.presence) ------------------------------------------------
+
+    def claim(self, device, lease_ms):
+        """Bind D to this node: Deferred of its new epoch (an int)."""
+        prefix = _keys(device)
+        d = self.client.script("claim", [prefix + b"node", prefix + b"epoch",
+                                          prefix + b"notify"], [self.node_id, lease_ms])
+        return d.addCallback(int)
+
+    def renew(self, held, lease_ms):
+        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of the
+        list of those this node has lost."""
+        keys, args = [], [lease_ms]
+        for device, epoch in held:
+            prefix = _keys(device)
+            keys += [prefix + b"node", prefix + b"epoch"]
+            args.append(self.presence_value(epoch))
+        d = self.client.script("renew", keys, args)
+        return d.addCallback(lambda lost: [held[int(i) - 1] for i in lost])
+
+    def release(self, device, epoch):
+        """Drop D's presence record if it is still this node's."""
+        return self.client.script("release", [_keys(device) + b"node"],
+                                  [self.presence_value(epoch)])
+
+    def presence_value(self, epoch):
+        return b"%s %d" % (self.node_id, epoch)
+
+    def presence(self, device):
+        """D's presence record as stored (bytes), or None."""
+        return self.client.call(b"GET", _keys(device) + b"node")
+
     # -- batched calls ---------------------------------------------------------------
 
     def send(self, sender, receiver, text, ref=None, raw=None):
@@ -148,6 +191,7 @@ class Store:
         else:
             keys.append(prefix + b"ref:" + hashlib.blake2b(
                 ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest().encode())
+        keys.append(prefix + b"node")
         d = defer.Deferred()
         self._sends.append((keys, ref is not None, packets.push_tail(sender, receiver, text), d))
         self._queued(len(self._sends))
@@ -196,7 +240,8 @@ class Store:
             refs.append(b"1" if has_ref else b"0")
             tails.append(tail)
         d = self.client.script("send", keys, [
-            b"%d" % now, *self._send_args, self.client.late_ms(), b"".join(refs), *tails])
+            b"%d" % now, *self._send_args, self.client.late_ms(), b"".join(refs),
+            self.node_id, *tails])
         d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
 
     def _sent(self, reply, sends, now):

@@ -91,6 +91,11 @@ class Options(usage.Options):
         ["proof-max-age", None, "10m", "A proof ticket must expire within this "
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],
+        ["presence-lease", None, "10s", "How long a node's hold on its devices "
+         "outlives it (SIGKILL, power loss): renewed every third of it.",
+         _coerce(config.parse_duration, "presence-lease")],
+        ["workers", None, "1", "Processes serving this node's ports (SO_REUSEPORT), "
+         "each a node of the service; 0: one per core.", _coerce(config.parse_workers, "workers")],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
         ["metrics", None, None, "Serve /metrics (Prometheus) and /health over HTTP on "

@@ -6,6 +6,7 @@ Run by hand (from the repository root, in the venv)::
 
     python -m tests.chaos --duration 600 --clients 200 --mode embedded
     python -m tests.chaos --duration 600 --clients 200 --mode redis --redis-sigkill
+    python -m tests.chaos --duration 600 --clients 200 --mode nodes --nodes 3
 
 ``tests/test_chaos.py`` runs a short form of it in CI.
 
@@ -23,6 +24,13 @@ Modes:
     SIGKILLed store with ``everysec`` may lose its last second of writes,
     which chatd has already acknowledged: that is a configuration choice, not
     a chatd bug).
+``nodes``
+    Several chatd processes (``--nodes``, default 3) on one valkey-server, as
+    in ``redis`` mode: one service. Each client connects to a random node
+    every time, so a device's reconnect usually lands on another node and its
+    messages come from senders on every node. The chatd faults SIGKILL or
+    SIGTERM a random node (its clients reconnect to the others meanwhile);
+    the store faults are those of ``redis`` mode.
 
 Every client is a device that registers once, then reconnects with its token
 after every lost connection. It sends messages with unique texts, always with
@@ -82,7 +90,7 @@ MAX_UNRESOLVED = 40
 
 def default_faults(mode, redis_sigkill=False):
     kinds = ["chatd_sigkill", "chatd_sigterm"]
-    if mode == "redis":
+    if mode in ("redis", "nodes"):
         kinds.append("redis_sigterm")
         if redis_sigkill:
             kinds.append("redis_sigkill")
@@ -91,7 +99,8 @@ def default_faults(mode, redis_sigkill=False):
 
 @dataclass
 class Config:
-    mode: str = "embedded"        # or "redis"
+    mode: str = "embedded"        # or "redis", "nodes"
+    nodes: int = 1                # chatd processes (nodes mode: 3 unless given)
     duration: float = 60.0        # seconds of chaos (faults and traffic)
     clients: int = 50
     rate: float = 1.0             # new messages per second per client
@@ -109,8 +118,12 @@ class Config:
     verbose: bool = False
 
     def __post_init__(self):
-        if self.mode not in ("embedded", "redis"):
-            raise ValueError("mode must be embedded or redis")
+        if self.mode not in ("embedded", "redis", "nodes"):
+            raise ValueError("mode must be embedded, redis or nodes")
+        if self.mode == "nodes" and self.nodes < 2:
+            self.nodes = 3
+        elif self.mode != "nodes":
+            self.nodes = 1
         if self.faults is None:
             self.faults = default_faults(self.mode, self.redis_sigkill)
         if self.seed is None:
@@ -577,7 +590,7 @@ class Device:
         if self.h.stopping:
             return
         conn = _Conn(self, None)
-        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.port, timeout=5), conn)
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.pick_port(self.rng), timeout=5), conn)
         self.connecting = d
 
         def failed(f):
@@ -756,15 +769,16 @@ class Device:
 # -- the processes ----------------------------------------------------------------------
 
 class Servers:
-    """chatd (and in redis mode its valkey-server), started, killed, restarted."""
+    """chatd (nodes mode: several) and in redis and nodes mode its
+    valkey-server, started, killed, restarted."""
 
     def __init__(self, cfg, workdir):
         self.cfg = cfg
         self.workdir = workdir
-        self.port = fixed_port()
-        args = ["--port", "tcp:%d:interface=127.0.0.1" % self.port] + list(cfg.chatd_args)
+        self.ports = [fixed_port() for _ in range(cfg.nodes)]
+        args = list(cfg.chatd_args)
         self.valkey = None
-        if cfg.mode == "redis":
+        if cfg.mode in ("redis", "nodes"):
             vdir = os.path.join(workdir, "redis")
             os.makedirs(vdir, exist_ok=True)
             self.valkey = ValkeyProcess(vdir, "always" if cfg.redis_sigkill else "everysec")
@@ -773,7 +787,18 @@ class Servers:
         else:
             args += ["--data-dir", os.path.join(workdir, "data")]
             self.store_socket = os.path.join(workdir, "data", "valkey.sock")
-        self.chatd = ChatdProcess(workdir, args)
+        self.chatds = [ChatdProcess(workdir, ["--port", "tcp:%d:interface=127.0.0.1" % port]
+                                    + args, log_path=os.path.join(
+                                        workdir, "chatd.log" if i == 0 else "chatd%d.log" % i))
+                       for i, port in enumerate(self.ports)]
+
+    @property
+    def port(self):
+        return self.ports[0]
+
+    @property
+    def chatd(self):
+        return self.chatds[0]
 
     def store(self, *args):
         return redis_command(self.store_socket, *args)
@@ -782,19 +807,22 @@ class Servers:
         if self.valkey is not None:
             self.valkey.start()
             await self.valkey.await_ready()
-        self.chatd.start()
-        await self.chatd.await_listening()
+        for chatd in self.chatds:
+            chatd.start()
+        for chatd in self.chatds:
+            await chatd.await_listening()
 
-    async def restart_chatd(self, sig, down):
+    async def restart_chatd(self, sig, down, index=0):
         from twisted.internet import reactor, task
+        chatd = self.chatds[index]
         if sig == signal.SIGKILL:
-            self.chatd.send_signal(sig)
-            await self.chatd.await_exit(10)
+            chatd.send_signal(sig)
+            await chatd.await_exit(10)
         else:
-            await self.chatd.await_stop(30)
+            await chatd.await_stop(30)
         await task.deferLater(reactor, down, lambda: None)
-        self.chatd.start()
-        await self.chatd.await_listening()
+        chatd.start()
+        await chatd.await_listening()
 
     async def restart_redis(self, sig, down):
         from twisted.internet import reactor, task
@@ -805,15 +833,21 @@ class Servers:
         await self.valkey.await_ready()
 
     async def stop(self):
-        """A clean stop at the end: True if chatd exited cleanly on SIGTERM."""
-        code = await self.chatd.await_stop(30)
-        ok = code in (0, -signal.SIGTERM) and "Server Shut Down" in self.chatd.log(True)
+        """A clean stop at the end: True if every chatd exited cleanly on SIGTERM."""
+        ok = True
+        for chatd in self.chatds:
+            code = await chatd.await_stop(30)
+            ok = ok and code in (0, -signal.SIGTERM) and "Server Shut Down" in chatd.log(True)
         if self.valkey is not None:
             self.valkey.stop()
         return ok
 
+    def bad_log_lines(self):
+        return [line for chatd in self.chatds for line in chatd.bad_log_lines()]
+
     def cleanup(self):
-        self.chatd.cleanup()
+        for chatd in self.chatds:
+            chatd.cleanup()
         if self.valkey is not None:
             self.valkey.cleanup()
 
@@ -838,6 +872,10 @@ class Harness:
     @property
     def port(self):
         return self.servers.port
+
+    def pick_port(self, rng):
+        """Where a client connects: a random node (the only one but in nodes mode)."""
+        return rng.choice(self.servers.ports)
 
     @staticmethod
     def now():
@@ -886,9 +924,11 @@ class Harness:
         from twisted.internet import defer, reactor, task
         cfg, t = self.cfg, self.tracker
         if kind == "chatd_sigkill":
-            await self.servers.restart_chatd(signal.SIGKILL, self.rng.uniform(0, cfg.down_max))
+            await self.servers.restart_chatd(signal.SIGKILL, self.rng.uniform(0, cfg.down_max),
+                                             self.rng.randrange(cfg.nodes))
         elif kind == "chatd_sigterm":
-            await self.servers.restart_chatd(signal.SIGTERM, self.rng.uniform(0, cfg.down_max))
+            await self.servers.restart_chatd(signal.SIGTERM, self.rng.uniform(0, cfg.down_max),
+                                             self.rng.randrange(cfg.nodes))
         elif kind == "redis_sigterm":
             await self.servers.restart_redis(signal.SIGTERM,
                                              self.rng.uniform(0, cfg.redis_down_max))
@@ -1015,7 +1055,8 @@ async def run(cfg, log=None):
     report = None
     try:
         await servers.start()
-        log("chatd on port %d (%s mode), workdir %s" % (servers.port, cfg.mode, workdir))
+        log("chatd on port(s) %s (%s mode), workdir %s"
+            % (",".join(map(str, servers.ports)), cfg.mode, workdir))
         await h.connect_all()
         log("%d clients registered" % len(h.devices))
         h.sending = True
@@ -1037,10 +1078,11 @@ async def run(cfg, log=None):
         await h.close_all()
         clean = await servers.stop()
         report = h.tracker.report(
-            mode=cfg.mode, clients=cfg.clients, seed=cfg.seed, duration=chaos_time,
+            mode=cfg.mode if cfg.nodes == 1 else "%s (%d chatd)" % (cfg.mode, cfg.nodes),
+            clients=cfg.clients, seed=cfg.seed, duration=chaos_time,
             drain=drain_time, left_in_inboxes=left, clean_stop=clean,
             appendfsync=servers.valkey.appendfsync if servers.valkey else "",
-            log_problems=servers.chatd.bad_log_lines())
+            log_problems=servers.bad_log_lines())
         return report
     finally:
         if not h.stopping:
@@ -1066,7 +1108,8 @@ async def run(cfg, log=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("embedded", "redis"), default="embedded")
+    p.add_argument("--mode", choices=("embedded", "redis", "nodes"), default="embedded")
+    p.add_argument("--nodes", type=int, default=3, help="nodes mode: chatd processes (default 3)")
     p.add_argument("--duration", type=float, default=60, help="seconds of chaos (default 60)")
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--rate", type=float, default=1.0,
@@ -1091,7 +1134,7 @@ def main(argv=None):
                    help="one more chatd option (repeatable), e.g. --chatd-arg=--rate-limit=0")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    cfg = Config(mode=a.mode, duration=a.duration, clients=a.clients, rate=a.rate,
+    cfg = Config(mode=a.mode, nodes=a.nodes, duration=a.duration, clients=a.clients, rate=a.rate,
                  fault_every=a.fault_every,
                  faults=tuple(a.faults.split(",")) if a.faults else None,
                  redis_sigkill=a.redis_sigkill, down_max=a.down_max,

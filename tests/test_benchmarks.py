@@ -134,3 +134,24 @@ def test_benchmark_suite_quick_against_chatd_and_relay(tmp_path):
     assert len(rows) == 1 and rows[0]["ratio"] is not None, text
     assert "throughput 20 dev" in text and "target" in text
     assert doc["machine"]["nproc"] >= 1
+
+
+@pytest.mark.slow
+def test_benchmark_nodes_and_workers_scenarios(tmp_path):
+    """Cross-node delivery against one node, --workers 2 against 1: every
+    run delivered everything once, and the table compares them."""
+    doc, text = _run_suite(
+        tmp_path, "--quick", "--only", "nodes,workers", "--latency-devices", "10",
+        "--duration", "1", "--warmup", "0.3", "--node-rate", "200", "--inflight", "100")
+    assert doc["failed"] == [], text
+    results = doc["results"]
+    for key, variants in (("nodes", ("one", "two")), ("workers", ("1", "2"))):
+        for v in variants:
+            for run in ("saturation", "fixed"):
+                _sane_run(results[key][v][run], "%s %s %s:\n%s" % (key, v, run, text))
+    # two nodes: both chatd processes worked; --workers 2: the worker did
+    assert results["nodes"]["two"]["saturation"]["server_cpu_s"]["server2"] > 0, text
+    assert results["workers"]["2"]["saturation"]["server_cpu_s"]["worker1"] > 0, text
+    rows = {(r["scenario"], r["metric"]): r for r in doc["rows"]}
+    assert rows[("cross-node vs 1 node", "saturation msg/s")]["ratio"] is not None, text
+    assert rows[("--workers 2 vs 1", "saturation msg/s")]["ratio"] is not None, text

@@ -64,6 +64,19 @@ async def test_chaos_external_redis():
     assert report.send_errors.get("unavailable", 0) + report.conn_errors.get("unavailable", 0) >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@ensure
+async def test_chaos_three_nodes():
+    """Three chatd nodes on one valkey-server (appendfsync always), clients
+    on random nodes (a reconnect lands anywhere), nodes SIGKILLed and
+    SIGTERMed, the store stopped and killed: the same checks, cluster-wide."""
+    cfg = chaos.Config(mode="nodes", nodes=3, redis_sigkill=True, duration=20, clients=30,
+                       rate=2.0, fault_every=1.0, redis_down_max=2.5, settle=60)
+    report = await chaos.run(cfg)
+    check(report, cfg)
+
+
 @ensure
 async def test_graceful_stop_answers_every_send_it_has_read(chatd, clients, redis):
     """docs/protocol.rst: on SIGTERM chatd "stops reading, answers what it

@@ -2,16 +2,21 @@
 -- whole rule of the contract for each one (ref retry, receiver check, dedup,
 -- inbox TTL and limit, enqueue), one round trip for the batch.
 --
--- KEYS, five per message, all of the receiver's hash tag:
+-- KEYS, six per message, all of the receiver's hash tag:
 --   token hash (exists = registered), id counter (never expires), inbox (a
---   list of push lines, oldest first), dedup marker of the text, and the
---   (sender, ref) record (unused when the message has no ref).
+--   list of push lines, oldest first), dedup marker of the text, the
+--   (sender, ref) record (unused when the message has no ref), and the
+--   receiver's presence record ("<node id> <epoch>", see claim.lua).
 -- ARGV: now_ms, dedup_window_ms, inbox_limit, inbox_ttl_ms, ref_ttl_ms,
---   late_ms, refs, then one tail per message.
+--   late_ms, refs, node id, then one tail per message.
 --   late_ms: the store's clock time after which the sender has been told
 --     "unavailable"; a batch run later stores nothing (0: no check).
 --   refs: one character per message, "1" if it has a ref.
 --   tail: the push line after the sent_at value (sender, receiver, text).
+--   node id: the sending node. An accepted message for a receiver bound on
+--     another node is published on the receiver's notify channel
+--     ("m <push line>", see chatd/notify.py), in the same step: no round
+--     trip of its own, and none at all when the receiver is here or offline.
 --
 -- Returns two items per message: a code and an id (or ""):
 --   "a" accepted, "d" duplicate, "u" unknown receiver, "f" inbox full; a retry
@@ -30,10 +35,11 @@ local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local cutoff = tonumber(now) - tonumber(ARGV[4])
 local refs = ARGV[7]
+local node = ARGV[8] .. " "
 local out = {}
 
 for i = 1, #refs do
-  local k = (i - 1) * 5
+  local k = (i - 1) * 6
   local inbox, ref = KEYS[k + 3], nil
   if string.byte(refs, i) == 49 then ref = KEYS[k + 5] end
   local code, id = nil, ""
@@ -52,7 +58,7 @@ for i = 1, #refs do
     -- looked for when the inbox seems full (a read drops them anyway)
     local seq = redis.call("INCR", KEYS[k + 2])
     id = string.format("%016d", seq)
-    local entry = '{"type":"message","id":"' .. id .. '","sent_at":' .. now .. ARGV[7 + i]
+    local entry = '{"type":"message","id":"' .. id .. '","sent_at":' .. now .. ARGV[8 + i]
     if redis.call("RPUSH", inbox, entry) > limit then
       redis.call("RPOP", inbox)
       drop_expired(inbox, cutoff)
@@ -68,6 +74,10 @@ for i = 1, #refs do
       redis.call("PEXPIRE", inbox, ARGV[4])
       if window > 0 then redis.call("SET", KEYS[k + 4], "1", "PX", ARGV[2]) end
       if ref then redis.call("SET", ref, "a:" .. id, "PX", ARGV[5]) end
+      local at = redis.call("GET", KEYS[k + 6])
+      if at and string.sub(at, 1, #node) ~= node then
+        redis.call("SPUBLISH", string.sub(KEYS[k + 6], 1, -5) .. "notify", "m " .. entry)
+      end
     end
   end
   out[#out + 1] = code

@@ -1,0 +1,16 @@
+-- Bind a device to this node (register or reconnect): the presence record
+-- names this node with a new epoch, under a lease; whoever held it before is
+-- told to let go (a kick on the device's notify channel, see chatd/notify.py).
+--
+-- KEYS[1] presence ("<node id> <epoch>", with a lease), KEYS[2] epoch
+--   counter (never expires), KEYS[3] the device's notify channel
+-- ARGV: node id, lease_ms
+-- Returns the new epoch. Epochs only grow: of two binds of one device, the
+-- later one has the higher epoch, and a holder with a lower one closes.
+local epoch = redis.call("INCR", KEYS[2])
+local old = redis.call("GET", KEYS[1])
+redis.call("SET", KEYS[1], ARGV[1] .. " " .. epoch, "PX", ARGV[2])
+if old then
+  redis.call("SPUBLISH", KEYS[3], "k " .. epoch .. " " .. ARGV[1])
+end
+return epoch

@@ -1,0 +1,21 @@
+-- Keep this node's presence records alive (the lease), and find those it
+-- has lost: a later bind elsewhere took the device over.
+--
+-- KEYS: per device, its presence record and its epoch counter
+-- ARGV: lease_ms, then per device the record this node holds ("<node> <epoch>")
+-- Returns the (1-based) numbers of the devices this node no longer holds.
+-- A record that ran out while this node was cut off from the store is taken
+-- again only if nobody bound the device since (its epoch is still ours).
+local lost = {}
+for i = 1, #KEYS / 2 do
+  local presence, mine = KEYS[2 * i - 1], ARGV[i + 1]
+  local have = redis.call("GET", presence)
+  if have == mine then
+    redis.call("PEXPIRE", presence, ARGV[1])
+  elseif not have and redis.call("GET", KEYS[2 * i]) == string.match(mine, " (%d+)$") then
+    redis.call("SET", presence, mine, "PX", ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
