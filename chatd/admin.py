@@ -182,7 +182,8 @@ def cmd_stats(client, args):
     per_node = {}
     for key in _scan(client, PRESENCE_PATTERN):
         node = client.get(key) if client.type(key) == b"string" else None
-        node = node.decode("utf-8", "replace") if node else "?"
+        # "<node id> <epoch>" (chatd.presence)
+        node = node.decode("utf-8", "replace").split(" ")[0] if node else "?"
         per_node[node] = per_node.get(node, 0) + 1
 
     now = _store_ms(client)

@@ -171,6 +171,11 @@ def start_factory(factory_class, target, timeout, reactor, **attributes):
     else:
         endpoint = txredisapi._makeEndpoint(
             t.host, t.port, timeout, tls_options(t, RedisClient.log) if t.tls else None)
+    # txredisapi fails this Deferred when AUTH is refused (and stops
+    # retrying); the owner says so plainly (the store client does), or it is
+    # dropped here rather than left as an unhandled error
+    factory.deferred.addErrback(getattr(attributes.get("owner"), "_auth_failed",
+                                        lambda f: None))
     factory.startConnecting(endpoint)
     return factory
 
@@ -201,9 +206,6 @@ class RedisClient:
     def connect(self):
         self._factory = start_factory(ConnectionFactory, self.target, self.timeout,
                                       self.reactor, owner=self)
-        # txredisapi fails this Deferred when AUTH is refused (and then stops
-        # retrying): say so plainly, not as an unhandled error
-        self._factory.deferred.addErrback(self._auth_failed)
         self._watchdog = task.LoopingCall(self._check_deadlines)
         self._watchdog.clock = self.reactor
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)

@@ -1,3 +1,4 @@
+-- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
 -- Bind a device to this node (register or reconnect): the presence record
 -- names this node with a new epoch, under a lease; whoever held it before is
 -- told to let go (a kick on the device's notify channel, see chatd/notify.py).

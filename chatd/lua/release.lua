@@ -1,3 +1,4 @@
+-- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
 -- A device's connection on this node is gone: drop its presence record if it
 -- is still this node's (a later bind elsewhere has replaced it otherwise).
 --

@@ -1,3 +1,4 @@
+-- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
 -- Keep this node's presence records alive (the lease), and find those it
 -- has lost: a later bind elsewhere took the device over.
 --
