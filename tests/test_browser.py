@@ -179,13 +179,15 @@ def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir, c
     alice.click("#peers button:has-text('carol')")
     shown(alice, "Hello from a terminal")
     say(alice, "Hello carol, from the browser")
-    carol = terminal(tcp_port, state_dir, "--listen")
+    carol = terminal(tcp_port, state_dir, "--listen", "--count", "1")
     try:
         push = json.loads(first_line(carol))
         assert (push["sender"], push["message"]) == ("alice", "Hello carol, from the browser")
+        assert carol.wait(WAIT / 1000) == 0  # --count 1: it acked the one and left
     finally:
-        carol.stdin.close()
-        carol.wait(WAIT / 1000)
+        if carol.poll() is None:
+            carol.kill()
+            carol.wait()
     alice.click("#peers button:has-text('bob')")
     say(alice, "See you")
     say(alice, "See you", status="duplicate")

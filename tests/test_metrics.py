@@ -6,6 +6,7 @@ node while the test holds on to its /health.
 """
 
 import json
+import re
 import os
 import signal
 import socket
@@ -34,6 +35,13 @@ def scrape(base):
 
 def value(samples, name, **labels):
     return samples[(name, frozenset(labels.items()))]
+
+
+def node_id(proc):
+    """The node id the process logged at start ("chatd node <id> starting")."""
+    m = re.search(r"chatd node (\S+) starting", proc.log(since_start=True))
+    assert m, proc.log(since_start=True)[-2000:]
+    return m.group(1)
 
 
 @pytest.fixture
@@ -75,7 +83,7 @@ def test_metrics_count_known_traffic(node):
         bob.expect("pong")
 
         samples, nodes = scrape(base)
-        assert nodes == {"%s:%d" % (os.uname().nodename, proc.pid)}
+        assert nodes == {node_id(proc)}
         assert value(samples, "chatd_messages_total", result="accepted") == 2
         assert value(samples, "chatd_messages_total", result="duplicate") == 1
         assert value(samples, "chatd_messages_total", result="unknown_receiver") == 1
@@ -111,7 +119,7 @@ def test_health_turns_503_while_the_store_is_frozen_and_200_after(node):
     status, body = http_get(base + "/health")
     assert status == 200, body
     health = json.loads(body)
-    assert health["status"] == "ok" and health["node"].endswith(":%d" % proc.pid)
+    assert health["status"] == "ok" and health["node"] == node_id(proc)
     (store_pid,) = proc.store_pids()
     alice = LineClient(proc.port)
     try:
