@@ -27,9 +27,17 @@ class RedisTarget:
     tls: bool = False
     tls_ca_file: Optional[str] = None  # trust these CAs (else the system's)
     tls_verify: bool = True  # False only by an explicit, logged opt-out
+    # redis+sentinel://: the sentinels to ask (host, port) and the master's name;
+    # host/port are then unset (the primary is whatever the sentinels say)
+    sentinels: tuple = ()
+    master: Optional[str] = None
 
     def describe(self):
         """A printable form without the password."""
+        if self.sentinels:
+            return "%s+sentinel://%s/%s/%d" % (
+                "rediss" if self.tls else "redis",
+                ",".join("%s:%d" % hp for hp in self.sentinels), self.master, self.db)
         if self.path:
             return "unix:%s?db=%d" % (self.path, self.db)
         scheme = "rediss" if self.tls else "redis"
@@ -47,6 +55,7 @@ class Settings:
     data_dir: str = "chatd-data"
     store_max_memory: int = 1 << 30  # the embedded store's maxmemory (bytes)
     redis_timeout: float = 2.0
+    store_acks: int = 0  # replicas that must confirm a write (WAIT) before it is answered
     dedup_window: float = 5.0
     max_line: int = 65536
     max_message: int = 16384
@@ -177,12 +186,50 @@ def with_backlog(description):
     return description
 
 
+_URL_FORMS = ("expected redis://[:password@]host:port/db, rediss://host:port/db, "
+              "unix:///path.sock?db=N or redis+sentinel://host:port[,host:port...]/master/db")
+
+
+def _parse_sentinel_url(text, u, name):
+    """``redis+sentinel://[[user]:password@]h:p[,h:p...]/<master>[/<db>]``
+    (``rediss+sentinel`` for TLS to the primary). The password is the
+    primary's; the sentinels are asked without one."""
+    def refuse(problem):
+        raise ValueError("--%s: %r: %s (%s)" % (name, redact_url(text), problem, _URL_FORMS))
+
+    userinfo, _, hosts = u.netloc.rpartition("@")
+    sentinels = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = port, "26379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            refuse("bad sentinel address %r (host:port)" % item)
+        sentinels.append((host, int(port)))
+    parts = [unquote(p) for p in u.path.split("/")[1:]]
+    if not parts or not parts[0]:
+        refuse("no master name (the name the sentinels monitor, e.g. /mymaster/0)")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        refuse("expected /<master>/<db> after the sentinels")
+    user, _, password = userinfo.partition(":")
+    return RedisTarget(
+        sentinels=tuple(sentinels), master=parts[0],
+        db=int(parts[1]) if len(parts) == 2 and parts[1] else 0,
+        username=unquote(user) if user else None,
+        password=unquote(password) if password else None,
+        tls=u.scheme.startswith("rediss"))
+
+
 def parse_redis_url(text, name="redis"):
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
-    ``unix:///path/to.sock[?db=N][&password=...]``."""
+    ``unix:///path/to.sock[?db=N][&password=...]``,
+    ``redis+sentinel://h:p[,h:p...]/<master>/<db>`` (``rediss+sentinel``)."""
     text = str(text).strip()
     u = urlsplit(text)
     problem = None
+    if u.scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(text, u, name)
     if u.scheme in ("redis", "rediss"):
         if not u.hostname:
             problem = "no host"
@@ -206,9 +253,7 @@ def parse_redis_url(text, name="redis"):
         problem = "the database number %r is not a number" % db_text
     if problem:
         raise ValueError(
-            "--%s: %r: %s (expected redis://[:password@]host:port/db, "
-            "rediss://host:port/db or unix:///path.sock?db=N)"
-            % (name, redact_url(text), problem))
+            "--%s: %r: %s (%s)" % (name, redact_url(text), problem, _URL_FORMS))
     password = unquote(u.password) if u.password else None
     if u.scheme == "unix":
         q = parse_qs(u.query)

@@ -113,6 +113,10 @@ class ChatdCollector:
                    "Store calls that failed (deadline, lost connection, error reply, "
                    "a batch run too late): each one answered 'unavailable'",
                    node, store_stats.unavailable if store_stats is not None else 0)
+        yield _one(CounterMetricFamily, "chatd_store_unconfirmed",
+                   "Writes the store did but fewer than --store-acks replicas confirmed "
+                   "in time (answered 'unavailable'; a retry with the same ref is safe)",
+                   node, store_stats.unconfirmed if store_stats is not None else 0)
         h = HistogramMetricFamily(
             "chatd_store_seconds", "Latency of store calls, by script (Lua function) "
             "or command; one call carries a whole batch of sends or acks",

@@ -30,12 +30,14 @@ library is loaded again; nothing runs out of order (see :meth:`RedisClient.scrip
 """
 
 import collections
+import dataclasses
 import hashlib
 import os
 import re
 
 import txredisapi
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
@@ -87,6 +89,10 @@ class Library:
                          b"redis.register_function{function_name='%s', callback=%s, "
                          b"flags={%s}}\n" % (n.encode(), body, fname, n.encode(), flags))
         self.source = b"".join(parts)
+
+
+#: functions that only read: no WAIT for them under --store-acks
+READ_ONLY = frozenset({"fetch"})
 
 
 def _read_lua(lua_dir, name):
@@ -166,11 +172,7 @@ def start_factory(factory_class, target, timeout, reactor, **attributes):
                             None, t.password, None, False, t.username)
     for name, value in attributes.items():
         setattr(factory, name, value)
-    if t.path:
-        endpoint = UNIXClientEndpoint(reactor, t.path, timeout=timeout)
-    else:
-        endpoint = txredisapi._makeEndpoint(
-            t.host, t.port, timeout, tls_options(t, RedisClient.log) if t.tls else None)
+    endpoint = endpoint_for(t, timeout, reactor)
     # txredisapi fails this Deferred when AUTH is refused (and stops
     # retrying); the owner says so plainly (the store client does), or it is
     # dropped here rather than left as an unhandled error
@@ -180,15 +182,32 @@ def start_factory(factory_class, target, timeout, reactor, **attributes):
     return factory
 
 
+def endpoint_for(target, timeout, reactor):
+    """Where a connection to ``target`` goes: a unix socket, host:port (TLS
+    for rediss), or whatever primary the sentinels name (chatd.sentinel)."""
+    t = target
+    if t.sentinels:
+        from chatd.sentinel import SentinelEndpoint
+        return SentinelEndpoint(reactor, t, timeout, lambda host: tls_options(
+            dataclasses.replace(t, host=host), RedisClient.log))
+    if t.path:
+        return UNIXClientEndpoint(reactor, t.path, timeout=timeout)
+    return txredisapi._makeEndpoint(
+        t.host, t.port, timeout, tls_options(t, RedisClient.log) if t.tls else None)
+
+
 class RedisClient:
     """A txredisapi connection with deadlines on every call."""
 
     log = Logger()
 
-    def __init__(self, target, timeout, reactor):
+    def __init__(self, target, timeout, reactor, acks=0):
         self.target = target
         self.timeout = timeout
         self.reactor = reactor
+        self.acks = acks          # --store-acks: replicas that must confirm a write
+        self._unconfirmed = []    # (call Deferred, caller's Deferred) since the last WAIT
+        self._confirming = False  # a WAIT is in flight
         self._library = Library()
         self._reloading = False
         self._factory = None
@@ -256,9 +275,62 @@ class RedisClient:
         second time behind calls sent after it, which is what would reorder
         one connection's messages."""
         d = self._send((b"FCALL", self._library.functions[name], len(keys), *keys, *args))
+        if self.acks and name not in READ_ONLY:
+            d = self._confirmed(d)
         d.addBoth(self._timed, name, self.reactor.seconds())
         d.addErrback(self._missing)
         return d.addErrback(self._unavailable, name)
+
+    # -- --store-acks ------------------------------------------------------------
+
+    def _confirmed(self, call):
+        """The caller's Deferred of a write ``call``, released only once
+        ``WAIT acks`` sent after it says enough replicas hold it.
+
+        Group commit: one WAIT in flight per connection; every write sent
+        while it is out waits for the next one, which is sent when it
+        returns. A WAIT covers every write sent before it on the connection,
+        and the replies come in order, so each caller is released in send
+        order (one connection's order is kept)."""
+        d = defer.Deferred()
+        self._unconfirmed.append((call, d))
+        if not self._confirming:
+            self._send_wait()
+        return d
+
+    def _send_wait(self):
+        group, self._unconfirmed = self._unconfirmed, []
+        self._confirming = True
+        # WAIT blocks the connection while it waits: at most half the deadline,
+        # so that the calls behind it still make theirs
+        wait_ms = max(1, int(self.timeout * 500))
+        self._send((b"WAIT", self.acks, wait_ms)).addBoth(self._waited, group)
+
+    def _waited(self, replicas, group):
+        self._confirming = False
+        if isinstance(replicas, Failure):
+            why = "no answer to WAIT (%s)" % replicas.getErrorMessage()
+        elif replicas < self.acks:
+            why = "%d of %d replica(s) confirmed it" % (replicas, self.acks)
+        else:
+            why = None
+        if why is not None:
+            self.stats.unconfirmed += len(group)
+            self.log.warn("--store-acks {n}: {why}; {count} write(s) answered "
+                          "'unavailable'", n=self.acks, why=why, count=len(group))
+        for call, d in group:
+            call.addBoth(self._release, d, why)
+        if self._unconfirmed:
+            self._send_wait()
+
+    @staticmethod
+    def _release(result, d, why):
+        if why is not None and not isinstance(result, Failure):
+            d.errback(StoreUnavailable(
+                "written, but %s in time: it may be lost on a failover (a retry "
+                "with the same ref is answered from the first)" % why))
+        else:
+            d.callback(result)  # a Failure errbacks
 
     def config_get(self, name):
         """Deferred of a store setting (bytes), or None when the store will not
@@ -397,6 +469,14 @@ class RedisClient:
             # txredisapi fails every call on it with ConnectionError
             conn.transport.abortConnection()
 
+    def _reconnect(self, why):
+        """Cut the connection (every call on it fails); txredisapi connects
+        again, through the sentinels when there are some."""
+        conn = self._conn()
+        if conn is not None:
+            self.log.warn(why + "; reconnecting", store=self.target.describe())
+            conn.transport.abortConnection()
+
     def _fail_waiting(self, expired, why):
         waiting = self._waiting
         while waiting and expired(waiting[0][0]):
@@ -417,6 +497,11 @@ class RedisClient:
                 failure.getErrorMessage().startswith("OOM"):
             self._warn_full()
             raise StoreFull("%s: the store is out of memory (maxmemory)" % _text(what))
+        if failure.check(txredisapi.ResponseError) and \
+                failure.getErrorMessage().startswith("READONLY"):
+            # a primary turned replica (a failover): find the primary again
+            self._reconnect("the store {store} is a replica now (READONLY)")
+            raise StoreUnavailable("%s: the store is a replica now" % _text(what))
         if failure.check(txredisapi.ResponseError):
             # an error reply is a bug or a misconfigured store, not an outage
             self.log.error("store error on {what}: {reason}", what=_text(what), reason=reason)

@@ -41,6 +41,10 @@ class SequentialMultiService(service.MultiService):
                 self.log.failure("stopping {child}", child=child)
 
 
+class StoreConfigError(Exception):
+    """The store named by --redis cannot work as given (not an outage)."""
+
+
 class ChatService(service.Service):
     """The store client and the listeners, started once the store is ready."""
 
@@ -74,7 +78,10 @@ class ChatService(service.Service):
     def _start(self):
         if self.ready is not None:
             yield self.ready()
-        self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor).connect()
+        if self.target.sentinels:
+            yield self._check_sentinels()
+        self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor,
+                                  acks=self.settings.store_acks).connect()
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
@@ -120,6 +127,21 @@ class ChatService(service.Service):
             scheme = "https" if description.startswith("ssl:") else "http"
             where = getattr(host, "name", None) or "%s://%s:%s/" % (scheme, host.host, host.port)
             self.log.info("chatd web page on {where} (WebSocket at /ws)", where=where)
+
+    @defer.inlineCallbacks
+    def _check_sentinels(self):
+        """A master name no sentinel knows is a mistake to say at start (the
+        store client would only ever answer 'unavailable'); sentinels that
+        cannot be reached now are an outage, which chatd rides out."""
+        from chatd.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
+        try:
+            yield SentinelEndpoint(self.reactor, self.target,
+                                   self.settings.redis_timeout).find_primary()
+        except UnknownMaster as e:
+            raise StoreConfigError("--redis: %s" % e)
+        except SentinelError as e:
+            self.log.warn("no store primary found yet ({why}); clients get "
+                          "'unavailable' until there is one", why=str(e))
 
     def _check_policy(self, policy):
         """An external store that evicts when full deletes tokens and waiting

@@ -94,6 +94,10 @@ class Options(usage.Options):
         ["presence-lease", None, "10s", "How long a node's hold on its devices "
          "outlives it (SIGKILL, power loss): renewed every third of it.",
          _coerce(config.parse_duration, "presence-lease")],
+        ["store-acks", None, "0", "Replicas that must hold each write before it is "
+         "answered (WAIT N after each batch; with Sentinel or Cluster). 0: answer "
+         "once the primary has it (a failover may lose the last writes).",
+         _coerce(config.parse_count, "store-acks", minimum=0)],
         ["workers", None, "1", "Processes serving this node's ports (SO_REUSEPORT), "
          "each a node of the service; 0: one per core.", _coerce(config.parse_workers, "workers")],
         ["registration-secret-file", None, None, "File holding the secret shared with "
@@ -235,6 +239,9 @@ class Options(usage.Options):
             extra["tls_verify"] = not self["redis-tls-insecure"]
         if extra:
             self["redis"] = dataclasses.replace(target, **extra)
+        if self["store-acks"] and target is None:
+            raise usage.UsageError(
+                "--store-acks needs --redis: the embedded store has no replicas to confirm")
 
 
 def makeService(options):

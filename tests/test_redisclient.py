@@ -114,3 +114,86 @@ async def test_frozen_store_times_out_then_recovers(client, own_redis):
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
     await answers_again(client)
+
+
+@ensure
+async def test_a_primary_turned_replica_is_left_for_a_new_connection(client, own_redis):
+    """A write refused with READONLY (a failover demoted the primary under
+    an open connection) is 'unavailable', and the connection is cut so that
+    the next one finds the primary again (through the sentinels, if any)."""
+    from tests.procs import fixed_port
+    before = await client.call(b"CLIENT", b"ID")
+    own_redis.command("REPLICAOF", "127.0.0.1", str(fixed_port()))  # nobody there
+    try:
+        with pytest.raises(StoreUnavailable, match="replica"):
+            await with_deadline(client.script("ack", [b"chatd:{a}:inbox"], [5]), 5.0)
+    finally:
+        own_redis.command("REPLICAOF", "NO", "ONE")
+    await answers_again(client)
+    assert await client.call(b"CLIENT", b"ID") != before
+
+
+@pytest.fixture
+def replicated(tmp_short):
+    """A primary and its replica on TCP ports: (primary, replica)."""
+    from tests.procs import wait_for
+    from tests.sentinels import TcpValkey, info
+    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
+    replica = TcpValkey(os.path.join(tmp_short, "r"),
+                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
+    try:
+        wait_for(lambda: primary.ready() and replica.ready()
+                 and info(replica.port, "replication").get("master_link_status") == "up",
+                 30, "the replica in sync")
+        yield primary, replica
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        primary.cleanup()
+        replica.cleanup()
+
+
+@ensure
+async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds(replicated):
+    from twisted.internet import defer, reactor
+
+    from chatd.config import RedisTarget
+    primary, replica = replicated
+    c = RedisClient(RedisTarget(host="127.0.0.1", port=primary.port), 1.0, reactor,
+                    acks=1).connect()
+    try:
+        assert await with_deadline(c.when_connected(5), what="connection")
+        primary.command("CONFIG", "RESETSTAT")
+        # 50 writes in one go: each answered once the replica holds it, with
+        # one WAIT for the first and one for all the others (group commit)
+        calls = [c.script("ack", [b"chatd:{d%d}:inbox" % i], [5]) for i in range(50)]
+        assert await with_deadline(defer.gatherResults(calls), 10.0) == [0] * 50
+        stats = primary.command("INFO", "commandstats").decode()
+        waits = int(stats.split("cmdstat_wait:calls=")[1].split(",")[0])
+        assert waits <= 2, stats
+        # reads are not waited for
+        await c.script("fetch", [b"chatd:{a}:inbox", b"chatd:{a}:seq"], [0, 10, 0, 1000])
+        stats = primary.command("INFO", "commandstats").decode()
+        assert int(stats.split("cmdstat_wait:calls=")[1].split(",")[0]) == waits
+
+        # the replica stops answering: the write is done on the primary, but
+        # not confirmed, so its caller is told 'unavailable'
+        primary.command("RPUSH", "chatd:{b}:inbox", '{"type":"message","id":"%016d",'
+                        '"sent_at":1,"sender":"a","receiver":"b","message":"x"}' % 1)
+        replica.send_signal(signal.SIGSTOP)
+        with pytest.raises(StoreUnavailable, match="0 of 1 replica"):
+            await with_deadline(c.script("ack", [b"chatd:{b}:inbox"], [1]), 5.0)
+        assert primary.command("LLEN", "chatd:{b}:inbox") == 0  # done, though
+        assert c.stats.unconfirmed == 1
+        replica.send_signal(signal.SIGCONT)
+        await wait_until(lambda: info_link_up(replica), what="the replica back")
+        assert await with_deadline(c.script("ack", [b"chatd:{e}:inbox"], [1]), 5.0) == 0
+    finally:
+        await c.close()
+
+
+def info_link_up(server):
+    from tests.sentinels import info
+    try:
+        return info(server.port, "replication").get("master_link_status") == "up"
+    except (OSError, ConnectionError):
+        return False

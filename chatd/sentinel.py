@@ -1,0 +1,163 @@
+"""
+Redis Sentinel: where the primary is, asked of the sentinels at every connect.
+
+Why a room of its own: with ``redis+sentinel://`` the store's address is not
+configured but discovered, and a failover changes it. chatd's store client
+and its pub/sub subscriber (chatd.redisclient, chatd.notify) keep their own
+txredisapi factories, deadlines and hot path; all they need from Sentinel is
+*where to connect*. So this is a Twisted client endpoint whose every
+``connect()`` first asks the sentinels. txredisapi's reconnecting factory
+calls ``connect()`` again after every lost connection, so a failover is
+followed the way any outage is: the old primary's connection drops (or the
+store client cuts it: a write refused with ``READONLY``, a call past its
+deadline), the next connect asks the sentinels and reaches the new primary.
+
+txredisapi's own Sentinel support (``SentinelRedisProtocol``) was not used:
+it replaces the connection factory and pool, which is where chatd keeps its
+pipelining and deadlines, and it has no per-ask deadline.
+
+Never a write to a replica: the server a sentinel names is asked ``ROLE``
+before chatd connects to it, and one that is not a primary (a sentinel that
+has not seen the failover yet) is not used; the next attempt asks again. A
+replica refuses writes anyway (``READONLY``), which the store client turns
+into ``unavailable`` and a reconnect.
+
+The questions go over short connections of their own with a tiny RESP
+exchange (:class:`_Ask`, hiredis parsing): one command, one reply, a deadline.
+Sentinels without a password only (``requirepass`` on the sentinels is not
+supported); TLS (``rediss+sentinel://``) applies to the primary's connection.
+"""
+
+import hiredis
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+
+
+class SentinelError(Exception):
+    """No primary could be found through the sentinels (now)."""
+
+
+class UnknownMaster(SentinelError):
+    """Every sentinel that answered does not monitor a master of that name."""
+
+
+class _Ask(protocol.Protocol):
+    """Send one command, fire ``self.done`` with its one reply, hang up."""
+
+    def __init__(self, args):
+        self.args = args
+        self.done = defer.Deferred()
+        self._reader = hiredis.Reader()
+
+    def connectionMade(self):
+        out = [b"*%d\r\n" % len(self.args)]
+        for a in self.args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        self.transport.write(b"".join(out))
+
+    def dataReceived(self, data):
+        self._reader.feed(data)
+        reply = self._reader.gets()
+        if reply is not False and not self.done.called:
+            self.done.callback(reply)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+@defer.inlineCallbacks
+def ask(reactor, host, port, timeout, *args):
+    """One command to ``host:port`` on a connection of its own; its reply
+    (an error reply comes back as a ``hiredis.ReplyError`` value)."""
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    factory = protocol.Factory.forProtocol(lambda: _Ask(args))
+    factory.noisy = False  # one per question: not worth two log lines each
+    conn = yield endpoint.connect(factory).addTimeout(timeout, reactor)
+    try:
+        reply = yield conn.done.addTimeout(timeout, reactor)
+    finally:
+        if conn.transport.connected:
+            conn.transport.abortConnection()
+    return reply
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class SentinelEndpoint:
+    """An ``IStreamClientEndpoint`` for "the primary of ``target.master``".
+
+    ``connect()`` asks the sentinels in turn (the last one that answered
+    first), checks with ``ROLE`` that the server named is a primary, then
+    connects to it (with TLS for ``rediss+sentinel``)."""
+
+    log = Logger()
+
+    def __init__(self, reactor, target, timeout, tls_options=None):
+        self.reactor = reactor
+        self.target = target
+        self.timeout = timeout
+        self.tls_options = tls_options  # callable (host) -> client TLS options
+        self._order = list(target.sentinels)
+        self.primary = None  # (host, port) last connected to
+
+    @defer.inlineCallbacks
+    def find_primary(self):
+        """(host, port) of the primary the sentinels name; SentinelError
+        when none can be found now, UnknownMaster when every sentinel that
+        answered does not know the name."""
+        name = self.target.master
+        problems, unknown = [], 0
+        for sentinel in list(self._order):
+            try:
+                reply = yield ask(self.reactor, sentinel[0], sentinel[1], self.timeout,
+                                  b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", name)
+            except Exception as e:
+                problems.append("%s:%d: %s" % (sentinel + (e.__class__.__name__,)))
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                problems.append("%s:%d: %s" % (sentinel + (reply,)))
+                continue
+            if not reply:
+                unknown += 1
+                problems.append("%s:%d does not know a master named %r" % (sentinel + (name,)))
+                continue
+            # the sentinel that answered is asked first next time
+            self._order.remove(sentinel)
+            self._order.insert(0, sentinel)
+            host, port = _text(reply[0]), int(reply[1])
+            try:
+                role = yield ask(self.reactor, host, port, self.timeout, b"ROLE")
+            except Exception as e:
+                problems.append("primary %s:%d (from %s:%d): %s"
+                                % ((host, port) + sentinel + (e.__class__.__name__,)))
+                continue
+            if isinstance(role, hiredis.ReplyError) and "NOAUTH" in str(role):
+                return host, port  # it wants the password: the real connection has it
+            if isinstance(role, list) and role and role[0] == b"master":
+                return host, port
+            problems.append("%s:%d, named by %s:%d, is not a primary (yet)"
+                            % ((host, port) + sentinel))
+        if unknown and unknown == len(problems):
+            raise UnknownMaster("no sentinel knows a master named %r (asked %s)"
+                                % (name, ", ".join("%s:%d" % s for s in self._order)))
+        raise SentinelError("no primary for %r: %s" % (name, "; ".join(problems)))
+
+    @defer.inlineCallbacks
+    def connect(self, factory):
+        host, port = yield self.find_primary()
+        if (host, port) != self.primary:
+            self.log.info("store primary for {master}: {host}:{port}",
+                          master=self.target.master, host=host, port=port)
+            self.primary = (host, port)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
+        if self.target.tls:
+            from twisted.internet.endpoints import wrapClientTLS
+            endpoint = wrapClientTLS(self.tls_options(host), endpoint)
+        conn = yield endpoint.connect(factory)
+        return conn

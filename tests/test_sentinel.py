@@ -1,0 +1,173 @@
+"""
+chatd on a Sentinel-managed store (``--redis redis+sentinel://...``): real
+valkey-servers and sentinels (tests/sentinels.py), real chatd processes.
+
+A SIGKILL of the primary with ``--store-acks 1``: senders see
+``unavailable`` while there is no primary (and while the new one has no
+replica to confirm), then go on; every message that got ``accepted`` reaches
+its receiver once, in the order sent, live across two nodes (the subscriber
+connection follows the failover too).
+"""
+
+import json
+import os
+import time
+
+import pytest
+import pytest_twisted
+
+from tests.helpers import connect, wait_until
+from tests.procs import ChatdProcess
+from tests.sentinels import SentinelSet, info
+
+ensure = pytest_twisted.ensureDeferred
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sentinels(tmp_short):
+    s = SentinelSet(os.path.join(tmp_short, "stores"))
+    try:
+        yield s.start()
+    finally:
+        s.cleanup()
+
+
+@pytest.fixture
+def nodes(tmp_short):
+    procs = []
+
+    async def start(url, n, *extra):
+        for _ in range(n):
+            p = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--redis", url,
+                                         "--rate-limit", "0", "--redis-timeout", "1s",
+                                         "--presence-lease", "15s", *extra],
+                             log_path=os.path.join(tmp_short, "node%d.log" % len(procs)))
+            procs.append(p.start())
+        for p in procs[-n:]:
+            await p.await_listening()
+        return procs[-n:]
+
+    yield start
+    for p in procs:
+        try:
+            p.stop()
+        except AssertionError:
+            pass
+        finally:
+            p.cleanup()
+    for p in procs:
+        assert p.bad_log_lines() == [], p.log()[-3000:]
+
+
+async def send_until_accepted(alice, i, deadline=60):
+    """Send message ``i`` (ref ``r<i>``) until it is accepted; the
+    ``unavailable`` replies met on the way, and the accepted id."""
+    unavailable = 0
+    loop_until = time.monotonic() + deadline
+    while True:
+        alice.send({"message": "m%d" % i, "receiver": "bob", "ref": "r%d" % i})
+        reply = await alice.next()
+        if reply["type"] == "accepted":
+            return unavailable, reply["id"]
+        assert reply.get("code") == "unavailable", reply
+        unavailable += 1
+        assert time.monotonic() < loop_until, "m%d never accepted" % i
+
+
+@ensure
+async def test_primary_sigkill_with_store_acks_loses_nothing_accepted(sentinels, nodes):
+    a, b = await nodes(sentinels.url(), 2, "--store-acks", "1")
+    alice, bob = await connect(a.port), await connect(b.port)
+    try:
+        await alice.register("alice")
+        await bob.register("bob")
+        got = []
+
+        async def receive(upto):
+            while len(got) < upto:
+                push = await bob.expect("message", timeout=60)
+                got.append((push["id"], push["message"]))
+                bob.send({"ack": push["id"]})
+
+        accepted, unavailable = [], 0
+        for i in range(20):
+            u, server_id = await send_until_accepted(alice, i)
+            unavailable += u
+            accepted.append((server_id, "m%d" % i))
+        await receive(20)
+
+        old = sentinels.primary()
+        old.kill()
+        # every send from now on waits for a new primary that has a replica:
+        # the old one, started again, is made a replica by the sentinels
+        restarted = False
+        for i in range(20, 60):
+            u, server_id = await send_until_accepted(alice, i)
+            unavailable += u
+            accepted.append((server_id, "m%d" % i))
+            if not restarted and sentinels.primary() is not old:
+                old.start()
+                restarted = True
+        assert restarted, "the sentinels never moved the primary"
+        await receive(60)
+        # nothing lost, nothing twice, in the order sent; the ids the
+        # receiver got are the ids the sender was told
+        assert got == accepted
+        assert unavailable > 0, "the failover was never seen by the sender"
+        new = sentinels.primary()
+        assert new is not old and info(new.port, "replication")["role"] == "master"
+        assert "store primary for chatdmaster: 127.0.0.1:%d" % new.port in a.log()
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+@ensure
+async def test_a_master_name_no_sentinel_knows_is_a_start_error(sentinels, tmp_short):
+    p = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1",
+                                 "--redis", sentinels.url(master="nosuch")])
+    try:
+        p.start()
+        assert await p.await_exit(30) is not None
+        log = p.log()
+        assert "chatd: could not start: --redis: no sentinel knows a master named " \
+               "'nosuch'" in log, log[-3000:]
+        assert "listening" not in log
+    finally:
+        p.cleanup()
+
+
+@ensure
+async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels, nodes):
+    """A manual failover (SENTINEL FAILOVER) demotes the primary while
+    chatd's connection to it stays open: writes there are refused (READONLY,
+    or unconfirmed by --store-acks in the switch), chatd answers
+    'unavailable' and finds the new primary through the sentinels; every
+    accepted message is in the new primary's inbox, in order."""
+    (a,) = await nodes(sentinels.url(), 1, "--store-acks", "1")
+    old = sentinels.primary()
+    new = next(s for s in sentinels.servers if s is not old)
+    alice, bob = await connect(a.port), await connect(a.port)
+    try:
+        await alice.register("alice")
+        await bob.register("bob")
+        await bob.close()
+        accepted = []
+        for i in range(5):
+            accepted.append((await send_until_accepted(alice, i))[1])
+        sentinels.sentinels[0].command("SENTINEL", "FAILOVER", "chatdmaster")
+        switched = "store primary for chatdmaster: 127.0.0.1:%d" % new.port
+        i = 5
+        while switched not in a.log() or i < 15:
+            accepted.append((await send_until_accepted(alice, i))[1])
+            i += 1
+            assert i < 10000, "chatd never followed the failover:\n" + a.log()[-3000:]
+        sentinels.wait_settled(new)
+        inbox = [json.loads(e) for e in new.command("LRANGE", "chatd:{bob}:inbox", 0, -1)]
+        assert [e["message"] for e in inbox] == ["m%d" % n for n in range(i)]
+        assert [e["id"] for e in inbox] == accepted
+        assert old.command("ROLE")[0] == b"slave"
+    finally:
+        await alice.close()
