@@ -70,7 +70,12 @@ def connect(args):
         where = t.describe()
         kw = dict(db=t.db, username=t.username, password=t.password,
                   socket_timeout=timeout, socket_connect_timeout=timeout)
-        if t.path:
+        if t.sentinels:
+            from valkey.sentinel import Sentinel
+            sentinel = Sentinel(list(t.sentinels), socket_timeout=timeout,
+                                socket_connect_timeout=timeout)
+            client = sentinel.master_for(t.master, ssl=t.tls, **kw)
+        elif t.path:
             client = valkey.Valkey(unix_socket_path=t.path, **kw)
         else:
             client = valkey.Valkey(host=t.host, port=t.port, ssl=t.tls, **kw)
