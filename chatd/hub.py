@@ -446,7 +446,12 @@ class Hub:
         """Another node accepted a message for D (its push line)."""
         delivery = self.sessions.get(device)
         if delivery is not None:
-            delivery.offer(packets.entry_id(entry), entry)
+            if self.settings.store_acks:
+                # the line was published before the replicas confirmed it:
+                # read it from the inbox, behind a WAIT (see fetch.lua)
+                delivery.poke()
+            else:
+                delivery.offer(packets.entry_id(entry), entry)
 
     def replaced(self, device, epoch, newer=False, where=None):
         """D was bound elsewhere with ``epoch`` (``newer``: close ours if it is

@@ -91,10 +91,6 @@ class Library:
         self.source = b"".join(parts)
 
 
-#: functions that only read: no WAIT for them under --store-acks
-READ_ONLY = frozenset({"fetch"})
-
-
 def _read_lua(lua_dir, name):
     with open(os.path.join(lua_dir, name + ".lua"), "rb") as f:
         return f.read()
@@ -275,7 +271,7 @@ class RedisClient:
         second time behind calls sent after it, which is what would reorder
         one connection's messages."""
         d = self._send((b"FCALL", self._library.functions[name], len(keys), *keys, *args))
-        if self.acks and name not in READ_ONLY:
+        if self.acks:
             d = self._confirmed(d)
         d.addBoth(self._timed, name, self.reactor.seconds())
         d.addErrback(self._missing)
@@ -286,6 +282,10 @@ class RedisClient:
     def _confirmed(self, call):
         """The caller's Deferred of a write ``call``, released only once
         ``WAIT acks`` sent after it says enough replicas hold it.
+
+        Every function is waited for, reads too: a read may return writes of
+        other connections that no replica holds yet (the fetch step then
+        makes a write of no change, so that the WAIT covers what it read).
 
         Group commit: one WAIT in flight per connection; every write sent
         while it is out waits for the next one, which is sent when it

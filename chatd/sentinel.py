@@ -92,9 +92,9 @@ def _text(value):
 class SentinelEndpoint:
     """An ``IStreamClientEndpoint`` for "the primary of ``target.master``".
 
-    ``connect()`` asks the sentinels in turn (the last one that answered
-    first), checks with ``ROLE`` that the server named is a primary, then
-    connects to it (with TLS for ``rediss+sentinel``)."""
+    ``connect()`` asks every sentinel, takes the primary of the newest
+    configuration (highest ``config-epoch``), checks with ``ROLE`` that it
+    is one, then connects to it (with TLS for ``rediss+sentinel``)."""
 
     log = Logger()
 
@@ -103,50 +103,58 @@ class SentinelEndpoint:
         self.target = target
         self.timeout = timeout
         self.tls_options = tls_options  # callable (host) -> client TLS options
-        self._order = list(target.sentinels)
         self.primary = None  # (host, port) last connected to
 
     @defer.inlineCallbacks
     def find_primary(self):
-        """(host, port) of the primary the sentinels name; SentinelError
-        when none can be found now, UnknownMaster when every sentinel that
-        answered does not know the name."""
+        """(host, port) of the primary; SentinelError when none can be found
+        now, UnknownMaster when every sentinel that answered does not know
+        the name.
+
+        Every sentinel is asked (at once) and the answer with the highest
+        ``config-epoch`` wins: right after a failover only the sentinel that
+        ran it may know the new primary, while the others still name the old
+        one, which may already be running again (restarted on its own data)
+        and saying it is a primary until the sentinels make it a replica.
+        Following a stale answer there would store and read messages on a
+        server about to be wiped by its resync."""
         name = self.target.master
-        problems, unknown = [], 0
-        for sentinel in list(self._order):
-            try:
-                reply = yield ask(self.reactor, sentinel[0], sentinel[1], self.timeout,
-                                  b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", name)
-            except Exception as e:
-                problems.append("%s:%d: %s" % (sentinel + (e.__class__.__name__,)))
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                problems.append("%s:%d: %s" % (sentinel + (reply,)))
-                continue
-            if not reply:
-                unknown += 1
-                problems.append("%s:%d does not know a master named %r" % (sentinel + (name,)))
-                continue
-            # the sentinel that answered is asked first next time
-            self._order.remove(sentinel)
-            self._order.insert(0, sentinel)
-            host, port = _text(reply[0]), int(reply[1])
-            try:
-                role = yield ask(self.reactor, host, port, self.timeout, b"ROLE")
-            except Exception as e:
-                problems.append("primary %s:%d (from %s:%d): %s"
-                                % ((host, port) + sentinel + (e.__class__.__name__,)))
-                continue
-            if isinstance(role, hiredis.ReplyError) and "NOAUTH" in str(role):
-                return host, port  # it wants the password: the real connection has it
-            if isinstance(role, list) and role and role[0] == b"master":
-                return host, port
-            problems.append("%s:%d, named by %s:%d, is not a primary (yet)"
-                            % ((host, port) + sentinel))
-        if unknown and unknown == len(problems):
-            raise UnknownMaster("no sentinel knows a master named %r (asked %s)"
-                                % (name, ", ".join("%s:%d" % s for s in self._order)))
-        raise SentinelError("no primary for %r: %s" % (name, "; ".join(problems)))
+        asked = [ask(self.reactor, h, p, self.timeout, b"SENTINEL", b"MASTER", name)
+                 for h, p in self.target.sentinels]
+        replies = yield defer.DeferredList(asked, consumeErrors=True)
+        problems, unknown, best = [], 0, None
+        for sentinel, (ok, reply) in zip(self.target.sentinels, replies):
+            where = "%s:%d" % sentinel
+            if not ok:
+                problems.append("%s: %s" % (where, reply.getErrorMessage() or reply.type.__name__))
+            elif isinstance(reply, hiredis.ReplyError):
+                if "no such master" in str(reply).lower():
+                    unknown += 1
+                    problems.append("%s does not know a master named %r" % (where, name))
+                else:
+                    problems.append("%s: %s" % (where, reply))
+            else:
+                fields = dict(zip(reply[::2], reply[1::2]))
+                epoch = int(fields.get(b"config-epoch", 0))
+                if best is None or epoch > best[0]:
+                    best = (epoch, _text(fields[b"ip"]), int(fields[b"port"]), where)
+        if best is None:
+            if unknown and unknown == len(problems):
+                raise UnknownMaster("no sentinel knows a master named %r (asked %s)" % (
+                    name, ", ".join("%s:%d" % s for s in self.target.sentinels)))
+            raise SentinelError("no sentinel answered for %r: %s" % (name, "; ".join(problems)))
+        epoch, host, port, where = best
+        try:
+            role = yield ask(self.reactor, host, port, self.timeout, b"ROLE")
+        except Exception as e:
+            raise SentinelError("the primary %s:%d (epoch %d, from %s) does not answer: %s"
+                                % (host, port, epoch, where, e.__class__.__name__))
+        if isinstance(role, hiredis.ReplyError) and "NOAUTH" in str(role):
+            return host, port  # it wants the password: the real connection has it
+        if isinstance(role, list) and role and role[0] == b"master":
+            return host, port
+        raise SentinelError("%s:%d, named by %s (epoch %d), is not a primary (yet)"
+                            % (host, port, where, epoch))
 
     @defer.inlineCallbacks
     def connect(self, factory):

@@ -104,6 +104,8 @@ class Store:
         self._ttl_ms = int(settings.inbox_ttl * 1000)
         self._ref_ms = max(1, int(settings.ref_ttl * 1000))
         self._inbox_limit = settings.inbox_limit
+        # --store-acks: reads are fenced too (see fetch.lua)
+        self._fence = b"1" if settings.store_acks else b"0"
         # the send script's fixed arguments, encoded once
         self._send_args = [str(v).encode("ascii") for v in (
             self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms)]
@@ -142,7 +144,8 @@ class Store:
         messages and last_id is D's id counter."""
         prefix = _keys(device)
         d = self.client.script("fetch", [prefix + b"inbox", prefix + b"seq"],
-                               [after, count, self._now_ms(), self._ttl_ms, max_bytes])
+                               [after, count, self._now_ms(), self._ttl_ms, max_bytes,
+                                self._fence])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
     # -- presence (see chatd.presence) ------------------------------------------------

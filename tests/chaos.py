@@ -7,6 +7,7 @@ Run by hand (from the repository root, in the venv)::
     python -m tests.chaos --duration 600 --clients 200 --mode embedded
     python -m tests.chaos --duration 600 --clients 200 --mode redis --redis-sigkill
     python -m tests.chaos --duration 600 --clients 200 --mode nodes --nodes 3
+    python -m tests.chaos --duration 600 --clients 200 --mode sentinel
 
 ``tests/test_chaos.py`` runs a short form of it in CI.
 
@@ -24,6 +25,12 @@ Modes:
     SIGKILLed store with ``everysec`` may lose its last second of writes,
     which chatd has already acknowledged: that is a configuration choice, not
     a chatd bug).
+``sentinel``
+    Two chatd nodes (``--nodes``) with ``--store-acks 1`` on a primary, a
+    replica and three sentinels (tests/sentinels.py). Besides the chatd
+    faults: the primary SIGKILLed (the replica takes over; the old primary is
+    started again and becomes its replica) and a manual ``SENTINEL
+    FAILOVER``; each waits until the sentinels have settled again.
 ``nodes``
     Several chatd processes (``--nodes``, default 3) on one valkey-server, as
     in ``redis`` mode: one service. Each client connects to a random node
@@ -90,6 +97,8 @@ MAX_UNRESOLVED = 40
 
 def default_faults(mode, redis_sigkill=False):
     kinds = ["chatd_sigkill", "chatd_sigterm"]
+    if mode == "sentinel":
+        kinds += ["primary_sigkill", "failover"]
     if mode in ("redis", "nodes"):
         kinds.append("redis_sigterm")
         if redis_sigkill:
@@ -97,9 +106,12 @@ def default_faults(mode, redis_sigkill=False):
     return tuple(kinds) + CLIENT_FAULTS
 
 
+MODES = ("embedded", "redis", "nodes", "sentinel")
+
+
 @dataclass
 class Config:
-    mode: str = "embedded"        # or "redis", "nodes"
+    mode: str = "embedded"        # or "redis", "nodes", "sentinel"
     nodes: int = 1                # chatd processes (nodes mode: 3 unless given)
     duration: float = 60.0        # seconds of chaos (faults and traffic)
     clients: int = 50
@@ -118,11 +130,13 @@ class Config:
     verbose: bool = False
 
     def __post_init__(self):
-        if self.mode not in ("embedded", "redis", "nodes"):
-            raise ValueError("mode must be embedded, redis or nodes")
+        if self.mode not in MODES:
+            raise ValueError("mode must be one of %s" % ", ".join(MODES))
         if self.mode == "nodes" and self.nodes < 2:
             self.nodes = 3
-        elif self.mode != "nodes":
+        elif self.mode == "sentinel" and self.nodes < 2:
+            self.nodes = 2
+        elif self.mode not in ("nodes", "sentinel"):
             self.nodes = 1
         if self.faults is None:
             self.faults = default_faults(self.mode, self.redis_sigkill)
@@ -778,7 +792,13 @@ class Servers:
         self.ports = [fixed_port() for _ in range(cfg.nodes)]
         args = list(cfg.chatd_args)
         self.valkey = None
-        if cfg.mode in ("redis", "nodes"):
+        self.sentinels = None
+        if cfg.mode == "sentinel":
+            from tests.sentinels import SentinelSet
+            self.sentinels = SentinelSet(os.path.join(workdir, "stores"))
+            args += ["--redis", self.sentinels.url(), "--store-acks", "1",
+                     "--redis-timeout", "1s"]
+        elif cfg.mode in ("redis", "nodes"):
             vdir = os.path.join(workdir, "redis")
             os.makedirs(vdir, exist_ok=True)
             self.valkey = ValkeyProcess(vdir, "always" if cfg.redis_sigkill else "everysec")
@@ -801,9 +821,13 @@ class Servers:
         return self.chatds[0]
 
     def store(self, *args):
+        if self.sentinels is not None:
+            return self.sentinels.command(*args)
         return redis_command(self.store_socket, *args)
 
     async def start(self):
+        if self.sentinels is not None:
+            self.sentinels.start()
         if self.valkey is not None:
             self.valkey.start()
             await self.valkey.await_ready()
@@ -832,6 +856,23 @@ class Servers:
         self.valkey.start()
         await self.valkey.await_ready()
 
+    async def move_primary(self, kill):
+        """Sentinel mode: SIGKILL the primary (its replica takes over; the
+        old one is started again and made a replica) or have the sentinels
+        fail over by hand; back once everything is settled again."""
+        from tests.helpers import wait_until
+        s = self.sentinels
+        old = s.primary()
+        if kill:
+            old.kill()
+        else:
+            s.sentinels[0].command("SENTINEL", "FAILOVER", "chatdmaster")
+        await wait_until(lambda: s.primary() is not old, 60, "a new primary", 0.1)
+        if kill:
+            old.start()
+        new = s.primary()
+        await wait_until(lambda: s.settled(new), 90, "the sentinels settled", 0.2)
+
     async def stop(self):
         """A clean stop at the end: True if every chatd exited cleanly on SIGTERM."""
         ok = True
@@ -850,6 +891,8 @@ class Servers:
             chatd.cleanup()
         if self.valkey is not None:
             self.valkey.cleanup()
+        if self.sentinels is not None:
+            self.sentinels.cleanup()
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -935,6 +978,8 @@ class Harness:
         elif kind == "redis_sigkill":
             await self.servers.restart_redis(signal.SIGKILL,
                                              self.rng.uniform(0, cfg.redis_down_max))
+        elif kind in ("primary_sigkill", "failover"):
+            await self.servers.move_primary(kill=kind == "primary_sigkill")
         elif kind in CLIENT_FAULTS:
             candidates = self._bound_devices()
             if not candidates:
@@ -1108,8 +1153,8 @@ async def run(cfg, log=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("embedded", "redis", "nodes"), default="embedded")
-    p.add_argument("--nodes", type=int, default=3, help="nodes mode: chatd processes (default 3)")
+    p.add_argument("--mode", choices=MODES, default="embedded")
+    p.add_argument("--nodes", type=int, default=3, help="nodes and sentinel mode: chatd processes (default 3)")
     p.add_argument("--duration", type=float, default=60, help="seconds of chaos (default 60)")
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--rate", type=float, default=1.0,

@@ -98,9 +98,14 @@ class SentinelSet:
     def wait_settled(self, primary, timeout=60):
         """Until every sentinel names ``primary``, knows the other sentinels
         and one replica, and that replica is in sync."""
-        others = [s for s in self.servers if s is not primary]
+        wait_for(lambda: self.settled(primary), timeout,
+                 "the sentinels settled on %d" % primary.port, 0.2)
 
-        def settled():
+    def settled(self, primary):
+        """Whether every sentinel names ``primary``, knows the other
+        sentinels and one replica, and that replica is in sync."""
+        others = [s for s in self.servers if s is not primary]
+        try:
             for s in self.sentinels:
                 addr = s.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
                 if addr is None or int(addr[1]) != primary.port:
@@ -108,7 +113,7 @@ class SentinelSet:
                 if len(s.command("SENTINEL", "SENTINELS", MASTER)) != 2:
                     return False
                 replicas = s.command("SENTINEL", "REPLICAS", MASTER)
-                if not any(b"slave" in r and b"s_down" not in b" ".join(r) for r in replicas):
+                if not any(b"slave" in r for r in replicas):
                     return False
             for o in others:
                 if not o.running or not o.ready():
@@ -118,8 +123,12 @@ class SentinelSet:
                         or int(rep.get("master_port", 0)) != primary.port:
                     return False
             return True
+        except (OSError, ConnectionError, RuntimeError):
+            return False
 
-        wait_for(settled, timeout, "the sentinels settled on %d" % primary.port, 0.2)
+    def command(self, *args):
+        """A command to the primary the sentinels name now."""
+        return self.primary().command(*args)
 
     def cleanup(self):
         for p in self.servers + self.sentinels:

@@ -157,6 +157,7 @@ async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds
     from twisted.internet import defer, reactor
 
     from chatd.config import RedisTarget
+    from tests.sentinels import info
     primary, replica = replicated
     c = RedisClient(RedisTarget(host="127.0.0.1", port=primary.port), 1.0, reactor,
                     acks=1).connect()
@@ -170,10 +171,15 @@ async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds
         stats = primary.command("INFO", "commandstats").decode()
         waits = int(stats.split("cmdstat_wait:calls=")[1].split(",")[0])
         assert waits <= 2, stats
-        # reads are not waited for
-        await c.script("fetch", [b"chatd:{a}:inbox", b"chatd:{a}:seq"], [0, 10, 0, 1000])
+        # reads are waited for too, and a fetch writes the counter as it is,
+        # so that its WAIT covers what it read (writes of other connections)
+        primary.command("SET", "chatd:{a}:seq", "7")
+        before = int(info(primary.port, "replication")["master_repl_offset"])
+        assert await c.script("fetch", [b"chatd:{a}:inbox", b"chatd:{a}:seq"],
+                              [0, 10, 0, 1000, 0, 1]) == [0, b"7"]
+        assert int(info(primary.port, "replication")["master_repl_offset"]) > before
         stats = primary.command("INFO", "commandstats").decode()
-        assert int(stats.split("cmdstat_wait:calls=")[1].split(",")[0]) == waits
+        assert int(stats.split("cmdstat_wait:calls=")[1].split(",")[0]) == waits + 1
 
         # the replica stops answering: the write is done on the primary, but
         # not confirmed, so its caller is told 'unavailable'

@@ -2,7 +2,7 @@
 -- Read a receiver's waiting messages after a given id, for a push.
 --
 -- KEYS[1] inbox, KEYS[2] id counter
--- ARGV: after_id, count, now_ms, inbox_ttl_ms, max_bytes
+-- ARGV: after_id, count, now_ms, inbox_ttl_ms, max_bytes, fence
 -- Returns {pending, last_id, entry...}: pending counts every stored message
 -- (pushed before or not), last_id is the counter (every id up to it is
 -- either in the inbox or gone), then up to count entries with id > after_id,
@@ -15,6 +15,13 @@ local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[4])
 drop_expired(inbox, cutoff)
 
 local last = redis.call("GET", KEYS[2]) or "0"
+if ARGV[6] == "1" and last ~= "0" then
+  -- --store-acks: a write of no change (the counter, as it is), so that the
+  -- WAIT chatd sends after this call covers everything this read returns:
+  -- replication is one stream, and WAIT waits for this call's place in it.
+  -- Without it a read could hand out a message a failover is about to lose.
+  redis.call("SET", KEYS[2], last, "KEEPTTL")
+end
 local head = redis.call("LINDEX", inbox, 0)
 if not head then return {0, last} end
 local start = tonumber(ARGV[1]) - entry_id(head) + 1
