@@ -16,9 +16,10 @@ txredisapi's own Sentinel support (``SentinelRedisProtocol``) was not used:
 it replaces the connection factory and pool, which is where chatd keeps its
 pipelining and deadlines, and it has no per-ask deadline.
 
-Never a write to a replica: the server a sentinel names is asked ``ROLE``
-before chatd connects to it, and one that is not a primary (a sentinel that
-has not seen the failover yet) is not used; the next attempt asks again. A
+Never a write to a replica, nor to a stale primary: every sentinel is asked
+and the answer of the newest configuration (``config-epoch``) is followed,
+and the server it names is asked ``ROLE`` before chatd connects to it; one
+that is not a primary is not used, and the next attempt asks again. A
 replica refuses writes anyway (``READONLY``), which the store client turns
 into ``unavailable`` and a reconnect.
 

@@ -67,6 +67,23 @@ async def test_chaos_external_redis():
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 @ensure
+async def test_chaos_sentinel_failovers():
+    """Two nodes with --store-acks 1 on a Sentinel-managed primary and
+    replica: the primary SIGKILLed (restarted, it becomes the replica) and
+    failed over by hand (each waits until the sentinels settle, so only a
+    few fit in a short run; node kills are covered by the other modes):
+    the same checks."""
+    cfg = chaos.Config(mode="sentinel", nodes=2, duration=40, clients=30, rate=2.0,
+                       fault_every=1.0, settle=60,
+                       faults=("primary_sigkill", "failover", "cut_before_ack", "cut_inflight"))
+    report = await chaos.run(cfg)
+    check(report, cfg)
+    assert report.send_errors.get("unavailable", 0) >= 1  # the failovers were felt
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@ensure
 async def test_chaos_three_nodes():
     """Three chatd nodes on one valkey-server (appendfsync always), clients
     on random nodes (a reconnect lands anywhere), nodes SIGKILLed and

@@ -12,6 +12,7 @@ connection follows the failover too).
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -214,3 +215,67 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
         assert json.loads(out)["pending"] == i
     finally:
         await alice.close()
+
+
+@pytest.fixture
+def replicated(tmp_short):
+    """A primary and its replica on TCP ports (no sentinels): (primary, replica)."""
+    from tests.procs import wait_for
+    from tests.sentinels import TcpValkey
+    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
+    replica = TcpValkey(os.path.join(tmp_short, "r"),
+                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
+    try:
+        wait_for(lambda: primary.ready() and replica.ready()
+                 and info(replica.port, "replication").get("master_link_status") == "up",
+                 30, "the replica in sync")
+        yield primary, replica
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        primary.cleanup()
+        replica.cleanup()
+
+
+@pytest.mark.slow
+@ensure
+async def test_an_unconfirmed_message_is_never_pushed(replicated, nodes):
+    """With --store-acks 1 and the replica frozen, a message is written on
+    the primary but not confirmed: its sender gets 'unavailable' and its
+    receiver, bound on another node, must not be pushed it (a failover now
+    would lose it, and its id would be given to another message). Once the
+    replica is back, the retry with the same ref is accepted under that id
+    and pushed once."""
+    primary, replica = replicated
+    a, b = await nodes("redis://127.0.0.1:%d/0" % primary.port, 2, "--store-acks", "1")
+    alice, bob = await connect(a.port), await connect(b.port)
+    try:
+        await alice.register("alice")
+        await bob.register("bob")
+        u, first = await send_until_accepted(alice, 0)
+        assert u == 0
+        push = await bob.expect("message", message="m0")
+        bob.send({"ack": push["id"]})
+        await wait_until(lambda: replica.command("LLEN", "chatd:{bob}:inbox") == 0,
+                         what="the ack on the replica")
+        bob.send({"ping": "acked"})
+        assert (await bob.next())["type"] == "pong"
+
+        replica.send_signal(signal.SIGSTOP)
+        alice.send({"message": "m1", "receiver": "bob", "ref": "r1"})
+        reply = await alice.next()
+        assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+        assert "replica" in reply["reason"], reply
+        # it is on the primary, published to node b, yet bob gets nothing
+        assert len(primary.command("LRANGE", "chatd:{bob}:inbox", 0, -1)) >= 1
+        bob.send({"ping": "p"})
+        assert (await bob.next())["type"] == "pong"
+
+        replica.send_signal(signal.SIGCONT)
+        u, second = await send_until_accepted(alice, 1)
+        push = await bob.expect("message", message="m1")
+        assert push["id"] == second
+        bob.send({"ping": "q"})
+        assert (await bob.next())["type"] == "pong"  # and only once
+    finally:
+        await alice.close()
+        await bob.close()
