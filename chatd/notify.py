@@ -39,7 +39,7 @@ import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatd.redisclient import ConnectionFactory, start_factory
+from chatd.redisclient import ConnectionFactory, start_factory, stop_factory
 
 #: seconds between PINGs on an idle subscriber connection
 PING_EVERY = 3.0
@@ -138,7 +138,7 @@ class Subscriber:
                     d.errback(ConnectionError("the subscriber is closing"))
         if factory is None:
             return defer.succeed(None)
-        return factory.disconnect().addErrback(lambda f: None)
+        return stop_factory(factory)
 
     @property
     def connected(self):

@@ -175,7 +175,18 @@ def start_factory(factory_class, target, timeout, reactor, **attributes):
     factory.deferred.addErrback(getattr(attributes.get("owner"), "_auth_failed",
                                         lambda f: None))
     factory.startConnecting(endpoint)
+    factory.endpoint = endpoint
     return factory
+
+
+def stop_factory(factory):
+    """Disconnect a factory of :func:`start_factory` (and its endpoint's
+    own connections, the sentinel watch); Deferred."""
+    d = factory.disconnect().addErrback(lambda f: None)
+    close = getattr(factory.endpoint, "close", None)
+    if close is not None:
+        d.addBoth(lambda _: close()).addErrback(lambda f: None)
+    return d
 
 
 def endpoint_for(target, timeout, reactor):
@@ -252,7 +263,7 @@ class RedisClient:
             d.callback(False)
         if factory is None:
             return defer.succeed(None)
-        return factory.disconnect().addErrback(lambda f: None)
+        return stop_factory(factory)
 
     # -- calls -------------------------------------------------------------------
 

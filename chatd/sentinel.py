@@ -25,11 +25,21 @@ into ``unavailable`` and a reconnect.
 
 The questions go over short connections of their own with a tiny RESP
 exchange (:class:`_Ask`, hiredis parsing): one command, one reply, a deadline.
+A failover is also followed at once, not only when the old primary's
+connections drop: while connected, the endpoint listens on every sentinel
+for ``+switch-master`` (:class:`_Watch`, a reconnecting subscriber per
+sentinel) and cuts its connection when the master moves elsewhere. A
+manual failover (``SENTINEL FAILOVER``) leaves the old primary running and
+writable for seconds before the sentinels make it a replica; without this,
+chatd's writes there would be lost on its resync (or, with --store-acks,
+answered ``unavailable`` all that time).
+
 Sentinels without a password only (``requirepass`` on the sentinels is not
 supported); TLS (``rediss+sentinel://``) applies to the primary's connection.
 """
 
 import hiredis
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
@@ -90,6 +100,29 @@ def _text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+class _Watch(protocol.Protocol):
+    """SUBSCRIBE +switch-master on one sentinel; tells the endpoint of every
+    switch of its master."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self._reader = hiredis.Reader()
+
+    def connectionMade(self):
+        self.transport.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$14\r\n+switch-master\r\n")
+
+    def dataReceived(self, data):
+        self._reader.feed(data)
+        reply = self._reader.gets()
+        while reply is not False:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                # "<master> <old ip> <old port> <new ip> <new port>"
+                parts = reply[2].split()
+                if len(parts) == 5 and _text(parts[0]) == self.endpoint.target.master:
+                    self.endpoint.switched(_text(parts[3]), int(parts[4]))
+            reply = self._reader.gets()
+
+
 class SentinelEndpoint:
     """An ``IStreamClientEndpoint`` for "the primary of ``target.master``".
 
@@ -105,6 +138,8 @@ class SentinelEndpoint:
         self.timeout = timeout
         self.tls_options = tls_options  # callable (host) -> client TLS options
         self.primary = None  # (host, port) last connected to
+        self._conn = None    # the protocol connected through here last
+        self._watches = []   # ClientServices subscribed to +switch-master
 
     @defer.inlineCallbacks
     def find_primary(self):
@@ -169,4 +204,35 @@ class SentinelEndpoint:
             from twisted.internet.endpoints import wrapClientTLS
             endpoint = wrapClientTLS(self.tls_options(host), endpoint)
         conn = yield endpoint.connect(factory)
+        self._conn = conn
+        if not self._watches:
+            self._watch()
         return conn
+
+    def _watch(self):
+        for host, port in self.target.sentinels:
+            factory = protocol.Factory.forProtocol(lambda: _Watch(self))
+            factory.noisy = False
+            service = ClientService(HostnameEndpoint(self.reactor, host, port,
+                                                     timeout=self.timeout),
+                                    factory, retryPolicy=backoffPolicy(0.5, maxDelay=5),
+                                    clock=self.reactor)
+            service.startService()
+            self._watches.append(service)
+
+    def switched(self, host, port):
+        """The sentinels moved the master to host:port: leave the old one
+        now (the next connect asks the sentinels again)."""
+        if self.primary == (host, port):
+            return
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None and conn.transport.connected:
+            self.log.info("the sentinels moved {master} to {host}:{port}; leaving "
+                          "{old[0]}:{old[1]}", master=self.target.master, host=host,
+                          port=port, old=self.primary)
+            conn.transport.abortConnection()
+
+    def close(self):
+        """Stop listening to the sentinels; Deferred."""
+        watches, self._watches = self._watches, []
+        return defer.gatherResults([w.stopService() for w in watches], consumeErrors=True)

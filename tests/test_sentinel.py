@@ -203,6 +203,9 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
             accepted.append((await send_until_accepted(alice, i))[1])
             i += 1
             assert i < 10000, "chatd never followed the failover:\n" + a.log()[-3000:]
+        # it left at the sentinels' word, not at their closing its connection
+        assert "the sentinels moved chatdmaster to 127.0.0.1:%d; leaving 127.0.0.1:%d" % (
+            new.port, old.port) in a.log()
         sentinels.wait_settled(new)
         inbox = [json.loads(e) for e in new.command("LRANGE", "chatd:{bob}:inbox", 0, -1)]
         assert [e["message"] for e in inbox] == ["m%d" % n for n in range(i)]
