@@ -865,9 +865,9 @@ class Servers:
         old = s.primary()
         if kill:
             old.kill()
+            await wait_until(lambda: s.primary() is not old, 120, "a new primary", 0.1)
         else:
-            s.sentinels[0].command("SENTINEL", "FAILOVER", "chatdmaster")
-        await wait_until(lambda: s.primary() is not old, 60, "a new primary", 0.1)
+            await s.fail_over()
         if kill:
             old.start()
         new = s.primary()

@@ -126,6 +126,25 @@ class SentinelSet:
         except (OSError, ConnectionError, RuntimeError):
             return False
 
+    async def fail_over(self):
+        """A manual failover (``SENTINEL FAILOVER``); returns once the
+        sentinels name another primary. A busy machine can make the
+        sentinels abort it (the replica is slow to confirm its promotion):
+        then it is asked again."""
+        from tests.helpers import wait_until
+        old = self.primary()
+        for attempt in range(6):
+            try:
+                self.sentinels[attempt % 3].command("SENTINEL", "FAILOVER", MASTER)
+            except RuntimeError:
+                pass  # INPROG: one is running
+            try:
+                await wait_until(lambda: self.primary() is not old, 20, "a new primary", 0.1)
+                return self.primary()
+            except AssertionError:
+                if attempt == 5:
+                    raise
+
     def command(self, *args):
         """A command to the primary the sentinels name now."""
         return self.primary().command(*args)

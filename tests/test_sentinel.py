@@ -196,7 +196,7 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
         accepted = []
         for i in range(5):
             accepted.append((await send_until_accepted(alice, i))[1])
-        sentinels.sentinels[0].command("SENTINEL", "FAILOVER", "chatdmaster")
+        await sentinels.fail_over()
         switched = "store primary for chatdmaster: 127.0.0.1:%d" % new.port
         i = 5
         while switched not in a.log() or i < 15:
