@@ -16,7 +16,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """Where the store lives: a TCP host/port (optionally TLS) or a unix socket."""
+    """Where the store lives: a TCP host/port (optionally TLS) or a unix socket;
+    or (``kind="cluster"``) a Redis/Valkey Cluster reached through any of its
+    ``seeds`` ((host, port) pairs; host/port are the first)."""
 
     host: Optional[str] = None
     port: int = 6379
@@ -27,9 +29,14 @@ class RedisTarget:
     tls: bool = False
     tls_ca_file: Optional[str] = None  # trust these CAs (else the system's)
     tls_verify: bool = True  # False only by an explicit, logged opt-out
+    kind: str = "single"  # or "cluster"
+    seeds: tuple = ()     # cluster: ((host, port), ...)
 
     def describe(self):
         """A printable form without the password."""
+        if self.kind == "cluster":
+            return "%s+cluster://%s" % ("rediss" if self.tls else "redis",
+                                        ",".join("%s:%d" % s for s in self.seeds))
         if self.path:
             return "unix:%s?db=%d" % (self.path, self.db)
         scheme = "rediss" if self.tls else "redis"
@@ -179,10 +186,14 @@ def with_backlog(description):
 
 def parse_redis_url(text, name="redis"):
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
-    ``unix:///path/to.sock[?db=N][&password=...]``."""
+    ``unix:///path/to.sock[?db=N][&password=...]``, and
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (or
+    ``rediss+cluster://``)."""
     text = str(text).strip()
     u = urlsplit(text)
     problem = None
+    if u.scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_target(u, text, name)
     if u.scheme in ("redis", "rediss"):
         if not u.hostname:
             problem = "no host"
@@ -217,6 +228,32 @@ def parse_redis_url(text, name="redis"):
         host=host, port=port, path=path, db=int(db_text),
         username=unquote(u.username) if u.username else None,
         password=password, tls=(u.scheme == "rediss"))
+
+
+def _cluster_target(u, text, name):
+    """A cluster URL: seeds host:port separated by commas (urlsplit cannot
+    parse several ports, so the host part is split here), database 0 only."""
+    netloc = u.netloc.rpartition("@")[2]
+    seeds, problem = [], None
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problem = "%r is not host:port" % part
+            break
+        seeds.append((host, int(port)))
+    if problem is None and u.path.strip("/") not in ("", "0"):
+        problem = "a cluster has only database 0"
+    if problem:
+        raise ValueError(
+            "--%s: %r: %s (expected redis+cluster://host:port[,host:port...])"
+            % (name, redact_url(text), problem))
+    userinfo = u.netloc.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    return RedisTarget(host=seeds[0][0], port=seeds[0][1],
+                       username=unquote(user) if user else None,
+                       password=unquote(password) if password else None,
+                       tls=u.scheme.startswith("rediss"), kind="cluster", seeds=tuple(seeds))
 
 
 _URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")

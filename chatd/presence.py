@@ -58,7 +58,8 @@ class Presence:
         self.lease = settings.presence_lease
         self.lease_ms = int(self.lease * 1000)
         self.hub = None
-        self.subscriber = notify.Subscriber(target, settings.redis_timeout, reactor, self)
+        self.subscriber = notify.subscriber(target, settings.redis_timeout, reactor, self,
+                                            store.client)
         self._claiming = {}   # device -> claims on their way
         self._latest = {}     # device -> highest epoch heard while claiming
         self._renewer = None

@@ -74,7 +74,7 @@ class ChatService(service.Service):
     def _start(self):
         if self.ready is not None:
             yield self.ready()
-        self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor).connect()
+        self.client = store_client(self.target, self.settings, self.reactor).connect()
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
@@ -138,7 +138,11 @@ class ChatService(service.Service):
         return d
 
     def _failed(self, failure):
-        self.log.failure("chatd could not start", failure)
+        from chatd.cluster import ClusterError
+        if failure.check(ClusterError):  # the operator's to fix: no traceback
+            self.log.error("chatd could not start: {e}", e=failure.getErrorMessage())
+        else:
+            self.log.failure("chatd could not start", failure)
         print("chatd: could not start: %s" % failure.getErrorMessage(), file=sys.stderr)
         if self.reactor.running:
             self.reactor.stop()
@@ -156,6 +160,18 @@ class ChatService(service.Service):
             yield self.presence.stop()
         if self.client is not None:
             yield self.client.close()
+
+
+def store_client(target, settings, reactor):
+    """The store client for ``target``: one connection, or (a Redis Cluster)
+    one per primary, each made here with the same options."""
+    def make(t, **kw):
+        return RedisClient(t, settings.redis_timeout, reactor, **kw)
+
+    if target.kind == "cluster":
+        from chatd.cluster import ClusterClient
+        return ClusterClient(target, settings.redis_timeout, reactor, make)
+    return make(target)
 
 
 def _loopback(address):

@@ -88,8 +88,8 @@ class Store:
     reactor goes to the store as one Lua call, which does each message's
     whole atomic step in arrival order. That is one round trip, one script
     run and one reply to parse for a whole batch instead of one per message
-    (on a single Redis; on Redis Cluster a batch would have to be split by
-    slot, which the receiver hash tags make possible).
+    (on a single Redis; on Redis Cluster a batch is split by slot, which the
+    receiver hash tags make possible: see :meth:`_by_slot`).
 
     The store can only take so much; :attr:`saturated` tells the protocol to
     stop reading clients until the queue has drained, so that overload slows
@@ -157,6 +157,15 @@ class Store:
     def renew(self, held, lease_ms):
         """Renew the lease of ``held`` ([(device, epoch)]): Deferred of the
         list of those this node has lost."""
+        groups = self._by_slot(held, lambda h: _keys(h[0]))
+        if len(groups) == 1:
+            return self._renew(held, lease_ms)
+        d = defer.gatherResults([self._renew(g, lease_ms) for g in groups],
+                                consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure)
+        return d.addCallback(lambda lost: [x for part in lost for x in part])
+
+    def _renew(self, held, lease_ms):
         keys, args = [], [lease_ms]
         for device, epoch in held:
             prefix = _keys(device)
@@ -232,7 +241,25 @@ class Store:
         if acks:
             self._ack_batch(acks)
 
+    def _by_slot(self, items, key):
+        """``items`` in one group (one store), or split by Redis Cluster slot
+        (each group in the order of ``items``): a Lua call may only touch
+        keys of one slot there. Pipelined on each primary's connection, a
+        batch per slot costs one call per slot instead of one per batch (see
+        README "Stores")."""
+        slot_of = getattr(self.client, "slot_of", None)
+        if slot_of is None:
+            return [items]
+        groups = {}
+        for item in items:
+            groups.setdefault(slot_of(key(item)), []).append(item)
+        return list(groups.values())
+
     def _send_batch(self, sends):
+        for group in self._by_slot(sends, lambda s: s[0][0]):
+            self._send_group(group)
+
+    def _send_group(self, sends):
         now = self._now_ms()
         keys, refs, tails = [], [], []
         for k, has_ref, tail, _ in sends:
@@ -240,7 +267,7 @@ class Store:
             refs.append(b"1" if has_ref else b"0")
             tails.append(tail)
         d = self.client.script("send", keys, [
-            b"%d" % now, *self._send_args, self.client.late_ms(), b"".join(refs),
+            b"%d" % now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
             self.node_id, *tails])
         d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
 
@@ -271,7 +298,10 @@ class Store:
             d.errback(error)
 
     def _ack_batch(self, acks):
-        keys = list(acks)
+        for keys in self._by_slot(list(acks), lambda k: k):
+            self._ack_group(acks, keys)
+
+    def _ack_group(self, acks, keys):
         d = self.client.script("ack", keys, [acks[k][0] for k in keys])
 
         def done(result):
