@@ -127,3 +127,148 @@ async def test_devices_on_all_three_primaries_talk_through_two_nodes(cluster, no
         ["offline %d" % k for k in range(4)]
     conns[sender].send({"message": "live again", "receiver": receiver})
     await again.expect("message", message="live again")
+
+
+async def send_all(client, receiver, count, window=16, timeout=30, order=None):
+    """Send ``m0``..``m<count-1>`` to ``receiver`` with refs, ``window`` in
+    flight; a send answered ``unavailable`` is sent again with that one and
+    every one written after it (as chatd-client does). Returns the ids in the
+    order their first ``accepted`` came."""
+    order = [] if order is None else order
+    first = {}
+    todo = list(range(count))
+    while todo:
+        batch, todo = todo, []
+        inflight = []
+        for k in batch:
+            client.send({"message": "m%d" % k, "receiver": receiver, "ref": k})
+            inflight.append(k)
+            if len(inflight) >= window:
+                k0 = inflight.pop(0)
+                r = await client.next(timeout)
+                todo += _settle(r, k0, first, order, todo)
+        for k0 in inflight:
+            r = await client.next(timeout)
+            todo += _settle(r, k0, first, order, todo)
+        todo = sorted(set(todo))
+    return order, first
+
+
+def _settle(reply, ref, first, order, todo):
+    assert reply.get("ref") == ref, reply
+    if reply["type"] == "accepted":
+        if ref not in first:
+            first[ref] = reply["id"]
+            order.append(reply["id"])
+        else:
+            assert first[ref] == reply["id"]  # a retry answered from the ref record
+        return []
+    assert reply.get("code") == "unavailable", reply
+    return [ref]
+
+
+async def receive_all(client, count, timeout=30):
+    """``count`` distinct messages, acking as they come: [(id, text)]."""
+    got = []
+    while len({i for i, _ in got}) < count:
+        m = await client.expect("message", timeout)
+        got.append((m["id"], m["message"]))
+        client.send({"ack": m["id"]})
+    return got
+
+
+@pytest.mark.slow
+@ensure
+async def test_a_slot_migrated_under_traffic_loses_nothing(cluster, opened):
+    """A receiver's slot moves to another primary (SETSLOT IMPORTING /
+    MIGRATING, MIGRATE, SETSLOT NODE) while a sender on another node
+    streams messages to it: the clients meet ASK and MOVED on the way (the
+    counters say so), nothing is lost or stored twice, the receiver gets
+    every message live (its channel followed the slot) in the order they
+    were accepted."""
+    from twisted.internet import defer, threads
+
+    from tests.helpers import start_node
+    a = await start_node(cluster.target, redis_timeout=5.0, presence_lease=LEASE)
+    b = await start_node(cluster.target, redis_timeout=5.0, presence_lease=LEASE)
+    try:
+        [[bob], [alice], _] = cluster.devices_on_each_primary("mig", 1)
+        sender = await opened(a.port)
+        await sender.register(alice)
+        receiver = await opened(b.port)
+        await receiver.register(bob)
+        source = cluster.owner(bob)
+        dest = cluster.primaries[(cluster.primaries.index(source) + 1) % 3]
+        slot = slot_of(b"{%s}" % bob.encode())
+        stats = a.service.client.stats
+        count = 300
+        progress = []
+        sending = defer.ensureDeferred(send_all(sender, bob, count, order=progress))
+        receiving = defer.ensureDeferred(receive_all(receiver, count))
+        await wait_until(lambda: len(progress) > 30, what="traffic flowing")
+
+        def asked():  # (a thread's wait) the sender met an ASK
+            from tests.procs import wait_for
+            wait_for(lambda: stats.redirects.get("ASK"), 30, "an ASK redirection")
+
+        await threads.deferToThread(cluster.migrate_slot, slot, source, dest, asked)
+        order, first = await sending
+        got = await receiving
+        assert cluster.owner(bob) is dest
+        assert stats.redirects.get("ASK") and stats.redirects.get("MOVED"), stats.redirects
+        ids = [i for i, _ in got]
+        assert len(ids) == len(set(ids)) == count  # none twice on one connection
+        assert ids == order  # in the order they were accepted
+        assert sorted(t for _, t in got) == sorted("m%d" % k for k in range(count))
+        assert {first[int(t[1:])] for i, t in got} == set(ids)
+        # live after the move: the receiver's channel followed its slot
+        sender.send({"message": "after", "receiver": bob})
+        await sender.expect("accepted")
+        await receiver.expect("message", message="after")
+        assert dest.command("EXISTS", "chatd:{%s}:token" % bob) == 1
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@ensure
+async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
+    """The store client alone, on a stream of RPUSHes to one key (many in
+    flight at any time) while the key's slot migrates: the calls that meet
+    ASK and MOVED are sent again before any later call of that slot, so the
+    list holds every number once, in call order."""
+    from twisted.internet import reactor, task, threads
+
+    from chatd.cluster import ClusterClient
+    from tests.procs import wait_for
+    client = ClusterClient(cluster.target, 10.0, reactor).connect()
+    try:
+        assert await client.when_connected(10)
+        [[device], _, _] = cluster.devices_on_each_primary("order", 1)
+        key = b"chatd:{%s}:list" % device.encode()
+        source = cluster.owner(device)
+        dest = cluster.primaries[(cluster.primaries.index(source) + 2) % 3]
+        results, made = [], [0]
+
+        def pump():
+            for _ in range(10):
+                client.call(b"RPUSH", key, b"%d" % made[0]).addBoth(results.append)
+                made[0] += 1
+
+        loop = task.LoopingCall(pump)
+        loop.clock = reactor
+        loop.start(0.001)
+        await wait_until(lambda: len(results) > 300, what="calls answered")
+        redirects = client.stats.redirects
+
+        def asked():
+            wait_for(lambda: redirects.get("ASK"), 30, "an ASK redirection")
+
+        await threads.deferToThread(cluster.migrate_slot, slot_of(key), source, dest, asked)
+        await wait_until(lambda: redirects.get("MOVED"), what="a MOVED redirection")
+        loop.stop()
+        await wait_until(lambda: len(results) == made[0], timeout=30, what="every reply")
+        assert [r for r in results if not isinstance(r, int)] == []
+        assert dest.command("LRANGE", key, 0, -1) == [b"%d" % i for i in range(made[0])]
+    finally:
+        await client.close()
