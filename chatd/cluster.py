@@ -126,7 +126,8 @@ class ClusterClient:
             lambda t, **kw: RedisClient(t, timeout, reactor, **kw))
         self.stats = StoreStats()   # shared by every node's client
         self.nodes = {}             # (host, port) -> RedisClient of a primary
-        self._readers = {}          # seeds and replicas: asked for the topology
+        self._readers = {}          # while no primary answers: seeds, replicas
+        self._others = set(target.seeds)  # addresses of those
         self._retired = {}          # former primaries, closed at the next reading
         self._owner = [None] * SLOTS   # as last read, patched by MOVED
         self._applied = None           # as last read
@@ -149,9 +150,6 @@ class ClusterClient:
         return dataclasses.replace(self.target, host=host, port=port, kind="single", seeds=())
 
     def connect(self):
-        for address in self.target.seeds:
-            self._readers[address] = self.make_client(
-                self._node_target(address), library=False).connect()
         self._loop = task.LoopingCall(self.refresh)
         self._loop.clock = self.reactor
         self._loop.start(REFRESH_EVERY, now=False)
@@ -393,10 +391,15 @@ class ClusterClient:
         if soon and self._read_at is not None and now - self._read_at < MIN_REFRESH:
             return
         self._read_at = now
-        clients = list(self.nodes.items()) + list(self._readers.items())
-        asked = [(a, c) for a, c in clients if c._conn() is not None] or clients
+        asked = [(a, c) for a, c in self.nodes.items() if c._conn() is not None]
         if not asked:
-            return
+            # no primary answers (the start, or every one is down): ask the
+            # seeds and the replicas last seen, on reading-only connections
+            for address in self._others:
+                if address not in self._readers:
+                    self._readers[address] = self.make_client(
+                        self._node_target(address), library=False).connect()
+            asked = list(self._readers.items()) + list(self.nodes.items())
         calls = [c.call(b"CLUSTER", b"SLOTS").addCallback(lambda r, a=a: (a, r))
                  for a, c in asked]
         for d in calls:
@@ -460,13 +463,10 @@ class ClusterClient:
         for address in list(self.nodes):
             if address not in primaries:
                 self._retired[address] = self.nodes.pop(address)
-        for address in replicas | set(self.target.seeds):
-            if address not in self._readers and address not in primaries:
-                self._readers[address] = self.make_client(
-                    self._node_target(address), library=False).connect()
-        for address in list(self._readers):
-            if address in primaries:
-                self._readers.pop(address).close()
+        self._others = (replicas | set(self.target.seeds)) - primaries
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            reader.close()
         self._owner, self._applied = list(owner), owner
         if changed:
             self.log.info("cluster {c}: {n} primaries own the 16384 slots",

@@ -373,6 +373,9 @@ class ClusterSubscriber:
                 d = self._move(device, address, shard)
                 if d is not None:
                     moved.append(d)
+        for address in list(self.shards):  # a former primary's, holding nothing now
+            if address not in self.client.nodes and not self.shards[address].count:
+                self.shards.pop(address).close()
         if moved:
             self.log.info("{n} notify channels moved to their slots' new owners", n=len(moved))
             dl = defer.DeferredList(moved, consumeErrors=True)

@@ -128,12 +128,16 @@ class Presence:
             held = self.hub.held()
             for i in range(0, len(held), RENEW_BATCH):
                 try:
-                    lost = yield self.store.renew(held[i:i + RENEW_BATCH], self.lease_ms)
+                    lost, restored = yield self.store.renew(held[i:i + RENEW_BATCH],
+                                                            self.lease_ms)
                 except StoreUnavailable as e:
                     self.log.warn("cannot renew presence leases: {e}", e=e)
                     return
                 for device, epoch in lost:
                     self.hub.replaced(device, epoch)
+                # messages stored while their record was missing were not
+                # published here: read those inboxes
+                self.hub.catch_up([device for device, _ in restored])
         finally:
             self._renewing = False
 

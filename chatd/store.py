@@ -155,15 +155,17 @@ class Store:
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):
-        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of the
-        list of those this node has lost."""
+        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of
+        ``(lost, restored)``: those this node has lost, and those whose record
+        had run out and was written again (see renew.lua)."""
         groups = self._by_slot(held, lambda h: _keys(h[0]))
         if len(groups) == 1:
             return self._renew(held, lease_ms)
         d = defer.gatherResults([self._renew(g, lease_ms) for g in groups],
                                 consumeErrors=True)
         d.addErrback(lambda f: f.value.subFailure)
-        return d.addCallback(lambda lost: [x for part in lost for x in part])
+        return d.addCallback(lambda parts: ([x for p in parts for x in p[0]],
+                                            [x for p in parts for x in p[1]]))
 
     def _renew(self, held, lease_ms):
         keys, args = [], [lease_ms]
@@ -172,7 +174,8 @@ class Store:
             keys += [prefix + b"node", prefix + b"epoch"]
             args.append(self.presence_value(epoch))
         d = self.client.script("renew", keys, args)
-        return d.addCallback(lambda lost: [held[int(i) - 1] for i in lost])
+        return d.addCallback(lambda r: ([held[int(i) - 1] for i in r if int(i) > 0],
+                                        [held[-int(i) - 1] for i in r if int(i) < 0]))
 
     def release(self, device, epoch):
         """Drop D's presence record if it is still this node's."""

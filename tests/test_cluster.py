@@ -129,14 +129,14 @@ async def test_devices_on_all_three_primaries_talk_through_two_nodes(cluster, no
     await again.expect("message", message="live again")
 
 
-async def send_all(client, receiver, count, window=16, timeout=30, order=None):
+async def send_all(client, receiver, count, window=16, timeout=30, order=None, base=0):
     """Send ``m0``..``m<count-1>`` to ``receiver`` with refs, ``window`` in
     flight; a send answered ``unavailable`` is sent again with that one and
     every one written after it (as chatd-client does). Returns the ids in the
     order their first ``accepted`` came."""
     order = [] if order is None else order
     first = {}
-    todo = list(range(count))
+    todo = list(range(base, base + count))
     while todo:
         batch, todo = todo, []
         inflight = []
@@ -272,3 +272,120 @@ async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
         assert dest.command("LRANGE", key, 0, -1) == [b"%d" % i for i in range(made[0])]
     finally:
         await client.close()
+
+
+def test_a_cluster_with_uncovered_slots_is_a_clean_start_error(tmp_short):
+    """A cluster node that owns only some slots: chatd refuses to start with
+    one line that names --redis and the slots, and no traceback."""
+    from tests.stores import ClusterNode
+    node = ClusterNode(os.path.join(tmp_short, "lone"), 2000).start()
+    proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--redis",
+                                    "redis+cluster://127.0.0.1:%d" % node.port])
+    try:
+        from tests.procs import wait_for
+        wait_for(node.answers, 30, "the cluster node answering", 0.05)
+        node.command("CLUSTER", "ADDSLOTSRANGE", 0, 9999)
+        proc.start()
+        proc.wait(60)
+        log = proc.log()
+        assert "could not start: --redis redis+cluster://127.0.0.1:%d: the cluster leaves " \
+               "6384 of the 16384 slots without a node (10000-16383)" % node.port in log, log
+        assert "listening" not in log and proc.bad_log_lines() == [], log
+    finally:
+        proc.cleanup()
+        node.cleanup()
+
+
+def _has_store_acks():
+    from chatd.tap import Options
+    return any(o[0] == "store-acks" for o in Options.optParameters)
+
+
+@pytest.fixture
+def failover(cluster):
+    """``failover(primary)``: SIGKILL a primary and have its replica take
+    over (CLUSTER FAILOVER TAKEOVER); the replica is returned. Afterwards
+    the killed node is started again (it comes back as a replica) and given
+    its role back, so the module's cluster is as it was."""
+    done = []
+
+    def kill_and_take_over(primary):
+        replica = cluster.replica_of(primary)
+        primary.kill(signal.SIGKILL)
+        replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
+        from tests.procs import wait_for
+        wait_for(lambda: replica.info("replication").get("role") == "master", 30,
+                 "the replica taking over")
+        done.append((primary, replica))
+        return replica
+
+    yield kill_and_take_over
+    from tests.procs import wait_for
+    for primary, replica in done:
+        primary.start()
+        wait_for(primary.answers, 30, "the old primary back", 0.05)
+        wait_for(lambda: primary.info("replication").get("master_link_status") == "up", 60,
+                 "the old primary replicating its replica")
+        primary.command("CLUSTER", "FAILOVER")
+        wait_for(lambda: primary.info("replication").get("role") == "master", 60,
+                 "the old primary given its role back")
+    cluster.wait_ok()
+
+
+async def _fail_over_under_traffic(cluster, nodes, opened, failover, extra, in_sync):
+    a, b = await nodes(2, "--redis-timeout", "2s", *extra)
+    [[bob], [alice], _] = cluster.devices_on_each_primary("fo%d" % len(extra), 1)
+    sender = await opened(a)
+    await sender.register(alice)
+    receiver = await opened(b)
+    token = await receiver.register(bob)
+    before, first = await send_all(sender, bob, 50)
+    got = [(await receiver.expect("message"))["id"] for _ in range(50)]
+    assert got == before
+    primary = cluster.owner(bob)
+    if in_sync:
+        wait_replicated(primary, cluster.replica_of(primary))
+    failover(primary)
+    after, _ = await send_all(sender, bob, 50, timeout=60, base=50)
+    return sender, receiver, token, before, after, b
+
+
+@pytest.mark.slow
+@ensure
+async def test_sigkill_of_a_primary_then_takeover(cluster, nodes, opened, failover):
+    """The primary holding a receiver's slot is SIGKILLed (its replica had
+    every write) and the replica takes over: sends meet 'unavailable' for a
+    while, then go on; the receiver, still connected to its node, gets
+    every message accepted after the takeover, live and in order (its
+    channel moved to the new primary), and a reconnect finds every
+    unacked one."""
+    sender, receiver, token, before, after, b = await _fail_over_under_traffic(
+        cluster, nodes, opened, failover, (), in_sync=True)
+    got = [(await receiver.expect("message", timeout=30))["id"] for _ in range(len(after))]
+    assert got == after
+    live, _ = await send_all(sender, receiver.device, 1, base=100)  # long after: no catch-up
+    assert (await receiver.expect("message"))["id"] == live[0]
+    await receiver.close()
+    again = await opened(b)
+    r = await again.reconnect(receiver.device, token)
+    assert r["pending"] == 101  # nothing was acked; the replica had it all
+    ids = [(await again.expect("message"))["id"] for _ in range(101)]
+    assert ids == before + after + live
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_store_acks(), reason="needs --store-acks (lead's branch)")
+@ensure
+async def test_sigkill_of_a_primary_with_store_acks_loses_nothing_accepted(
+        cluster, nodes, opened, failover):
+    """With --store-acks 1 the primary may die at any moment (its replica
+    not waited for): every message that got 'accepted' is delivered, in
+    order."""
+    sender, receiver, token, before, after, b = await _fail_over_under_traffic(
+        cluster, nodes, opened, failover, ("--store-acks", "1"), in_sync=False)
+    await receiver.close()
+    again = await opened(b)
+    r = await again.reconnect(receiver.device, token)
+    assert r["pending"] == 100
+    ids = [(await again.expect("message"))["id"] for _ in range(100)]
+    assert ids == before + after
