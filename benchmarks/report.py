@@ -136,7 +136,7 @@ def rows(results):
                            None if c is None else c.get("ref_mismatch") == 0))
             out.append(row(sc, "pushed again / lost", _bad(c), _bad(r), "0",
                            None if c is None else _bad(c) == 0))
-        elif key in ("nodes", "workers"):
+        elif key in ("nodes", "workers", "stores"):
             out += _compare_rows(key, per)
     return out
 
@@ -145,12 +145,16 @@ def _compare_rows(key, per):
     """The nodes and workers scenarios: chatd against chatd. The 'chatd'
     column is the variant (two nodes, --workers 2), the 'relay' column the
     baseline of the same run (one node, --workers 1)."""
-    variant, base = (per.get("two"), per.get("one")) if key == "nodes" else \
-        (per.get("2"), per.get("1"))
-    sc = "cross-node vs 1 node" if key == "nodes" else "--workers 2 vs 1"
-    note = ("columns: chatd = %s, relay = %s (same run)"
-            % (("two nodes (every message crosses)", "one node") if key == "nodes"
-               else ("--workers 2", "--workers 1")))
+    variant, base = {"nodes": ("two", "one"), "workers": ("2", "1"),
+                     "stores": ("cluster", "single")}[key]
+    variant, base = per.get(variant), per.get(base)
+    sc = {"nodes": "cross-node vs 1 node", "workers": "--workers 2 vs 1",
+          "stores": "cluster 3x2 vs 1 store"}[key]
+    note = "columns: chatd = %s, relay = %s (same run)" % {
+        "nodes": ("two nodes (every message crosses)", "one node"),
+        "workers": ("--workers 2", "--workers 1"),
+        "stores": ("a Valkey Cluster, 3 primaries + 3 replicas",
+                   "one valkey-server on TCP")}[key]
     sat = lambda r: _get(r, "saturation")  # noqa: E731
     fixed = lambda r: _get(r, "fixed")  # noqa: E731
     rate = _get(fixed(variant) or fixed(base), "offered_per_s")

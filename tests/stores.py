@@ -32,9 +32,11 @@ def tcp_command(port, *args, timeout=5.0):
 
 
 class ClusterNode(_Process):
-    """One ``valkey-server --cluster-enabled yes`` in a directory of its own."""
+    """One ``valkey-server --cluster-enabled yes`` in a directory of its own
+    (``cluster=False``: a plain one on TCP, the baseline of the stores
+    benchmark)."""
 
-    def __init__(self, directory, node_timeout_ms):
+    def __init__(self, directory, node_timeout_ms=2000, cluster=True):
         os.makedirs(directory, exist_ok=True)
         super().__init__(os.path.join(directory, "valkey.log"))
         self.directory = directory
@@ -43,14 +45,15 @@ class ClusterNode(_Process):
         while self.bus_port == self.port:
             self.bus_port = fixed_port()
         self.node_timeout_ms = node_timeout_ms
+        self.cluster = cluster
         self.id = None
 
     def start(self):
-        self._spawn([server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
-                     "--cluster-config-file", os.path.join(self.directory, "nodes.conf"),
-                     "--cluster-node-timeout", str(self.node_timeout_ms),
-                     "--dir", self.directory, "--save", "", "--appendonly", "no"])
+        cluster = ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+                   "--cluster-config-file", os.path.join(self.directory, "nodes.conf"),
+                   "--cluster-node-timeout", str(self.node_timeout_ms)] if self.cluster else []
+        self._spawn([server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+                    + cluster + ["--dir", self.directory, "--save", "", "--appendonly", "no"])
         return self
 
     def command(self, *args, timeout=5.0):
