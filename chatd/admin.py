@@ -70,7 +70,17 @@ def connect(args):
         where = t.describe()
         kw = dict(db=t.db, username=t.username, password=t.password,
                   socket_timeout=timeout, socket_connect_timeout=timeout)
-        if t.path:
+        if t.kind == "cluster":
+            # valkey-py's cluster client routes by slot, scans every primary
+            # and splits pipelines by node
+            from valkey.cluster import ClusterNode, ValkeyCluster
+            del kw["db"]
+            try:
+                client = ValkeyCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.seeds],
+                                       ssl=t.tls, **kw)
+            except valkey.exceptions.ValkeyError as e:
+                raise AdminError(UNREACHABLE, "cannot reach %s: %s" % (where, e)) from None
+        elif t.path:
             client = valkey.Valkey(unix_socket_path=t.path, **kw)
         else:
             client = valkey.Valkey(host=t.host, port=t.port, ssl=t.tls, **kw)
@@ -141,7 +151,9 @@ def cmd_stats(client, args):
 
     def count_tokens():
         nonlocal revoked
-        revoked += sum(1 for v in client.mget(batch) if v == b"revoked")
+        values = client.mget_nonatomic(batch) if hasattr(client, "mget_nonatomic") \
+            else client.mget(batch)  # a cluster's keys are in many slots
+        revoked += sum(1 for v in values if v == b"revoked")
         batch.clear()
 
     for key in _scan(client, "chatd:{*}:token"):

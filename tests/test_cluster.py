@@ -389,3 +389,37 @@ async def test_sigkill_of_a_primary_with_store_acks_loses_nothing_accepted(
     assert r["pending"] == 100
     ids = [(await again.expect("message"))["id"] for _ in range(100)]
     assert ids == before + after
+
+
+@pytest.mark.slow
+@ensure
+async def test_chatd_admin_on_a_cluster(cluster, nodes, opened):
+    """chatd-admin with a redis+cluster:// URL: stats count devices of every
+    primary, and revoke reaches the node holding the device (its SPUBLISH
+    goes to the shard of the device's channel)."""
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+    [a] = await nodes(1)
+    names = [d for per in cluster.devices_on_each_primary("adm", 1) for d in per]
+    conns = {}
+    for name in names:
+        conns[name] = await opened(a)
+        await conns[name].register(name)
+
+    def admin(*args):
+        p = subprocess.run([sys.executable, "-m", "chatd.admin", "--redis", cluster.url,
+                            "--json"] + list(args), cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        import json
+        return json.loads(p.stdout)
+
+    from twisted.internet import threads
+    stats = await threads.deferToThread(admin, "stats")
+    assert stats["registered"] >= 3 and stats["bound"], stats
+    for name in names:
+        told = await threads.deferToThread(admin, "revoke", name)
+        assert told["nodes_told"] == 1, told
+        await conns[name].error("revoked")
