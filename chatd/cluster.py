@@ -101,7 +101,7 @@ class _Slot:
     """The calls of one slot in flight, and those held back (see the module
     docstring). Exists only while there are any."""
 
-    __slots__ = ("node", "inflight", "queue", "retries", "pause", "timer")
+    __slots__ = ("node", "inflight", "queue", "retries", "pause", "last_pause", "timer")
 
     def __init__(self, node):
         self.node = node        # where the calls in flight went
@@ -109,6 +109,7 @@ class _Slot:
         self.queue = None       # None: not held; else calls made while held
         self.retries = []       # redirected calls, to send again
         self.pause = 0.0        # TRYAGAIN/CLUSTERDOWN back-off of this round
+        self.last_pause = 0.0   # ... and of the round before (it doubles)
         self.timer = None
 
 
@@ -135,6 +136,7 @@ class ClusterClient:
         self._unrouted = collections.deque()  # (slot, _Call) before any topology
         self._seq = 0
         self._reading = None        # the topology reading under way
+        self._warned = None
         self._read_at = None
         self._ready = []
         self._error = None          # a ClusterError found at start
@@ -308,7 +310,7 @@ class ClusterClient:
             call.ask = r.address
         else:  # TRYAGAIN, CLUSTERDOWN: the same place, a little later
             call.ask = None
-            st.pause = min(MAX_PAUSE, max(st.pause * 2, FIRST_PAUSE))
+            st.pause = min(MAX_PAUSE, max(st.last_pause * 2, FIRST_PAUSE))
             if r.kind == "CLUSTERDOWN":
                 self.refresh(soon=True)
         if st.queue is None:
@@ -343,15 +345,13 @@ class ClusterClient:
             del self._slots[slot]
             return
         st.queue = []
-        had_pause, st.pause = st.pause, 0.0
+        st.last_pause, st.pause = st.pause, 0.0
         now = self.reactor.seconds()
         for call in pending:
             if call.deadline <= now:
                 self._expire(call)
             else:
                 self._dispatch(slot, call, st).chainDeferred(call.d)
-        if had_pause and st.retries:
-            st.pause = had_pause  # keep backing off
         if st.inflight == 0 and st.queue == [] and not st.retries:
             del self._slots[slot]
 
@@ -366,7 +366,7 @@ class ClusterClient:
         now = self.reactor.seconds()
         while self._unrouted and self._unrouted[0][1].deadline <= now:
             self._expire(self._unrouted.popleft()[1])
-        for st in self._slots.values():
+        for st in list(self._slots.values()):
             if st.queue:
                 keep = [c for c in st.queue if c.deadline > now]
                 for c in st.queue:
@@ -402,8 +402,7 @@ class ClusterClient:
             asked = list(self._readers.items()) + list(self.nodes.items())
         calls = [c.call(b"CLUSTER", b"SLOTS").addCallback(lambda r, a=a: (a, r))
                  for a, c in asked]
-        for d in calls:
-            d.addErrback(lambda f: None)
+        # the first answer wins; errors are consumed (a list if none answers)
         first = defer.DeferredList(calls, fireOnOneCallback=True, consumeErrors=True)
         self._reading = first
         first.addCallback(self._read)
@@ -414,9 +413,11 @@ class ClusterClient:
         if self.closed:
             return
         if not (isinstance(result, tuple) and result[0] is not None):
-            if self.nodes or self._ready:
-                self.log.warn("no node of the cluster {c} answered CLUSTER SLOTS",
-                              c=self.target.describe())
+            now = self.reactor.seconds()
+            if self._warned is None or now - self._warned >= 60:  # once a minute at most
+                self._warned = now
+                self.log.warn("no node of the cluster {c} answered CLUSTER SLOTS; "
+                              "asking again", c=self.target.describe())
             return
         asked, reply = result[0]
         owner = [None] * SLOTS
