@@ -136,8 +136,11 @@ def rows(results):
                            None if c is None else c.get("ref_mismatch") == 0))
             out.append(row(sc, "pushed again / lost", _bad(c), _bad(r), "0",
                            None if c is None else _bad(c) == 0))
-        elif key in ("nodes", "workers", "stores"):
+        elif key in ("nodes", "workers"):
             out += _compare_rows(key, per)
+        elif key == "stores":
+            out += _compare_rows(key, per)
+            out += _compare_rows("stores1", per)
     return out
 
 
@@ -146,15 +149,17 @@ def _compare_rows(key, per):
     column is the variant (two nodes, --workers 2), the 'relay' column the
     baseline of the same run (one node, --workers 1)."""
     variant, base = {"nodes": ("two", "one"), "workers": ("2", "1"),
-                     "stores": ("cluster", "single")}[key]
+                     "stores": ("cluster", "single"), "stores1": ("cluster1", "single")}[key]
     variant, base = per.get(variant), per.get(base)
     sc = {"nodes": "cross-node vs 1 node", "workers": "--workers 2 vs 1",
-          "stores": "cluster 3x2 vs 1 store"}[key]
+          "stores": "cluster 3x2 vs 1 store", "stores1": "cluster of 1 vs 1 store"}[key]
     note = "columns: chatd = %s, relay = %s (same run)" % {
         "nodes": ("two nodes (every message crosses)", "one node"),
         "workers": ("--workers 2", "--workers 1"),
         "stores": ("a Valkey Cluster, 3 primaries + 3 replicas",
-                   "one valkey-server on TCP")}[key]
+                   "one valkey-server on TCP"),
+        "stores1": ("a Valkey Cluster of one primary (every batch split by slot)",
+                    "one valkey-server on TCP")}[key]
     sat = lambda r: _get(r, "saturation")  # noqa: E731
     fixed = lambda r: _get(r, "fixed")  # noqa: E731
     rate = _get(fixed(variant) or fixed(base), "offered_per_s")

@@ -591,13 +591,16 @@ def stores(opts, log):
     against the same node on one valkey-server (TCP, no replica), same load,
     same run (saturation, then --node-rate). On the cluster every batch of
     sends is split by slot (a call per receiver slot, pipelined per
-    primary), and each write is replicated once."""
+    primary), and each write is replicated once. Between them, a cluster of
+    one primary and no replica: the same single valkey-server process, so
+    its difference to 'single' is what the split by slot and the cluster
+    client cost (and the most a batch per shard could win back)."""
     import shutil
     import tempfile
 
     from tests.stores import ClusterNode, ValkeyCluster
     out = {}
-    for layout in ("single", "cluster"):
+    for layout in ("single", "cluster1", "cluster"):
         tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")
         if layout == "single":
             store = ClusterNode(os.path.join(tmp, "single"), cluster=False).start()
@@ -608,7 +611,8 @@ def stores(opts, log):
                 time.sleep(0.05)
             url, nodes, cleanup = "redis://127.0.0.1:%d/0" % store.port, [store], store.cleanup
         else:
-            cluster = ValkeyCluster(tmp)
+            cluster = ValkeyCluster(tmp, **({"primaries": 1, "replicas": 0}
+                                            if layout == "cluster1" else {}))
             cleanup = cluster.cleanup
             cluster.start()
             url, nodes = cluster.url, cluster.nodes

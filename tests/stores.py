@@ -18,7 +18,12 @@ from chatd.config import parse_redis_url
 from tests.helpers import _encode, _Reader, server_binary
 from tests.procs import _Process, fixed_port, wait_for
 
-RANGES = [(0, 5460), (5461, 10922), (10923, 16383)]
+
+
+def slot_ranges(n):
+    """16384 slots split into n ranges, as valkey-cli --cluster create does."""
+    per = 16384 / n
+    return [(round(i * per), round((i + 1) * per) - 1) for i in range(n)]
 
 
 def tcp_command(port, *args, timeout=5.0):
@@ -71,14 +76,16 @@ class ClusterNode(_Process):
 
 
 class ValkeyCluster:
-    """3 primaries (slots split in three) with one replica each."""
+    """3 primaries (slots split in three) with one replica each (or other
+    counts: the stores benchmark also runs a cluster of one primary)."""
 
-    def __init__(self, directory, node_timeout_ms=2000):
+    def __init__(self, directory, node_timeout_ms=2000, primaries=3, replicas=1):
         self.directory = directory
+        self.ranges = slot_ranges(primaries)
         self.primaries = [ClusterNode(os.path.join(directory, "p%d" % i), node_timeout_ms)
-                          for i in range(3)]
+                          for i in range(primaries)]
         self.replicas = [ClusterNode(os.path.join(directory, "r%d" % i), node_timeout_ms)
-                         for i in range(3)]
+                         for i in range(primaries * replicas)]
         self.nodes = self.primaries + self.replicas
 
     @property
@@ -95,14 +102,14 @@ class ValkeyCluster:
         for n in self.nodes:
             wait_for(n.answers, timeout, "cluster node on port %d answering" % n.port, 0.05)
             n.id = n.command("CLUSTER", "MYID").decode()
-        for n, (a, b) in zip(self.primaries, RANGES):
+        for n, (a, b) in zip(self.primaries, self.ranges):
             n.command("CLUSTER", "ADDSLOTSRANGE", a, b)
         first = self.nodes[0]
         for n in self.nodes[1:]:
             first.command("CLUSTER", "MEET", "127.0.0.1", n.port, n.bus_port)
         wait_for(lambda: all(self._knows_all(n) for n in self.nodes), timeout,
                  "every cluster node knowing the others", 0.05)
-        for r, p in zip(self.replicas, self.primaries):
+        for r, p in zip(self.replicas, self.primaries * len(self.replicas)):
             r.command("CLUSTER", "REPLICATE", p.id)
         self.wait_ok(timeout)
         return self
@@ -167,7 +174,7 @@ class ValkeyCluster:
         while any(len(x) < per_primary for x in out):
             name = "%s%d" % (prefix, i)
             s = slot_of(_key(name))
-            for k, (a, b) in enumerate(RANGES):
+            for k, (a, b) in enumerate(self.ranges):
                 if a <= s <= b and len(out[k]) < per_primary:
                     out[k].append(name)
             i += 1

@@ -165,7 +165,7 @@ def test_benchmark_stores_scenario(tmp_path):
         tmp_path, "--quick", "--only", "stores", "--latency-devices", "10",
         "--duration", "1", "--warmup", "0.3", "--node-rate", "200", "--inflight", "100")
     assert doc["failed"] == [], text
-    for v in ("single", "cluster"):
+    for v in ("single", "cluster1", "cluster"):
         for run in ("saturation", "fixed"):
             _sane_run(doc["results"]["stores"][v][run], "stores %s %s:\n%s" % (v, run, text))
         assert doc["results"]["stores"][v]["saturation"]["server_cpu_s"]["store"] > 0, text
