@@ -24,6 +24,23 @@ ensure = pytest_twisted.ensureDeferred
 LEASE = 2.0
 
 
+def test_cluster_urls():
+    """redis+cluster:// and rediss+cluster:// with several seeds; a URL a
+    person can fix is refused naming the option."""
+    from chatd.config import parse_redis_url
+    t = parse_redis_url("redis+cluster://:pw@10.0.0.5:7000,10.0.0.6:7001")
+    assert (t.kind, t.seeds, t.password, t.tls) == (
+        "cluster", (("10.0.0.5", 7000), ("10.0.0.6", 7001)), "pw", False)
+    assert t.describe() == "redis+cluster://10.0.0.5:7000,10.0.0.6:7001"  # no password
+    assert parse_redis_url("rediss+cluster://h:7000").tls
+    for bad, why in (("redis+cluster://h", "'h' is not host:port"),
+                     ("redis+cluster://h:7000,", "'' is not host:port"),
+                     ("redis+cluster://h:7000/2", "a cluster has only database 0")):
+        with pytest.raises(ValueError) as e:
+            parse_redis_url(bad)
+        assert str(e.value).startswith("--redis: ") and why in str(e.value), str(e.value)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     tmp = tempfile.mkdtemp(prefix="chatd-cl-")
