@@ -271,14 +271,14 @@ async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
         results, made = [], [0]
 
         def pump():
-            for _ in range(10):
+            for _ in range(40):
                 client.call(b"RPUSH", key, b"%d" % made[0]).addBoth(results.append)
                 made[0] += 1
 
         loop = task.LoopingCall(pump)
         loop.clock = reactor
         loop.start(0.001)
-        await wait_until(lambda: len(results) > 300, what="calls answered")
+        await wait_until(lambda: len(results) > 1000, what="calls answered")
         redirects = client.stats.redirects
 
         def asked():
