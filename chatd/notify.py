@@ -305,6 +305,8 @@ class ClusterSubscriber:
 
     def connect(self):
         self.client.listeners.append(self._topology_changed)
+        for address in list(self.client.nodes):  # ready before the first bind
+            self._open(address)
         return self
 
     def close(self):
@@ -330,11 +332,14 @@ class ClusterSubscriber:
         address = self.client.owner(slot_of(channel(device)))
         if address is None:
             return None, None
+        return address, self._open(address)
+
+    def _open(self, address):
         shard = self.shards.get(address)
         if shard is None:
             shard = self.shards[address] = Subscriber(
                 self.client.node_target(address), self.timeout, self.reactor, self).connect()
-        return address, shard
+        return shard
 
     def subscribe(self, device):
         address, shard = self._shard(device)
@@ -367,6 +372,8 @@ class ClusterSubscriber:
         """Move every channel whose slot has a new owner; catch up once they
         are all subscribed there."""
         moved = []
+        for address in list(self.client.nodes):
+            self._open(address)
         for device, held in list(self.where.items()):
             address, shard = self._shard(device)
             if shard is not None and address != held:
