@@ -323,25 +323,31 @@ def _has_store_acks():
 
 @pytest.fixture
 def failover(cluster):
-    """``failover(primary)``: SIGKILL a primary and have its replica take
-    over (CLUSTER FAILOVER TAKEOVER); the replica is returned. Afterwards
-    the killed node is started again (it comes back as a replica) and given
-    its role back, so the module's cluster is as it was."""
+    """``kill(primary)``: SIGKILL a primary whose replica will not fail over
+    by itself (``cluster-replica-no-failover``), so the cluster stays down
+    until ``take_over()`` (CLUSTER FAILOVER TAKEOVER on that replica; it is
+    returned). Afterwards the killed node is started again (it comes back as
+    a replica) and given its role back, so the module's cluster is as it was."""
+    from tests.procs import wait_for
     done = []
 
-    def kill_and_take_over(primary):
-        replica = cluster.replica_of(primary)
-        primary.kill(signal.SIGKILL)
-        replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
-        from tests.procs import wait_for
-        wait_for(lambda: replica.info("replication").get("role") == "master", 30,
-                 "the replica taking over")
-        done.append((primary, replica))
-        return replica
+    class Failover:
+        def kill(self, primary):
+            self.primary, self.replica = primary, cluster.replica_of(primary)
+            self.replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")
+            done.append((primary, self.replica))
+            primary.kill(signal.SIGKILL)
 
+        def take_over(self):
+            self.replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
+            wait_for(lambda: self.replica.info("replication").get("role") == "master", 30,
+                     "the replica taking over")
+            return self.replica
+
+    kill_and_take_over = Failover()
     yield kill_and_take_over
-    from tests.procs import wait_for
     for primary, replica in done:
+        replica.command("CONFIG", "SET", "cluster-replica-no-failover", "no")
         primary.start()
         wait_for(primary.answers, 30, "the old primary back", 0.05)
         wait_for(lambda: primary.info("replication").get("master_link_status") == "up", 60,
@@ -354,9 +360,10 @@ def failover(cluster):
 
 async def _fail_over_under_traffic(cluster, nodes, opened, failover, extra, in_sync):
     a, b = await nodes(2, "--redis-timeout", "2s", *extra)
-    [[bob], [alice], _] = cluster.devices_on_each_primary("fo%d" % len(extra), 1)
+    [[bob], [alice], [carol]] = cluster.devices_on_each_primary("fo%d" % len(extra), 1)
     sender = await opened(a)
     await sender.register(alice)
+    await (await opened(b)).register(carol)
     receiver = await opened(b)
     token = await receiver.register(bob)
     before, first = await send_all(sender, bob, 50)
@@ -365,7 +372,17 @@ async def _fail_over_under_traffic(cluster, nodes, opened, failover, extra, in_s
     primary = cluster.owner(bob)
     if in_sync:
         wait_replicated(primary, cluster.replica_of(primary))
-    failover(primary)
+    failover.kill(primary)
+    if in_sync:
+        # the other primaries mark it failed: the cluster is down (CLUSTERDOWN
+        # on every slot), and a send to a device of a healthy primary is
+        # retried until its deadline, then answered 'unavailable'
+        healthy = cluster.owner(carol)
+        await wait_until(lambda: b"cluster_state:fail" in healthy.command("CLUSTER", "INFO"),
+                         timeout=30, what="the cluster marking the primary failed")
+        sender.send({"message": "while down", "receiver": carol, "ref": "down"})
+        await sender.expect("error", timeout=30, code="unavailable", ref="down")
+    failover.take_over()
     after, _ = await send_all(sender, bob, 50, timeout=60, base=50)
     return sender, receiver, token, before, after, b
 
