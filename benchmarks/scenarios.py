@@ -569,10 +569,10 @@ class _Stored:
     """One chatd process and the valkey-server processes of its external
     store, measured as one server (store CPU summed as 'store')."""
 
-    def __init__(self, server, store_pids):
+    def __init__(self, server, store_pids, layout):
         self.server = server
         self.store_pids = store_pids
-        self.kind = "chatd"
+        self.kind = "chatd-" + layout  # names its --py-spy profiles
         self.port = server.port
         self.pid = server.pid
 
@@ -619,7 +619,7 @@ def stores(opts, log):
         try:
             with procs.Processes() as pr:
                 server = _with_server(pr, "chatd", opts, extra=["--redis", url])
-                group = _Stored(server, [n.pid for n in nodes])
+                group = _Stored(server, [n.pid for n in nodes], layout)
                 load = Load(pr, group, opts.latency_devices, opts.workers, opts)
                 load.setup()
                 out[layout] = _node_runs(load, opts, log, "%s store" % layout)
