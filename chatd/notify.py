@@ -38,6 +38,7 @@ import collections
 import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd.redisclient import ConnectionFactory, start_factory
 
@@ -175,12 +176,12 @@ class Subscriber:
 
     def forget(self, device):
         """Drop every hold on D's channel (it moves to another shard's
-        subscriber): how many there were."""
+        subscriber): how many there were, and the Deferreds still waiting
+        for its confirmation (the new shard's confirmation fires them)."""
         n = self.count.pop(device, 0)
         if n and self._conn is not None:
             self._write(b"SUNSUBSCRIBE", channel(device))
-        self._waiters.pop(channel(device), None)
-        return n
+        return n, [d for _, d in self._waiters.pop(channel(device), [])]
 
     # -- the connection ----------------------------------------------------------
 
@@ -362,11 +363,17 @@ class ClusterSubscriber:
 
     def _move(self, device, address, shard):
         old = self.shards.get(self.where.get(device))
-        holds = old.forget(device) if old is not None else 0
+        holds, waiting = old.forget(device) if old is not None else (0, [])
         self.where[device] = address
-        if holds:
-            return shard.subscribe(device, holds)
-        return None
+        if not holds:
+            return None
+
+        def settle(result):
+            for d in waiting:
+                if not d.called:
+                    d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            return result
+        return shard.subscribe(device, holds).addBoth(settle)
 
     def _topology_changed(self):
         """Move every channel whose slot has a new owner; catch up once they
