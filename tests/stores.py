@@ -90,7 +90,9 @@ class ValkeyCluster:
 
     @property
     def url(self):
-        return "redis+cluster://" + ",".join("127.0.0.1:%d" % n.port for n in self.primaries[:2])
+        """Seeds: the first two nodes (a primary and, with one primary, its
+        replica or nothing)."""
+        return "redis+cluster://" + ",".join("127.0.0.1:%d" % n.port for n in self.nodes[:2])
 
     @property
     def target(self):

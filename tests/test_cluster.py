@@ -460,3 +460,38 @@ async def test_chatd_admin_on_a_cluster(cluster, nodes, opened):
         told = await threads.deferToThread(admin, "revoke", name)
         assert told["nodes_told"] == 1, told
         await conns[name].error("revoked")
+
+
+@pytest.mark.slow
+@ensure
+async def test_chatd_started_before_its_cluster_serves_once_it_is_up(tmp_short, opened):
+    """chatd starts while no node of the cluster answers (it says so, and
+    listens): clients get 'unavailable', then, once the cluster is up (here
+    one primary), chatd finds it through its seeds and serves."""
+    small = ValkeyCluster(os.path.join(tmp_short, "late"), primaries=1, replicas=0)
+    proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--redis",
+                                    small.url, "--redis-timeout", "1s"])
+    try:
+        await proc.start().await_listening()
+        assert "is not answering yet" in proc.log()
+        c = await opened(proc)
+        c.send({"register": "true", "sender": "early"})
+        await c.error("unavailable")
+        from twisted.internet import threads
+        await threads.deferToThread(small.start)
+        for _ in range(60):  # a client retrying, as phones do
+            c.send({"register": "true", "sender": "early"})
+            reply = await c.next(timeout=30)
+            if reply["type"] == "registered":
+                break
+            assert reply.get("code") == "unavailable", reply
+        else:
+            raise AssertionError("never registered")
+        c.send({"message": "to myself", "receiver": "early"})
+        got = [await c.next(), await c.next()]  # the push may come first
+        assert sorted(m["type"] for m in got) == ["accepted", "message"], got
+    finally:
+        proc.stop()
+        proc.cleanup()
+        small.cleanup()
+    assert proc.bad_log_lines() == [], proc.log()[-3000:]
