@@ -16,7 +16,8 @@ from benchmarks import procs, report, scenarios
 from benchmarks.procs import BenchError
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
-ORDER = ["throughput", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers"]
+ORDER = ["throughput", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers",
+         "stores"]
 
 
 def _ints(text):
@@ -60,7 +61,8 @@ def parse(argv):
                    "(default: --inflight / devices)")
     p.add_argument("--fill-window", type=int, default=200, help="drain: sends in flight while storing")
     p.add_argument("--node-rate", type=int, default=2000,
-                   help="nodes and workers scenarios: the fixed offered rate (default 2000 msg/s)")
+                   help="nodes, workers and stores scenarios: the fixed offered rate "
+                   "(default 2000 msg/s)")
     p.add_argument("--refs", type=int, default=20, help="ref scenario: first sends per device")
     p.add_argument("--text-pool", type=int, default=10, help="dedup scenario: distinct texts")
     p.add_argument("--chatd-arg", action="append", default=[], dest="chatd_args",

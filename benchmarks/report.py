@@ -138,6 +138,9 @@ def rows(results):
                            None if c is None else _bad(c) == 0))
         elif key in ("nodes", "workers"):
             out += _compare_rows(key, per)
+        elif key == "stores":
+            out += _compare_rows(key, per)
+            out += _compare_rows("stores1", per)
     return out
 
 
@@ -145,12 +148,18 @@ def _compare_rows(key, per):
     """The nodes and workers scenarios: chatd against chatd. The 'chatd'
     column is the variant (two nodes, --workers 2), the 'relay' column the
     baseline of the same run (one node, --workers 1)."""
-    variant, base = (per.get("two"), per.get("one")) if key == "nodes" else \
-        (per.get("2"), per.get("1"))
-    sc = "cross-node vs 1 node" if key == "nodes" else "--workers 2 vs 1"
-    note = ("columns: chatd = %s, relay = %s (same run)"
-            % (("two nodes (every message crosses)", "one node") if key == "nodes"
-               else ("--workers 2", "--workers 1")))
+    variant, base = {"nodes": ("two", "one"), "workers": ("2", "1"),
+                     "stores": ("cluster", "single"), "stores1": ("cluster1", "single")}[key]
+    variant, base = per.get(variant), per.get(base)
+    sc = {"nodes": "cross-node vs 1 node", "workers": "--workers 2 vs 1",
+          "stores": "cluster 3x2 vs 1 store", "stores1": "cluster of 1 vs 1 store"}[key]
+    note = "columns: chatd = %s, relay = %s (same run)" % {
+        "nodes": ("two nodes (every message crosses)", "one node"),
+        "workers": ("--workers 2", "--workers 1"),
+        "stores": ("a Valkey Cluster, 3 primaries + 3 replicas",
+                   "one valkey-server on TCP"),
+        "stores1": ("a Valkey Cluster of one primary (every batch split by slot)",
+                    "one valkey-server on TCP")}[key]
     sat = lambda r: _get(r, "saturation")  # noqa: E731
     fixed = lambda r: _get(r, "fixed")  # noqa: E731
     rate = _get(fixed(variant) or fixed(base), "offered_per_s")

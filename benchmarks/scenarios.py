@@ -563,7 +563,74 @@ def workers(opts, log):
     return {"workers": out}
 
 
+# -- 7. stores --------------------------------------------------------------------------
+
+class _Stored:
+    """One chatd process and the valkey-server processes of its external
+    store, measured as one server (store CPU summed as 'store')."""
+
+    def __init__(self, server, store_pids, layout):
+        self.server = server
+        self.store_pids = store_pids
+        self.kind = "chatd-" + layout  # names its --py-spy profiles
+        self.port = server.port
+        self.pid = server.pid
+
+    def cpu(self):
+        out = dict(self.server.cpu())
+        secs = [procs.cpu_seconds(p) for p in self.store_pids]
+        out["store"] = None if None in secs else sum(secs)
+        return out
+
+    def problems(self):
+        return self.server.problems()
+
+
+def stores(opts, log):
+    """One chatd node on a Valkey Cluster of 3 primaries with a replica each
+    against the same node on one valkey-server (TCP, no replica), same load,
+    same run (saturation, then --node-rate). On the cluster every batch of
+    sends is split by slot (a call per receiver slot, pipelined per
+    primary), and each write is replicated once. Between them, a cluster of
+    one primary and no replica: the same single valkey-server process, so
+    its difference to 'single' is what the split by slot and the cluster
+    client cost (and the most a batch per shard could win back)."""
+    import shutil
+    import tempfile
+
+    from tests.stores import ClusterNode, ValkeyCluster
+    out = {}
+    for layout in ("single", "cluster1", "cluster"):
+        tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")
+        if layout == "single":
+            store = ClusterNode(os.path.join(tmp, "single"), cluster=False).start()
+            end = time.monotonic() + 30
+            while not store.answers():
+                if time.monotonic() > end:
+                    raise BenchError("the single valkey-server did not start")
+                time.sleep(0.05)
+            url, nodes, cleanup = "redis://127.0.0.1:%d/0" % store.port, [store], store.cleanup
+        else:
+            cluster = ValkeyCluster(tmp, **({"primaries": 1, "replicas": 0}
+                                            if layout == "cluster1" else {}))
+            cleanup = cluster.cleanup
+            cluster.start()
+            url, nodes = cluster.url, cluster.nodes
+        try:
+            with procs.Processes() as pr:
+                server = _with_server(pr, "chatd", opts, extra=["--redis", url])
+                group = _Stored(server, [n.pid for n in nodes], layout)
+                load = Load(pr, group, opts.latency_devices, opts.workers, opts)
+                load.setup()
+                out[layout] = _node_runs(load, opts, log, "%s store" % layout)
+        finally:
+            cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"stores": out}
+
+
 SCENARIOS = {
+    "stores": stores,
     "nodes": nodes,
     "workers": workers,
     "throughput": throughput,

@@ -75,6 +75,16 @@ def connect(args):
             sentinel = Sentinel(list(t.sentinels), socket_timeout=timeout,
                                 socket_connect_timeout=timeout)
             client = sentinel.master_for(t.master, ssl=t.tls, **kw)
+        elif t.kind == "cluster":
+            # valkey-py's cluster client routes by slot, scans every primary
+            # and splits pipelines by node
+            from valkey.cluster import ClusterNode, ValkeyCluster
+            del kw["db"]
+            try:
+                client = ValkeyCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.seeds],
+                                       ssl=t.tls, **kw)
+            except valkey.exceptions.ValkeyError as e:
+                raise AdminError(UNREACHABLE, "cannot reach %s: %s" % (where, e)) from None
         elif t.path:
             client = valkey.Valkey(unix_socket_path=t.path, **kw)
         else:
@@ -146,7 +156,9 @@ def cmd_stats(client, args):
 
     def count_tokens():
         nonlocal revoked
-        revoked += sum(1 for v in client.mget(batch) if v == b"revoked")
+        values = client.mget_nonatomic(batch) if hasattr(client, "mget_nonatomic") \
+            else client.mget(batch)  # a cluster's keys are in many slots
+        revoked += sum(1 for v in values if v == b"revoked")
         batch.clear()
 
     for key in _scan(client, "chatd:{*}:token"):

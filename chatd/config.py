@@ -16,7 +16,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """Where the store lives: a TCP host/port (optionally TLS) or a unix socket."""
+    """Where the store lives: a TCP host/port (optionally TLS) or a unix socket;
+    or (``kind="cluster"``) a Redis/Valkey Cluster reached through any of its
+    ``seeds`` ((host, port) pairs; host/port are the first)."""
 
     host: Optional[str] = None
     port: int = 6379
@@ -27,6 +29,8 @@ class RedisTarget:
     tls: bool = False
     tls_ca_file: Optional[str] = None  # trust these CAs (else the system's)
     tls_verify: bool = True  # False only by an explicit, logged opt-out
+    kind: str = "single"  # or "cluster", "sentinel"
+    seeds: tuple = ()     # cluster: ((host, port), ...)
     # redis+sentinel://: the sentinels to ask (host, port) and the master's name;
     # host/port are then unset (the primary is whatever the sentinels say)
     sentinels: tuple = ()
@@ -34,6 +38,9 @@ class RedisTarget:
 
     def describe(self):
         """A printable form without the password."""
+        if self.kind == "cluster":
+            return "%s+cluster://%s" % ("rediss" if self.tls else "redis",
+                                        ",".join("%s:%d" % s for s in self.seeds))
         if self.sentinels:
             return "%s+sentinel://%s/%s/%d" % (
                 "rediss" if self.tls else "redis",
@@ -187,7 +194,8 @@ def with_backlog(description):
 
 
 _URL_FORMS = ("expected redis://[:password@]host:port/db, rediss://host:port/db, "
-              "unix:///path.sock?db=N or redis+sentinel://host:port[,host:port...]/master/db")
+              "unix:///path.sock?db=N, redis+sentinel://host:port[,host:port...]/master/db "
+              "or redis+cluster://host:port[,host:port...]")
 
 
 def _parse_sentinel_url(text, u, name):
@@ -214,7 +222,7 @@ def _parse_sentinel_url(text, u, name):
         refuse("expected /<master>/<db> after the sentinels")
     user, _, password = userinfo.partition(":")
     return RedisTarget(
-        sentinels=tuple(sentinels), master=parts[0],
+        kind="sentinel", sentinels=tuple(sentinels), master=parts[0],
         db=int(parts[1]) if len(parts) == 2 and parts[1] else 0,
         username=unquote(user) if user else None,
         password=unquote(password) if password else None,
@@ -224,12 +232,16 @@ def _parse_sentinel_url(text, u, name):
 def parse_redis_url(text, name="redis"):
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
     ``unix:///path/to.sock[?db=N][&password=...]``,
-    ``redis+sentinel://h:p[,h:p...]/<master>/<db>`` (``rediss+sentinel``)."""
+    ``redis+sentinel://h:p[,h:p...]/<master>/<db>`` (``rediss+sentinel``), and
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (or
+    ``rediss+cluster://``)."""
     text = str(text).strip()
     u = urlsplit(text)
     problem = None
     if u.scheme in ("redis+sentinel", "rediss+sentinel"):
         return _parse_sentinel_url(text, u, name)
+    if u.scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_target(u, text, name)
     if u.scheme in ("redis", "rediss"):
         if not u.hostname:
             problem = "no host"
@@ -262,6 +274,32 @@ def parse_redis_url(text, name="redis"):
         host=host, port=port, path=path, db=int(db_text),
         username=unquote(u.username) if u.username else None,
         password=password, tls=(u.scheme == "rediss"))
+
+
+def _cluster_target(u, text, name):
+    """A cluster URL: seeds host:port separated by commas (urlsplit cannot
+    parse several ports, so the host part is split here), database 0 only."""
+    netloc = u.netloc.rpartition("@")[2]
+    seeds, problem = [], None
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problem = "%r is not host:port" % part
+            break
+        seeds.append((host, int(port)))
+    if problem is None and u.path.strip("/") not in ("", "0"):
+        problem = "a cluster has only database 0"
+    if problem:
+        raise ValueError(
+            "--%s: %r: %s (expected redis+cluster://host:port[,host:port...])"
+            % (name, redact_url(text), problem))
+    userinfo = u.netloc.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    return RedisTarget(host=seeds[0][0], port=seeds[0][1],
+                       username=unquote(user) if user else None,
+                       password=unquote(password) if password else None,
+                       tls=u.scheme.startswith("rediss"), kind="cluster", seeds=tuple(seeds))
 
 
 _URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")

@@ -471,9 +471,14 @@ class Hub:
             self._drop(delivery, "revoked", "the tokens of %s were revoked by the "
                        "operator; register again" % device)
 
-    def catch_up(self):
-        """Read every bound inbox (notifications may have been lost)."""
-        for delivery in list(self.sessions.values()):
+    def catch_up(self, devices=None):
+        """Read every bound inbox, or those of ``devices`` (notifications
+        may have been lost)."""
+        if devices is None:
+            deliveries = list(self.sessions.values())
+        else:
+            deliveries = [self.sessions[d] for d in devices if d in self.sessions]
+        for delivery in deliveries:
             delivery.poke()
 
     def ack(self, conn, server_id):

@@ -117,6 +117,14 @@ class ChatdCollector:
                    "Writes the store did but fewer than --store-acks replicas confirmed "
                    "in time (answered 'unavailable'; a retry with the same ref is safe)",
                    node, store_stats.unconfirmed if store_stats is not None else 0)
+        r = CounterMetricFamily(
+            "chatd_store_redirects", "Redis Cluster replies that sent a call elsewhere or "
+            "back (MOVED, ASK, TRYAGAIN, CLUSTERDOWN); the call was retried",
+            labels=["node", "kind"])
+        redirects = dict(store_stats.redirects) if store_stats is not None else {}
+        for kind in sorted(set(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")) | set(redirects)):
+            r.add_metric([node, kind], redirects.get(kind, 0))
+        yield r
         h = HistogramMetricFamily(
             "chatd_store_seconds", "Latency of store calls, by script (Lua function) "
             "or command; one call carries a whole batch of sends or acks",

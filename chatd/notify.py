@@ -38,6 +38,7 @@ import collections
 import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd.redisclient import ConnectionFactory, start_factory, stop_factory
 
@@ -146,14 +147,14 @@ class Subscriber:
 
     # -- channels ----------------------------------------------------------------
 
-    def subscribe(self, device):
+    def subscribe(self, device, holds=1):
         """Hold D's channel; Deferred that fires once the store confirms it
         (at once if already held), or fails after the deadline (the caller
         may go on: the catch-up after the next reconnection covers it)."""
         chan = channel(device)
-        self.count[device] += 1
+        self.count[device] += holds
         if self._conn is not None:
-            if self.count[device] == 1:
+            if self.count[device] == holds:
                 self._write(b"SSUBSCRIBE", chan)
                 self._sent[chan] += 1
             elif self._got[chan] >= self._sent[chan]:
@@ -172,6 +173,15 @@ class Subscriber:
         self.count.pop(device, None)
         if self._conn is not None:
             self._write(b"SUNSUBSCRIBE", channel(device))
+
+    def forget(self, device):
+        """Drop every hold on D's channel (it moves to another shard's
+        subscriber): how many there were, and the Deferreds still waiting
+        for its confirmation (the new shard's confirmation fires them)."""
+        n = self.count.pop(device, 0)
+        if n and self._conn is not None:
+            self._write(b"SUNSUBSCRIBE", channel(device))
+        return n, [d for _, d in self._waiters.pop(channel(device), [])]
 
     # -- the connection ----------------------------------------------------------
 
@@ -236,6 +246,12 @@ class Subscriber:
                 for d in ready:
                     if not d.called:
                         d.callback(None)
+        elif kind == b"sunsubscribe" and len(reply) >= 2:
+            # unasked for: the channel's slot left this node (Redis Cluster
+            # tells shard-channel subscribers so); the listener re-routes it
+            device = device_of(reply[1])
+            if device in self.count and hasattr(self.listener, "moved"):
+                self.listener.moved(device)
         elif kind == b"pong":
             self._ping_sent = None
             if len(reply) > 1 and reply[1] == b"resubscribed":
@@ -257,3 +273,136 @@ class Subscriber:
             return
         self._ping_sent = now
         self._write(b"PING")
+
+
+def subscriber(target, timeout, reactor, listener, client=None):
+    """The subscriber for a store: one connection (a single store), or one
+    per primary of a Redis Cluster (``client`` is its
+    :class:`chatd.cluster.ClusterClient`, which knows who owns which slot)."""
+    if target.kind == "cluster":
+        return ClusterSubscriber(client, timeout, reactor, listener)
+    return Subscriber(target, timeout, reactor, listener)
+
+
+class ClusterSubscriber:
+    """A :class:`Subscriber` per primary of a Redis Cluster: ``SSUBSCRIBE``
+    to a device's channel must go to the primary that owns its slot (where
+    ``send.lua``'s ``SPUBLISH`` runs). It follows slot moves: when the
+    topology changes, or a node says it dropped a channel (``sunsubscribe``
+    after its slot left), the channel is subscribed again on its new owner,
+    and once that is confirmed the listener catches up (``resubscribed``:
+    what was published meanwhile went to the old owner)."""
+
+    log = Logger()
+
+    def __init__(self, client, timeout, reactor, listener):
+        self.client = client
+        self.timeout = timeout
+        self.reactor = reactor
+        self.listener = listener
+        self.shards = {}   # (host, port) of a primary -> Subscriber
+        self.where = {}    # device -> (host, port) of the shard holding it
+        self._closed = False
+
+    def connect(self):
+        self.client.listeners.append(self._topology_changed)
+        for address in list(self.client.nodes):  # ready before the first bind
+            self._open(address)
+        return self
+
+    def close(self):
+        self._closed = True
+        if self._topology_changed in self.client.listeners:
+            self.client.listeners.remove(self._topology_changed)
+        shards, self.shards = self.shards, {}
+        return defer.DeferredList([s.close() for s in shards.values()])
+
+    @property
+    def connected(self):
+        return bool(self.shards) and all(s.connected for s in self.shards.values())
+
+    @property
+    def count(self):
+        out = collections.Counter()
+        for s in self.shards.values():
+            out.update(s.count)
+        return out
+
+    def _shard(self, device):
+        from chatd.cluster import slot_of
+        address = self.client.owner(slot_of(channel(device)))
+        if address is None:
+            return None, None
+        return address, self._open(address)
+
+    def _open(self, address):
+        shard = self.shards.get(address)
+        if shard is None:
+            shard = self.shards[address] = Subscriber(
+                self.client.node_target(address), self.timeout, self.reactor, self).connect()
+        return shard
+
+    def subscribe(self, device):
+        address, shard = self._shard(device)
+        if shard is None:
+            return defer.fail(ConnectionError("no primary of the cluster is known yet"))
+        held = self.where.get(device)
+        if held is not None and held != address:
+            self._move(device, address, shard)
+        self.where[device] = address
+        return shard.subscribe(device)
+
+    def unsubscribe(self, device):
+        address = self.where.get(device)
+        shard = self.shards.get(address)
+        if shard is None:
+            return
+        shard.unsubscribe(device)
+        if device not in shard.count:
+            del self.where[device]
+
+    def _move(self, device, address, shard):
+        old = self.shards.get(self.where.get(device))
+        holds, waiting = old.forget(device) if old is not None else (0, [])
+        self.where[device] = address
+        if not holds:
+            return None
+
+        def settle(result):
+            for d in waiting:
+                if not d.called:
+                    d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            return result
+        return shard.subscribe(device, holds).addBoth(settle)
+
+    def _topology_changed(self):
+        """Move every channel whose slot has a new owner; catch up once they
+        are all subscribed there."""
+        moved = []
+        for address in list(self.client.nodes):
+            self._open(address)
+        for device, held in list(self.where.items()):
+            address, shard = self._shard(device)
+            if shard is not None and address != held:
+                d = self._move(device, address, shard)
+                if d is not None:
+                    moved.append(d)
+        for address in list(self.shards):  # a former primary's, holding nothing now
+            if address not in self.client.nodes and not self.shards[address].count:
+                self.shards.pop(address).close()
+        if moved:
+            self.log.info("{n} notify channels moved to their slots' new owners", n=len(moved))
+            dl = defer.DeferredList(moved, consumeErrors=True)
+            dl.addCallback(lambda _: None if self._closed else self.listener.resubscribed())
+
+    # -- each shard's listener -------------------------------------------------------
+
+    def notified(self, device, payload):
+        self.listener.notified(device, payload)
+
+    def resubscribed(self):
+        self.listener.resubscribed()
+
+    def moved(self, device):
+        """A node dropped D's channel (its slot left): read the topology."""
+        self.client.refresh(soon=True)

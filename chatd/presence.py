@@ -58,7 +58,8 @@ class Presence:
         self.lease = settings.presence_lease
         self.lease_ms = int(self.lease * 1000)
         self.hub = None
-        self.subscriber = notify.Subscriber(target, settings.redis_timeout, reactor, self)
+        self.subscriber = notify.subscriber(target, settings.redis_timeout, reactor, self,
+                                            store.client)
         self._claiming = {}   # device -> claims on their way
         self._latest = {}     # device -> highest epoch heard while claiming
         self._renewer = None
@@ -127,12 +128,16 @@ class Presence:
             held = self.hub.held()
             for i in range(0, len(held), RENEW_BATCH):
                 try:
-                    lost = yield self.store.renew(held[i:i + RENEW_BATCH], self.lease_ms)
+                    lost, restored = yield self.store.renew(held[i:i + RENEW_BATCH],
+                                                            self.lease_ms)
                 except StoreUnavailable as e:
                     self.log.warn("cannot renew presence leases: {e}", e=e)
                     return
                 for device, epoch in lost:
                     self.hub.replaced(device, epoch)
+                # messages stored while their record was missing were not
+                # published here: read those inboxes
+                self.hub.catch_up([device for device, _ in restored])
         finally:
             self._renewing = False
 

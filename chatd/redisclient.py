@@ -65,6 +65,26 @@ class StoreFull(StoreUnavailable):
     (``maxmemory``, policy ``noeviction``): nothing of it was stored."""
 
 
+class Redirected(StoreUnavailable):
+    """A Redis Cluster redirection or refusal (``MOVED slot host:port``,
+    ``ASK slot host:port``, ``TRYAGAIN``, ``CLUSTERDOWN``): the command did
+    not run. Only :class:`chatd.cluster.ClusterClient` sees these (it retries);
+    ``kind`` is the first word, ``address`` (host, port) or None."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        words = message.split()
+        self.kind = words[0] if words else ""
+        self.address = None
+        if self.kind in ("MOVED", "ASK") and len(words) >= 3:
+            host, _, port = words[2].rpartition(":")
+            self.address = (host, int(port))
+
+
+#: the first words of the error replies that are cluster redirections
+REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
 class Library:
     """chatd's Lua as one function library: ``_prelude.lua`` once, then each
     ``chatd/lua/<name>.lua`` as the body of a function ``chatd_<v>_<name>``
@@ -208,10 +228,13 @@ class RedisClient:
 
     log = Logger()
 
-    def __init__(self, target, timeout, reactor, acks=0):
+    def __init__(self, target, timeout, reactor, library=True, acks=0):
         self.target = target
         self.timeout = timeout
         self.reactor = reactor
+        # False: a connection that only reads (a cluster seed asked for the
+        # topology, which may be a replica): no FUNCTION LOAD on it
+        self.library = library
         self.acks = acks          # --store-acks: replicas that must confirm a write
         self._unconfirmed = []    # (call Deferred, caller's Deferred) since the last WAIT
         self._confirming = False  # a WAIT is in flight
@@ -370,7 +393,7 @@ class RedisClient:
         self._sent.append((deadline, d))
         return d
 
-    def late_ms(self):
+    def late_ms(self, key=None):
         """The store's clock time (ms, as bytes) after which a write sent now
         must not be done: a quarter of the deadline before this client gives
         up on it and tells the client "unavailable", so that the answer is
@@ -441,7 +464,8 @@ class RedisClient:
         """A connection is ready: load the library, send what waited for it,
         and wake waiters. All pipelined on the one connection, so the library
         is there before any call runs."""
-        self._load_library()
+        if self.library:
+            self._load_library()
         self._read_clock()
         waiting, self._waiting = self._waiting, collections.deque()
         for deadline, args, d in waiting:
@@ -500,6 +524,11 @@ class RedisClient:
         return result
 
     def _unavailable(self, failure, what):
+        if failure.check(txredisapi.ResponseError) and \
+                failure.getErrorMessage().startswith(REDIRECTS):
+            # not (yet) a failure: the cluster client retries it, and counts
+            # it as unavailable only if it gives up
+            raise Redirected(failure.getErrorMessage())
         self.stats.unavailable += 1
         if failure.check(StoreUnavailable):
             raise failure.type("%s: %s" % (_text(what), failure.value))

@@ -80,8 +80,7 @@ class ChatService(service.Service):
             yield self.ready()
         if self.target.sentinels:
             yield self._check_sentinels()
-        self.client = RedisClient(self.target, self.settings.redis_timeout, self.reactor,
-                                  acks=self.settings.store_acks).connect()
+        self.client = store_client(self.target, self.settings, self.reactor).connect()
         if not (yield self.client.when_connected(self.settings.redis_timeout)):
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
@@ -160,7 +159,11 @@ class ChatService(service.Service):
         return d
 
     def _failed(self, failure):
-        self.log.failure("chatd could not start", failure)
+        from chatd.cluster import ClusterError
+        if failure.check(ClusterError):  # the operator's to fix: no traceback
+            self.log.error("chatd could not start: {e}", e=failure.getErrorMessage())
+        else:
+            self.log.failure("chatd could not start", failure)
         print("chatd: could not start: %s" % failure.getErrorMessage(), file=sys.stderr)
         if self.reactor.running:
             self.reactor.stop()
@@ -178,6 +181,21 @@ class ChatService(service.Service):
             yield self.presence.stop()
         if self.client is not None:
             yield self.client.close()
+
+
+def store_client(target, settings, reactor):
+    """The store client for ``target``: one connection, or (a Redis Cluster)
+    one per primary, each made here with the same options."""
+    def make(t, library=True):
+        # --store-acks on every connection that writes (a seed asked only
+        # for the topology writes nothing)
+        return RedisClient(t, settings.redis_timeout, reactor, library=library,
+                           acks=settings.store_acks if library else 0)
+
+    if target.kind == "cluster":
+        from chatd.cluster import ClusterClient
+        return ClusterClient(target, settings.redis_timeout, reactor, make)
+    return make(target)
 
 
 def _loopback(address):

@@ -40,12 +40,13 @@ class StoreStats:
     command), kept as plain bucket counts (see the module docstring for
     why), and how many calls failed as unavailable."""
 
-    __slots__ = ("calls", "unavailable", "unconfirmed")
+    __slots__ = ("calls", "unavailable", "unconfirmed", "redirects")
 
     def __init__(self):
         self.calls = {}  # name -> [bucket counts..., +Inf count, sum]
         self.unavailable = 0  # calls that failed as StoreUnavailable
         self.unconfirmed = 0  # writes done but not confirmed by --store-acks replicas
+        self.redirects = {}  # Redis Cluster: MOVED/ASK/TRYAGAIN/CLUSTERDOWN -> count
 
     def observe(self, name, seconds):
         row = self.calls.get(name)

@@ -88,8 +88,8 @@ class Store:
     reactor goes to the store as one Lua call, which does each message's
     whole atomic step in arrival order. That is one round trip, one script
     run and one reply to parse for a whole batch instead of one per message
-    (on a single Redis; on Redis Cluster a batch would have to be split by
-    slot, which the receiver hash tags make possible).
+    (on a single Redis; on Redis Cluster a batch is split by slot, which the
+    receiver hash tags make possible: see :meth:`_by_slot`).
 
     The store can only take so much; :attr:`saturated` tells the protocol to
     stop reading clients until the queue has drained, so that overload slows
@@ -158,15 +158,27 @@ class Store:
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):
-        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of the
-        list of those this node has lost."""
+        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of
+        ``(lost, restored)``: those this node has lost, and those whose record
+        had run out and was written again (see renew.lua)."""
+        groups = self._by_slot(held, lambda h: _keys(h[0]))
+        if len(groups) == 1:
+            return self._renew(held, lease_ms)
+        d = defer.gatherResults([self._renew(g, lease_ms) for g in groups],
+                                consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure)
+        return d.addCallback(lambda parts: ([x for p in parts for x in p[0]],
+                                            [x for p in parts for x in p[1]]))
+
+    def _renew(self, held, lease_ms):
         keys, args = [], [lease_ms]
         for device, epoch in held:
             prefix = _keys(device)
             keys += [prefix + b"node", prefix + b"epoch"]
             args.append(self.presence_value(epoch))
         d = self.client.script("renew", keys, args)
-        return d.addCallback(lambda lost: [held[int(i) - 1] for i in lost])
+        return d.addCallback(lambda r: ([held[int(i) - 1] for i in r if int(i) > 0],
+                                        [held[-int(i) - 1] for i in r if int(i) < 0]))
 
     def release(self, device, epoch):
         """Drop D's presence record if it is still this node's."""
@@ -235,7 +247,25 @@ class Store:
         if acks:
             self._ack_batch(acks)
 
+    def _by_slot(self, items, key):
+        """``items`` in one group (one store), or split by Redis Cluster slot
+        (each group in the order of ``items``): a Lua call may only touch
+        keys of one slot there. Pipelined on each primary's connection, a
+        batch per slot costs one call per slot instead of one per batch (see
+        README "Stores")."""
+        slot_of = getattr(self.client, "slot_of", None)
+        if slot_of is None:
+            return [items]
+        groups = {}
+        for item in items:
+            groups.setdefault(slot_of(key(item)), []).append(item)
+        return list(groups.values())
+
     def _send_batch(self, sends):
+        for group in self._by_slot(sends, lambda s: s[0][0]):
+            self._send_group(group)
+
+    def _send_group(self, sends):
         now = self._now_ms()
         keys, refs, tails = [], [], []
         for k, has_ref, tail, _ in sends:
@@ -243,7 +273,7 @@ class Store:
             refs.append(b"1" if has_ref else b"0")
             tails.append(tail)
         d = self.client.script("send", keys, [
-            b"%d" % now, *self._send_args, self.client.late_ms(), b"".join(refs),
+            b"%d" % now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
             self.node_id, *tails])
         d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
 
@@ -274,7 +304,10 @@ class Store:
             d.errback(error)
 
     def _ack_batch(self, acks):
-        keys = list(acks)
+        for keys in self._by_slot(list(acks), lambda k: k):
+            self._ack_group(acks, keys)
+
+    def _ack_group(self, acks, keys):
         d = self.client.script("ack", keys, [acks[k][0] for k in keys])
 
         def done(result):

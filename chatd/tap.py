@@ -36,8 +36,9 @@ class Options(usage.Options):
          "endpoint without backlog= listens with a backlog of 1024.",
          _coerce(config.parse_endpoint, "port")],
         ["redis", None, None, "External store: redis://[:password@]host:port/db, "
-         "rediss://host:port/db (TLS) or unix:///path.sock?db=N. Absent: the "
-         "embedded store in --data-dir.", _coerce(config.parse_redis_url, "redis")],
+         "rediss://host:port/db (TLS), unix:///path.sock?db=N, or a Redis/Valkey "
+         "Cluster: redis+cluster://host:port[,host:port...] (rediss+cluster:// for "
+         "TLS). Absent: the embedded store in --data-dir.", _coerce(config.parse_redis_url, "redis")],
         ["redis-password-file", None, None, "File holding the store's password "
          "(instead of a password in --redis, which every user can read in the "
          "process list)."],
