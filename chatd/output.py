@@ -20,10 +20,14 @@ from twisted.internet import tcp
 def write_now(transport, data):
     """Write bytes to a TCP (or unix socket) transport: as much as the kernel
     takes now, the rest through ``transport.write``. Any other transport
-    (TLS), or one with data queued or closing, gets ``transport.write``."""
+    (TLS), one with data queued or closing, or a write bigger than the
+    transport's buffer (a drain batch: Twisted pauses its producer at once,
+    which is how a client that does not read is noticed before the kernel
+    has taken megabytes) gets ``transport.write``."""
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False) \
             or transport.dataBuffer or transport._tempDataBuffer \
-            or transport.disconnecting or not transport.connected:
+            or transport.disconnecting or not transport.connected \
+            or len(data) > transport.bufferSize:
         transport.write(data)
         return
     try:

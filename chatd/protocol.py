@@ -233,15 +233,30 @@ class ChatProtocol:
                         packet.ref)
 
     def handle_message(self, packet):
-        d = self.hub.send(self, packet)  # may raise PacketError: answered in turn
+        slot = [None]
+
+        def done(result, failure):
+            if failure is None:
+                self._sent(result, packet, slot)
+            else:
+                self._failed(failure, packet.ref, slot)
+
+        # the slot first: the answer may come at once (a store that is down)
+        replies = self._replies
+        if replies is None:
+            replies = self._replies = collections.deque()
+        replies.append(slot)
         self._inflight += 1
+        try:
+            self.hub.send(self, packet, done)
+        except BaseException:  # a PacketError: answered in turn, by lineReceived
+            replies.pop()
+            if not replies:
+                self._replies = None
+            self._inflight -= 1
+            raise
         if self._inflight >= MAX_INFLIGHT:
             self._pause("inflight")
-        slot = [None]
-        if self._replies is None:
-            self._replies = collections.deque()
-        self._replies.append(slot)
-        d.addCallbacks(self._sent, self._failed, (packet, slot), None, (packet.ref, slot))
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)

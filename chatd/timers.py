@@ -40,12 +40,14 @@ class TimerWheel:
         self.clock = clock
         self.tick = tick
         self._slots = {}     # slot number -> set of owners due in it
-        self._fired = int(clock.seconds() / tick)  # every slot up to here has fired
+        self._fired = None   # every slot up to here has fired (set on first use)
         self._call = None
 
     def schedule(self, owner, when):
         """Fire ``owner`` at ``when`` (seconds on the clock) or up to a tick
         after; replaces its earlier deadline."""
+        if self._fired is None:
+            self._fired = int(self.clock.seconds() / self.tick)
         slot = max(int(when / self.tick) + 1, self._fired + 1)
         old = owner._wheel_slot
         if old == slot:
