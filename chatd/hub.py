@@ -222,22 +222,22 @@ class Delivery:
             return
         self._ack_busy = True
         upto = self.acked
-        d = self.hub.store.ack(self.device, upto)
 
-        def done(_):
+        def done(failure):
             self._ack_busy = False
-            self._ack_sent = max(self._ack_sent, upto)
-            if not self.closed:
-                self._send_ack()
-
-        def failed(f):
-            self._ack_busy = False
-            f.trap(StoreUnavailable)
-            if not self.closed:
+            if failure is None:
+                self._ack_sent = max(self._ack_sent, upto)
+                if not self.closed:
+                    self._send_ack()
+                return
+            if not failure.check(StoreUnavailable):
+                self.log.failure("storing an ack of {device}", failure, device=self.device)
+            elif not self.closed:
                 self.conn.report("unavailable", "the ack of %s could not be stored "
-                                 "(%s); ack again later" % (packets.format_id(upto), f.value))
+                                 "(%s); ack again later" % (packets.format_id(upto),
+                                                            failure.value))
 
-        d.addCallbacks(done, failed)
+        self.hub.store.ack_then(done, self.device, upto)
 
     def close(self):
         self.closed = True

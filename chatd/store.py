@@ -216,17 +216,23 @@ class Store:
 
     def ack(self, device, upto):
         """Remove D's messages with ids up to ``upto`` (an int); acks of one
-        device in one batch are folded into the highest."""
+        device in one batch are folded into the highest. Deferred of None."""
+        d = defer.Deferred()
+        self.ack_then(lambda f: d.callback(None) if f is None else d.errback(f), device, upto)
+        return d
+
+    def ack_then(self, done, device, upto):
+        """:meth:`ack` for the hot path: ``done(None)`` or ``done(failure)``
+        is called once."""
         key = _keys(device) + b"inbox"
         pending = self._acks.get(key)
         if pending is None:
-            pending = self._acks[key] = [upto, []]
+            pending = self._acks[key] = [upto, [done]]
             self._queued(len(self._acks))
-        elif upto > pending[0]:
-            pending[0] = upto
-        d = defer.Deferred()
-        pending[1].append(d)
-        return d
+        else:
+            if upto > pending[0]:
+                pending[0] = upto
+            pending[1].append(done)
 
     def _queued(self, batch_size):
         self._load += 1
@@ -300,12 +306,13 @@ class Store:
 
         def done(result):
             self._done(len(keys))
+            failure = result if isinstance(result, Failure) else None
             for k in keys:
                 for waiter in acks[k][1]:
-                    if isinstance(result, Failure):
-                        waiter.errback(result)
-                    else:
-                        waiter.callback(None)
+                    try:
+                        waiter(failure)
+                    except Exception:
+                        self.log.failure("answering an ack")
 
         d.addBoth(done)
 
