@@ -70,8 +70,10 @@ class ChatService(service.Service):
     def startService(self):
         service.Service.startService(self)
         # the objects of start-up (modules, settings, the library) are never
-        # garbage: keep the cyclic collector off them; and collect less
-        # often, since a message makes a dozen short-lived containers
+        # garbage: keep the cyclic collector off them (after one collection,
+        # so that no garbage is frozen with them); and collect less often,
+        # since a message makes a dozen short-lived containers
+        gc.collect()
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
         if self.reactor is None:
