@@ -70,7 +70,11 @@ class Device:
         self.enc = _enc(device_id)  # the id as JSON, for push lines and replies
         self.token_hash = None
         self.seq = 0
-        self.inbox = collections.deque()  # (id, push line without newline), oldest first
+        # (id, push line without newline), oldest first: a deque from the
+        # first message on, the empty tuple until then (a deque is 768
+        # bytes: the leanest honest relay keeps no more per idle device
+        # than it must)
+        self.inbox = ()
         self.conn = None
 
 
@@ -242,6 +246,8 @@ class RelayProtocol(LineReceiver):
         entry = b'{"type":"message","id":"%s","sent_at":%d,"sender":%s,"receiver":%s,"message":%s}' % (
             server_id, int(time.time() * 1000), sdev.enc if sdev is not None else _enc(sender),
             rdev.enc, _enc_str(text).encode("utf-8"))
+        if rdev.inbox.__class__ is tuple:
+            rdev.inbox = collections.deque()
         rdev.inbox.append((sid, entry))
         if window > 0:
             expiry = now + window

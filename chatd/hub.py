@@ -14,6 +14,7 @@ tells the hub when another node has taken a device over
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatd import packets, tokens
 from chatd.packets import PacketError
@@ -221,22 +222,22 @@ class Delivery:
             return
         self._ack_busy = True
         upto = self.acked
-        d = self.hub.store.ack(self.device, upto)
 
-        def done(_):
+        def done(failure):
             self._ack_busy = False
-            self._ack_sent = max(self._ack_sent, upto)
-            if not self.closed:
-                self._send_ack()
-
-        def failed(f):
-            self._ack_busy = False
-            f.trap(StoreUnavailable)
-            if not self.closed:
+            if failure is None:
+                self._ack_sent = max(self._ack_sent, upto)
+                if not self.closed:
+                    self._send_ack()
+                return
+            if not failure.check(StoreUnavailable):
+                self.log.failure("storing an ack of {device}", failure, device=self.device)
+            elif not self.closed:
                 self.conn.report("unavailable", "the ack of %s could not be stored "
-                                 "(%s); ack again later" % (packets.format_id(upto), f.value))
+                                 "(%s); ack again later" % (packets.format_id(upto),
+                                                            failure.value))
 
-        d.addCallbacks(done, failed)
+        self.hub.store.ack_then(done, self.device, upto)
 
     def close(self):
         self.closed = True
@@ -393,11 +394,14 @@ class Hub:
             self.unbind(conn)
             raise
 
-    def send(self, conn, packet):
-        """Accept one message packet: Deferred of a :class:`chatd.store.SendResult`.
+    def send(self, conn, packet, done):
+        """Accept one message packet: ``done(result, None)`` with a
+        :class:`chatd.store.SendResult`, or ``done(None, failure)``, is
+        called once (a PacketError about the packet itself is raised at
+        once instead).
 
         The hot path of chatd (a bound sender: no store call but the send
-        itself), so it chains Deferreds by hand."""
+        itself), so it passes plain callables rather than Deferreds."""
         delivery = self.delivery(conn)
         if delivery is not None:
             sender = delivery.device
@@ -407,26 +411,33 @@ class Hub:
             if packet.token is not None and not tokens.token_matches(
                     packet.token, delivery.token_hash):
                 raise PacketError("bad_token", "the token is wrong or revoked", field="token")
-            return self._store_send(sender, packet)
+            self._store_send(sender, packet, done)
+            return
         if packet.sender is None or packet.token is None:
             raise PacketError("not_registered", "register or reconnect first, or "
                               "give sender and token with the message")
-        return self.store.token_hash(packet.sender).addCallback(self._one_shot, packet)
+        self.store.token_hash(packet.sender).addCallbacks(
+            self._one_shot, lambda f: done(None, f), (packet, done))
 
-    def _one_shot(self, stored, packet):
+    def _one_shot(self, stored, packet, done):
         if not tokens.token_matches(packet.token, stored):
-            raise PacketError("bad_token", "the token is wrong or revoked for %s"
-                              % packet.sender, field="token")
-        return self._store_send(packet.sender, packet)
+            done(None, Failure(PacketError("bad_token", "the token is wrong or revoked "
+                                           "for %s" % packet.sender, field="token")))
+            return
+        self._store_send(packet.sender, packet, done)
 
-    def _store_send(self, sender, packet):
-        d = self.store.send(sender, packet.receiver, packet.text, packet.ref, packet.raw)
-        return d.addCallback(self._accepted, packet.receiver)
+    def _store_send(self, sender, packet, done):
+        receiver = packet.receiver
 
-    def _accepted(self, result, receiver):
-        if result.entry is not None:
-            self.route(receiver, int(result.id), result.entry)
-        return result
+        def sent(result, failure):
+            if result is not None and result.entry is not None:
+                try:
+                    self.route(receiver, int(result.id), result.entry)
+                except Exception:
+                    self.log.failure("pushing a message to {receiver}", receiver=receiver)
+            done(result, failure)
+
+        self.store.send_then(sent, sender, receiver, packet.text, packet.ref, packet.raw)
 
     def route(self, receiver, server_id, entry):
         """Push a just-accepted message to its receiver, wherever it is bound."""

@@ -23,7 +23,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatd import packets, ratelimit
+from chatd import packets, ratelimit, timers
+from chatd.output import Outbox, write_now
 from chatd.packets import PacketError
 from chatd.redisclient import StoreFull, StoreUnavailable
 
@@ -36,23 +37,6 @@ RESUME_INFLIGHT = 128
 
 
 @implementer(IPushProducer)
-class _OutputFlow:
-    """Registered with the transport so that it tells us when the client stops
-    reading (its buffer is full) and starts again."""
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def pauseProducing(self):
-        self.proto._output_paused()
-
-    def resumeProducing(self):
-        self.proto._output_resumed()
-
-    def stopProducing(self):
-        pass
-
-
 class ChatProtocol:
     """One client connection, whatever its framing: the session.
 
@@ -62,13 +46,37 @@ class ChatProtocol:
     hands every packet it reads, in order, to :meth:`_feed` (empty lines
     included), and supplies :meth:`_write` (ready-made server lines out) and
     :meth:`_write_closing` (the closing error, and whatever the framing sends
-    before the stream is shut)."""
+    before the stream is shut).
+
+    It is also the producer registered with the transport, which tells it
+    when the client stops reading (its buffer is full) and starts again.
+
+    Memory: tens of thousands of idle connections each hold one of these, so
+    what most connections never need is made only when first needed (the
+    queues and waiter lists below default to None or to a shared empty
+    value on the class), and the deadlines live on the factory's
+    :class:`chatd.timers.TimerWheel` instead of in DelayedCalls."""
 
     log = Logger()
 
     device = None  # set by the hub while bound
     paused = False  # reading stopped (see _pause)
     _feeding = False
+    _closing = False
+    _pauses = frozenset()  # why reading is stopped (a new set on each change)
+    _unsent = None     # bytes written since the client stopped reading
+    _writable = None   # [Deferreds waiting for the client to read again]
+    _inflight = 0      # packets whose reply is not written yet
+    _replies = None    # deque([reply or None]) in packet order
+    _backlog = None    # deque of lines read while reading was paused
+    _idle = None       # [Deferreds waiting for _inflight == 0]
+    _gone = None       # [Deferreds waiting for connectionLost]
+    _dropped = 0       # bytes read and dropped while closing
+    _out = None        # [bytes] to write at the end of this reactor turn
+    _wheel_slot = None  # see chatd.timers
+    _auth_at = None    # the auth deadline, while unbound
+    _live_at = None    # the next keepalive/idle check
+    _abort_at = None   # when a closing connection is cut
 
     def connectionMade(self):
         f = self.factory
@@ -77,19 +85,9 @@ class ChatProtocol:
         self.store = f.hub.store
         self.stats = f.hub.stats
         self.clock = f.clock
-        self._closing = False
-        self._pauses = set()
-        self._unsent = None  # bytes written since the client stopped reading
-        self._writable = []  # Deferreds waiting for the client to read again
-        self._inflight = 0   # packets whose reply is not written yet
-        self._replies = collections.deque()  # [reply or None] in packet order
-        self._backlog = collections.deque()  # lines read while reading was paused
-        self._idle = []      # Deferreds waiting for _inflight == 0
-        self._gone = []      # Deferreds waiting for connectionLost
-        self._dropped = 0    # bytes read and dropped while closing
-        self._timers = {}
-        self._rate = ratelimit.RateLimit(s.rate_limit, s.rate_burst, self.clock.seconds())
-        self.last_seen = self.clock.seconds()
+        now = self.clock.seconds()
+        self._rate = ratelimit.limit(s.rate_limit, s.rate_burst, now)
+        self.last_seen = now
         self._pinged = False
         refusal = f.admit(self)
         if refusal:
@@ -102,24 +100,23 @@ class ChatProtocol:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass  # not TCP (unix socket)
-        self.transport.registerProducer(_OutputFlow(self), True)
-        self._later("auth", s.auth_timeout, self._auth_expired)
-        self._later("live", min(s.keepalive, s.idle_timeout), self._liveness)
+        self.transport.registerProducer(self, True)
+        self._auth_at = now + s.auth_timeout
+        self._live_at = now + min(s.keepalive, s.idle_timeout)
+        self._arm()
 
     def connectionLost(self, reason):
         self._closing = True
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self._out = None
+        self.factory.wheel.cancel(self)
         self.hub.unbind(self)
         self.factory.release(self)
-        waiting, self._writable = self._writable, []
-        for d in waiting:
+        waiting, self._writable = self._writable, None
+        for d in waiting or ():
             d.callback(None)
         self._wake_idle()
-        gone, self._gone = self._gone, []
-        for d in gone:
+        gone, self._gone = self._gone, None
+        for d in gone or ():
             d.callback(None)
 
     # -- input -----------------------------------------------------------------
@@ -129,7 +126,10 @@ class ChatProtocol:
         already read when reading stopped waits in ``_backlog`` for
         :meth:`_resume`."""
         backlog = self._backlog
-        backlog.extend(lines)
+        if backlog is None:
+            backlog = self._backlog = collections.deque(lines)
+        else:
+            backlog.extend(lines)
         if self._feeding:
             return  # a _resume from inside lineReceived: the loop below goes on
         self._feeding = True
@@ -141,6 +141,8 @@ class ChatProtocol:
                 self.lineReceived(backlog.popleft())
         finally:
             self._feeding = False
+            if not backlog and self._backlog is backlog:
+                self._backlog = None
 
     def lineReceived(self, line):
         if self._closing:
@@ -231,13 +233,30 @@ class ChatProtocol:
                         packet.ref)
 
     def handle_message(self, packet):
-        d = self.hub.send(self, packet)  # may raise PacketError: answered in turn
+        slot = [None]
+
+        def done(result, failure):
+            if failure is None:
+                self._sent(result, packet, slot)
+            else:
+                self._failed(failure, packet.ref, slot)
+
+        # the slot first: the answer may come at once (a store that is down)
+        replies = self._replies
+        if replies is None:
+            replies = self._replies = collections.deque()
+        replies.append(slot)
         self._inflight += 1
+        try:
+            self.hub.send(self, packet, done)
+        except BaseException:  # a PacketError: answered in turn, by lineReceived
+            replies.pop()
+            if not replies:
+                self._replies = None
+            self._inflight -= 1
+            raise
         if self._inflight >= MAX_INFLIGHT:
             self._pause("inflight")
-        slot = [None]
-        self._replies.append(slot)
-        d.addCallbacks(self._sent, self._failed, (packet, slot), None, (packet.ref, slot))
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
@@ -307,6 +326,8 @@ class ChatProtocol:
         replies = self._replies
         while replies and replies[0][0] is not None:
             self.sendLine_(replies.popleft()[0])
+        if not replies:
+            self._replies = None
 
     def _done(self):
         self._inflight -= 1
@@ -372,16 +393,32 @@ class ChatProtocol:
         if self._unsent is None or self._closing:
             return defer.succeed(None)
         d = defer.Deferred()
+        if self._writable is None:
+            self._writable = []
         self._writable.append(d)
         return d
 
     # -- output ------------------------------------------------------------------
 
     def sendLine_(self, data):
-        """Write ready-made line(s); cut a client that has stopped reading and
-        let too much pile up (its messages stay stored)."""
+        """Write ready-made line(s) at the end of this reactor turn, together
+        with every other line for this client (see :mod:`chatd.output`)."""
         if self._closing:
             return
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self.factory.outbox.add(self)
+        else:
+            out.append(data)
+
+    def _flush_out(self):
+        """Write what this turn gathered; cut a client that has stopped
+        reading and let too much pile up (its messages stay stored)."""
+        out, self._out = self._out, None
+        if not out or self._closing:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
         # what is written while the client does not read counts, the write
         # that fills its buffer included (a drain batch is at most half the
         # limit: hub.Delivery); only that write may be over the limit by
@@ -396,26 +433,32 @@ class ChatProtocol:
                 self.close("slow_consumer", "the client is not reading; %d bytes are "
                            "waiting. Messages stay stored" % self._unsent)
 
-    def _output_paused(self):
+    # -- IPushProducer (the transport's flow control) ------------------------------
+
+    def pauseProducing(self):
         if self._unsent is None:
             self._unsent = 0
         self._pause("output")
 
-    def _output_resumed(self):
+    def resumeProducing(self):
         self._unsent = None
         self._resume("output")
-        waiting, self._writable = self._writable, []
-        for d in waiting:
+        waiting, self._writable = self._writable, None
+        for d in waiting or ():
             d.callback(None)
+
+    def stopProducing(self):
+        pass
 
     def _pause(self, why):
         if not self._pauses and not self._closing:
             self.paused = True
             self.transport.pauseProducing()
-        self._pauses.add(why)
+        self._pauses = self._pauses | {why}
 
     def _resume(self, why):
-        self._pauses.discard(why)
+        if why in self._pauses:
+            self._pauses = self._pauses - {why}
         if not self._pauses and not self._closing and self.paused:
             self.paused = False
             self.transport.resumeProducing()
@@ -431,16 +474,23 @@ class ChatProtocol:
         if self._closing:
             return
         self.stats.errors[code] += 1
+        if self._out:
+            self._flush_out()  # what was said before comes first
+            if self._closing:
+                return  # that was too much for a client that does not read
         self._write_closing(packets.error(code, reason), code)
         self._closing = True
-        self._backlog.clear()
+        self._out = None
+        if self._backlog is not None:
+            self._backlog.clear()
         self.hub.unbind(self)
         if isinstance(self.transport, abstract.FileDescriptor):
             self.transport.loseWriteConnection()
             self.transport.resumeProducing()
         else:
             self.transport.loseConnection()  # TLS: a close_notify, then close
-        self._later("abort", CLOSE_GRACE, self.transport.abortConnection)
+        self._abort_at = self.clock.seconds() + CLOSE_GRACE
+        self._arm()
 
     _write_shut = False  # our sending side is shut and everything is out
 
@@ -456,29 +506,49 @@ class ChatProtocol:
 
     # -- timers ------------------------------------------------------------------
 
-    def _later(self, name, delay, f):
-        old = self._timers.get(name)
-        if old is not None and old.active():
-            old.cancel()
-        self._timers[name] = self.clock.callLater(delay, f)
+    def _arm(self):
+        """Put the earliest deadline on the factory's wheel: the abort once
+        closing, else the auth timeout (while unbound) or the next liveness
+        check, whichever comes first."""
+        if self._abort_at is not None:
+            when = self._abort_at
+        else:
+            when = self._live_at
+            if self._auth_at is not None and self._auth_at < when:
+                when = self._auth_at
+        self.factory.wheel.schedule(self, when)
+
+    def _timer_fired(self, now):
+        if self._abort_at is not None:
+            if now >= self._abort_at:
+                self._abort_at = None
+                self.transport.abortConnection()
+            else:
+                self._arm()
+            return
+        if self._closing:
+            return  # closed without a grace (connectionLost is on its way)
+        if self._auth_at is not None and now >= self._auth_at:
+            self._auth_at = None
+            self._auth_expired()
+            return
+        if now >= self._live_at:
+            self._liveness(now)
+        if not self._closing:
+            self._arm()
 
     def _bound(self):
-        timer = self._timers.pop("auth", None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._auth_at = None  # the wheel may still wake it once: harmless
 
     def _auth_expired(self):
-        self._timers.pop("auth", None)
         self.close("auth_timeout", "no register or reconnect within %gs"
                    % self.settings.auth_timeout)
 
-    def _liveness(self):
+    def _liveness(self, now):
         """Ping a silent bound client after --keepalive, close after --idle-timeout."""
         s = self.settings
-        now = self.clock.seconds()
         silent = now - self.last_seen
         if silent >= s.idle_timeout:
-            self._timers.pop("live", None)
             self.close("idle_timeout", "nothing received for %gs" % s.idle_timeout)
             return
         if silent >= s.keepalive and not self._pinged and self.device is not None:
@@ -488,7 +558,7 @@ class ChatProtocol:
             next_check = self.last_seen + s.idle_timeout
         else:
             next_check = self.last_seen + s.keepalive
-        self._later("live", max(next_check - now, 0.01), self._liveness)
+        self._live_at = max(next_check, now + 0.01)
 
     def _keepalive(self):
         self.sendLine_(b'{"type":"ping"}\n')
@@ -500,17 +570,21 @@ class ChatProtocol:
         if not self._inflight:
             return defer.succeed(None)
         d = defer.Deferred()
+        if self._idle is None:
+            self._idle = []
         self._idle.append(d)
         return d
 
     def when_closed(self):
         d = defer.Deferred()
+        if self._gone is None:
+            self._gone = []
         self._gone.append(d)
         return d
 
     def _wake_idle(self):
-        waiting, self._idle = self._idle, []
-        for d in waiting:
+        waiting, self._idle = self._idle, None
+        for d in waiting or ():
             d.callback(None)
 
     def _peer(self):
@@ -531,9 +605,10 @@ class LineProtocol(ChatProtocol, protocol.Protocol):
     buffer for each line it takes off: a chunk of ``\\n`` cost ~1 µs a byte).
     """
 
+    _pieces = None  # [the start of a line not complete yet, in chunks]
+    _partial = 0    # their length
+
     def connectionMade(self):
-        self._pieces = []   # the start of a line not complete yet, in chunks
-        self._partial = 0   # their length
         ChatProtocol.connectionMade(self)
 
     def dataReceived(self, data):
@@ -549,6 +624,8 @@ class LineProtocol(ChatProtocol, protocol.Protocol):
             pieces.clear()
             self._partial = 0
         if tail:
+            if pieces is None:
+                pieces = self._pieces = []
             pieces.append(tail)
             self._partial += len(tail)
             if self._partial > self.settings.max_line + 1:  # + a telnet \r
@@ -559,7 +636,7 @@ class LineProtocol(ChatProtocol, protocol.Protocol):
         self._feed(lines)
 
     def _write(self, data):
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def _write_closing(self, data, code):
         self.transport.write(data)
@@ -571,7 +648,12 @@ class LineProtocol(ChatProtocol, protocol.Protocol):
         if self._closing:
             self.transport.loseConnection()
         else:
-            self.when_idle().addCallback(lambda _: self.transport.loseConnection())
+            self.when_idle().addCallback(lambda _: self._lose())
+
+    def _lose(self):
+        if self._out:
+            self._flush_out()  # the answers first
+        self.transport.loseConnection()
 
     def writeConnectionLost(self):
         """Our side is shut (see :meth:`close`), everything written is out:
@@ -594,6 +676,9 @@ class ChatFactory(protocol.Factory):
         self.hub = hub
         self.clock = clock
         self.connections = set()
+        self.wheel = timers.TimerWheel(clock, timers.tick_for(
+            settings.auth_timeout, settings.keepalive, settings.idle_timeout))
+        self.outbox = Outbox(clock)
         self.max_connections = settings.max_connections or max(
             1, _files_limit() - FILES_HEADROOM)
         self._per_ip = collections.Counter()  # address -> connections admitted

@@ -12,6 +12,14 @@ refill period (a flood of two-byte lines must not become a flood of
 PASS, TELL, DROP, CLOSE = "pass", "tell", "drop", "close"
 
 
+def limit(rate, burst, now):
+    """The RateLimit of a new connection: with no limit (``rate`` 0), one
+    shared instance, since it keeps no state."""
+    if not rate:
+        return UNLIMITED
+    return RateLimit(rate, burst, now)
+
+
 class RateLimit:
     """A token bucket: ``rate`` lines a second, bursts of ``burst``
     (``rate`` 0: no limit).
@@ -20,6 +28,8 @@ class RateLimit:
     then none until the bucket has had time to fill again (``burst / rate``
     seconds) (DROP); once ``2 x burst`` lines in a row have been dropped the
     connection is to be closed (CLOSE)."""
+
+    __slots__ = ("rate", "burst", "period", "_tokens", "_refill", "_told", "_overrun")
 
     def __init__(self, rate, burst, now):
         self.rate = rate
@@ -47,3 +57,6 @@ class RateLimit:
             self._told = now
             return TELL
         return DROP
+
+
+UNLIMITED = RateLimit(0, 0, 0.0)

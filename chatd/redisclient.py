@@ -42,6 +42,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
 from chatd import config
+from chatd.output import write_now
 from chatd.stats import StoreStats
 
 LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
@@ -159,7 +160,7 @@ class _Protocol(txredisapi.RedisProtocol):
             return super().execute_command(*args, **kwargs)
         if self.connected == 0:
             raise txredisapi.ConnectionError("Not connected")
-        self.transport.write(self._build_command(*args))
+        write_now(self.transport, self._build_command(*args))  # no wait for a poll
         return self.replyQueue.get().addCallback(self.handle_reply)
 
 

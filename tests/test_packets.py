@@ -65,6 +65,16 @@ def test_huge_numbers_and_constants():
     assert parse_line(b'{"ping": 1e300}').ping == 1e300
 
 
+def test_numbers_keep_their_exact_value():
+    """Whichever decoder takes a line, integers stay integers of any size
+    (orjson, say, would make the first a float)."""
+    big = 123456789012345678901234567890
+    assert parse_line(b'{"ping": %d}' % big).ping == big
+    assert parse_line(b'{"ping": %d}' % -big).ping == -big
+    assert code_of(b'{"message":"x","receiver":"b","ref":9223372036854775808}') == "bad_field"
+    assert parse_line(b'{"message":"x","receiver":"b","ref":-9223372036854775808}').ref == -2 ** 63
+
+
 def test_validation_codes():
     assert code_of(b'{"message":"x","receiver":"b","ref":""}') == "bad_field"
     assert code_of(b'{"message":"x","receiver":"b","ref":true}') == "bad_field"

@@ -203,7 +203,15 @@ async def test_inbox_full_drops_nothing(chatd, clients, redis):
     assert redis.command("LLEN", "chatd:{bob}:inbox") == 3
     b2 = await clients(node)
     await b2.reconnect("bob", b.token)
-    assert [(await b2.expect("message"))["message"] for _ in range(3)] == ["m0", "m1", "m2"]
+    got = [await b2.expect("message") for _ in range(3)]
+    assert [m["message"] for m in got] == ["m0", "m1", "m2"]
+    # the refused text was not stored, so it is no duplicate once there is room
+    b2.send({"ack": got[-1]["id"]})
+    await wait_until(lambda: redis.command("LLEN", "chatd:{bob}:inbox") == 0,
+                     what="the ack to empty the inbox")
+    a.send({"message": "m3", "receiver": "bob"})
+    await a.expect("accepted")
+    assert (await b2.expect("message"))["message"] == "m3"
 
 
 # -- duplicates and refs --------------------------------------------------------------

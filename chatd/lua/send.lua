@@ -37,6 +37,10 @@ local cutoff = tonumber(now) - tonumber(ARGV[4])
 local refs = ARGV[7]
 local node = ARGV[8] .. " "
 local out = {}
+-- what is read once per receiver per batch (nothing else changes them while
+-- the script runs, and the store's clock stands still): whether it is
+-- registered, where it is bound, whether its inbox's TTL is renewed
+local known, bound, renewed = {}, {}, {}
 
 for i = 1, #refs do
   local k = (i - 1) * 6
@@ -44,12 +48,18 @@ for i = 1, #refs do
   if string.byte(refs, i) == 49 then ref = KEYS[k + 5] end
   local code, id = nil, ""
   local first = ref and redis.call("GET", ref)
+  local registered = known[inbox]
+  if registered == nil and not first then
+    registered = redis.call("EXISTS", KEYS[k + 1]) == 1
+    known[inbox] = registered
+  end
   if first then
     if first == "d" then code = "rd" else code, id = "ra", string.sub(first, 3) end
-  elseif redis.call("EXISTS", KEYS[k + 1]) == 0 then
+  elseif not registered then
     code = "u"
-  elseif window > 0 and redis.call("EXISTS", KEYS[k + 4]) == 1 then
-    -- anchored on the accepted copy: a suppressed copy does not extend it
+  elseif window > 0 and not redis.call("SET", KEYS[k + 4], "1", "PX", ARGV[2], "NX") then
+    -- the marker of an accepted copy is there: SET NX leaves it as it is
+    -- (anchored on the accepted copy: a suppressed copy does not extend it)
     code = "d"
     if ref then redis.call("SET", ref, "d", "PX", ARGV[5]) end
   else
@@ -66,15 +76,23 @@ for i = 1, #refs do
         redis.call("RPUSH", inbox, entry)
       else
         redis.call("SET", KEYS[k + 2], seq - 1)
+        -- not accepted: no dedup marker either (SET NX just made it)
+        if window > 0 then redis.call("DEL", KEYS[k + 4]) end
         code, id = "f", ""
       end
     end
     if code == nil then
       code = "a"
-      redis.call("PEXPIRE", inbox, ARGV[4])
-      if window > 0 then redis.call("SET", KEYS[k + 4], "1", "PX", ARGV[2]) end
+      if not renewed[inbox] then
+        redis.call("PEXPIRE", inbox, ARGV[4])
+        renewed[inbox] = true
+      end
       if ref then redis.call("SET", ref, "a:" .. id, "PX", ARGV[5]) end
-      local at = redis.call("GET", KEYS[k + 6])
+      local at = bound[inbox]
+      if at == nil then
+        at = redis.call("GET", KEYS[k + 6]) or false
+        bound[inbox] = at
+      end
       if at and string.sub(at, 1, #node) ~= node then
         redis.call("SPUBLISH", string.sub(KEYS[k + 6], 1, -5) .. "notify", "m " .. entry)
       end
