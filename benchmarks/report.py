@@ -141,6 +141,7 @@ def rows(results):
         elif key == "stores":
             out += _compare_rows(key, per)
             out += _compare_rows("stores1", per)
+            out += _compare_rows("stores_acks", per)
     return out
 
 
@@ -149,17 +150,21 @@ def _compare_rows(key, per):
     column is the variant (two nodes, --workers 2), the 'relay' column the
     baseline of the same run (one node, --workers 1)."""
     variant, base = {"nodes": ("two", "one"), "workers": ("2", "1"),
-                     "stores": ("cluster", "single"), "stores1": ("cluster1", "single")}[key]
+                     "stores": ("cluster", "single"), "stores1": ("cluster1", "single"),
+                     "stores_acks": ("acks", "replica")}[key]
     variant, base = per.get(variant), per.get(base)
     sc = {"nodes": "cross-node vs 1 node", "workers": "--workers 2 vs 1",
-          "stores": "cluster 3x2 vs 1 store", "stores1": "cluster of 1 vs 1 store"}[key]
+          "stores": "cluster 3x2 vs 1 store", "stores1": "cluster of 1 vs 1 store",
+          "stores_acks": "--store-acks 1 vs 0"}[key]
     note = "columns: chatd = %s, relay = %s (same run)" % {
         "nodes": ("two nodes (every message crosses)", "one node"),
         "workers": ("--workers 2", "--workers 1"),
         "stores": ("a Valkey Cluster, 3 primaries + 3 replicas",
                    "one valkey-server on TCP"),
         "stores1": ("a Valkey Cluster of one primary (every batch split by slot)",
-                    "one valkey-server on TCP")}[key]
+                    "one valkey-server on TCP"),
+        "stores_acks": ("one valkey-server with a replica, --store-acks 1",
+                        "the same, --store-acks 0")}[key]
     sat = lambda r: _get(r, "saturation")  # noqa: E731
     fixed = lambda r: _get(r, "fixed")  # noqa: E731
     rate = _get(fixed(variant) or fixed(base), "offered_per_s")

@@ -594,15 +594,37 @@ def stores(opts, log):
     primary), and each write is replicated once. Between them, a cluster of
     one primary and no replica: the same single valkey-server process, so
     its difference to 'single' is what the split by slot and the cluster
-    client cost (and the most a batch per shard could win back)."""
+    client cost (and the most a batch per shard could win back). Then the
+    price of --store-acks 1: one valkey-server with a replica, without and
+    with it."""
     import shutil
     import tempfile
 
     from tests.stores import ClusterNode, ValkeyCluster
     out = {}
-    for layout in ("single", "cluster1", "cluster"):
+    for layout in ("single", "cluster1", "cluster", "replica", "acks"):
         tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")
-        if layout == "single":
+        extra = ["--store-acks", "1"] if layout == "acks" else []
+        if layout in ("replica", "acks"):
+            # one valkey-server with a replica: without and with --store-acks 1
+            primary = ClusterNode(os.path.join(tmp, "primary"), cluster=False).start()
+            replica = ClusterNode(os.path.join(tmp, "replica"), cluster=False).start()
+            end = time.monotonic() + 30
+            while not (primary.answers() and replica.answers()):
+                if time.monotonic() > end:
+                    raise BenchError("the primary and replica did not start")
+                time.sleep(0.05)
+            replica.command("REPLICAOF", "127.0.0.1", str(primary.port))
+            while replica.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > end:
+                    raise BenchError("the replica did not sync")
+                time.sleep(0.05)
+            url, nodes = "redis://127.0.0.1:%d/0" % primary.port, [primary, replica]
+
+            def cleanup(nodes=nodes):
+                for n in nodes:
+                    n.cleanup()
+        elif layout == "single":
             store = ClusterNode(os.path.join(tmp, "single"), cluster=False).start()
             end = time.monotonic() + 30
             while not store.answers():
@@ -618,7 +640,7 @@ def stores(opts, log):
             url, nodes = cluster.url, cluster.nodes
         try:
             with procs.Processes() as pr:
-                server = _with_server(pr, "chatd", opts, extra=["--redis", url])
+                server = _with_server(pr, "chatd", opts, extra=["--redis", url] + extra)
                 group = _Stored(server, [n.pid for n in nodes], layout)
                 load = Load(pr, group, opts.latency_devices, opts.workers, opts)
                 load.setup()

@@ -8,6 +8,7 @@ Run by hand (from the repository root, in the venv)::
     python -m tests.chaos --duration 600 --clients 200 --mode redis --redis-sigkill
     python -m tests.chaos --duration 600 --clients 200 --mode nodes --nodes 3
     python -m tests.chaos --duration 600 --clients 200 --mode sentinel
+    python -m tests.chaos --duration 600 --clients 200 --mode cluster
 
 ``tests/test_chaos.py`` runs a short form of it in CI.
 
@@ -31,6 +32,13 @@ Modes:
     faults: the primary SIGKILLed (the replica takes over; the old primary is
     started again and becomes its replica) and a manual ``SENTINEL
     FAILOVER``; each waits until the sentinels have settled again.
+``cluster``
+    Two chatd nodes (``--nodes``) with ``--store-acks 1`` on a Valkey Cluster
+    of 3 primaries with a replica each (tests/stores.py). Besides the chatd
+    faults: a random primary SIGKILLed (its replica takes over after
+    cluster-node-timeout; the old one is started again and rejoins as a
+    replica) and a replica taking over by hand (``CLUSTER FAILOVER``); each
+    waits until the cluster is ok again.
 ``nodes``
     Several chatd processes (``--nodes``, default 3) on one valkey-server, as
     in ``redis`` mode: one service. Each client connects to a random node
@@ -97,7 +105,7 @@ MAX_UNRESOLVED = 40
 
 def default_faults(mode, redis_sigkill=False):
     kinds = ["chatd_sigkill", "chatd_sigterm"]
-    if mode == "sentinel":
+    if mode in ("sentinel", "cluster"):
         kinds += ["primary_sigkill", "failover"]
     if mode in ("redis", "nodes"):
         kinds.append("redis_sigterm")
@@ -106,7 +114,7 @@ def default_faults(mode, redis_sigkill=False):
     return tuple(kinds) + CLIENT_FAULTS
 
 
-MODES = ("embedded", "redis", "nodes", "sentinel")
+MODES = ("embedded", "redis", "nodes", "sentinel", "cluster")
 
 
 @dataclass
@@ -134,9 +142,9 @@ class Config:
             raise ValueError("mode must be one of %s" % ", ".join(MODES))
         if self.mode == "nodes" and self.nodes < 2:
             self.nodes = 3
-        elif self.mode == "sentinel" and self.nodes < 2:
+        elif self.mode in ("sentinel", "cluster") and self.nodes < 2:
             self.nodes = 2
-        elif self.mode not in ("nodes", "sentinel"):
+        elif self.mode not in ("nodes", "sentinel", "cluster"):
             self.nodes = 1
         if self.faults is None:
             self.faults = default_faults(self.mode, self.redis_sigkill)
@@ -793,7 +801,12 @@ class Servers:
         args = list(cfg.chatd_args)
         self.valkey = None
         self.sentinels = None
-        if cfg.mode == "sentinel":
+        self.cluster = None
+        if cfg.mode == "cluster":
+            from tests.stores import ValkeyCluster
+            self.cluster = ValkeyCluster(os.path.join(workdir, "stores"))
+            args += ["--redis", self.cluster.url, "--store-acks", "1"]
+        elif cfg.mode == "sentinel":
             from tests.sentinels import SentinelSet
             self.sentinels = SentinelSet(os.path.join(workdir, "stores"))
             args += ["--redis", self.sentinels.url(), "--store-acks", "1",
@@ -825,7 +838,19 @@ class Servers:
             return self.sentinels.command(*args)
         return redis_command(self.store_socket, *args)
 
+    def inbox_total(self):
+        """Messages left in every inbox (of every primary, on a cluster)."""
+        if self.cluster is None:
+            keys = self.store("KEYS", "chatd:*:inbox")
+            return sum(self.store("LLEN", k) for k in keys)
+        total = 0
+        for n in self.cluster.masters():
+            total += sum(n.command("LLEN", k) for k in n.command("KEYS", "chatd:*:inbox"))
+        return total
+
     async def start(self):
+        if self.cluster is not None:
+            self.cluster.start()
         if self.sentinels is not None:
             self.sentinels.start()
         if self.valkey is not None:
@@ -855,6 +880,24 @@ class Servers:
         await task.deferLater(reactor, down, lambda: None)
         self.valkey.start()
         await self.valkey.await_ready()
+
+    async def move_cluster_primary(self, rng, kill):
+        """Cluster mode: SIGKILL a random primary (its replica takes over
+        after cluster-node-timeout; the old one is started again and rejoins
+        as a replica) or have a replica take over by hand (CLUSTER FAILOVER,
+        coordinated: nothing is lost); back once the cluster is ok again."""
+        from tests.helpers import wait_until
+        c = self.cluster
+        old = rng.choice(c.masters())
+        replica = c.replica_of(old)
+        if kill:
+            old.kill()
+        else:
+            replica.command("CLUSTER", "FAILOVER")
+        await wait_until(lambda: replica in c.masters(), 60, "the replica taking over", 0.1)
+        if kill:
+            old.start()
+        await wait_until(c.ok, 90, "the cluster ok again", 0.2)
 
     async def move_primary(self, kill):
         """Sentinel mode: SIGKILL the primary (its replica takes over; the
@@ -893,6 +936,8 @@ class Servers:
             self.valkey.cleanup()
         if self.sentinels is not None:
             self.sentinels.cleanup()
+        if self.cluster is not None:
+            self.cluster.cleanup()
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -978,6 +1023,8 @@ class Harness:
         elif kind == "redis_sigkill":
             await self.servers.restart_redis(signal.SIGKILL,
                                              self.rng.uniform(0, cfg.redis_down_max))
+        elif kind in ("primary_sigkill", "failover") and cfg.mode == "cluster":
+            await self.servers.move_cluster_primary(self.rng, kill=kind == "primary_sigkill")
         elif kind in ("primary_sigkill", "failover"):
             await self.servers.move_primary(kill=kind == "primary_sigkill")
         elif kind in CLIENT_FAULTS:
@@ -1064,8 +1111,7 @@ class Harness:
             self.log("drain: %s" % e)
 
     def inbox_total(self):
-        keys = self.servers.store("KEYS", "chatd:*:inbox")
-        return sum(self.servers.store("LLEN", k) for k in keys)
+        return self.servers.inbox_total()
 
     async def close_all(self):
         from tests.helpers import wait_until

@@ -135,20 +135,34 @@ class ValkeyCluster:
     def wait_ok(self, timeout=60, nodes=None):
         """Until every (running) node says cluster_state:ok and every replica
         is linked to its primary."""
-        def ok():
-            for n in nodes or self.nodes:
-                if not n.running:
-                    continue
-                try:
-                    if b"cluster_state:ok" not in n.command("CLUSTER", "INFO"):
-                        return False
-                    repl = n.info("replication")
-                except (OSError, ConnectionError, RuntimeError):
+        wait_for(lambda: self.ok(nodes), timeout, "cluster_state:ok and replicas in sync", 0.1)
+
+    def ok(self, nodes=None):
+        """Whether every (running) node says cluster_state:ok and every
+        replica is linked to its primary."""
+        for n in nodes or self.nodes:
+            if not n.running:
+                continue
+            try:
+                if b"cluster_state:ok" not in n.command("CLUSTER", "INFO"):
                     return False
-                if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
-                    return False
-            return True
-        wait_for(ok, timeout, "cluster_state:ok and replicas in sync", 0.1)
+                repl = n.info("replication")
+            except (OSError, ConnectionError, RuntimeError):
+                return False
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
+        return True
+
+    def masters(self):
+        """The running nodes that are primaries now."""
+        out = []
+        for n in self.nodes:
+            try:
+                if n.running and n.info("replication").get("role") == "master":
+                    out.append(n)
+            except (OSError, ConnectionError, RuntimeError):
+                pass
+        return out
 
     def owner(self, key_or_device):
         """The running primary that owns a device's (or key's) slot, as its

@@ -159,15 +159,17 @@ def test_benchmark_nodes_and_workers_scenarios(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_stores_scenario(tmp_path):
-    """A Valkey Cluster 3x2 against one store: both runs delivered
-    everything once, the store processes worked, and the table compares."""
+    """A Valkey Cluster 3x2 against one store, and --store-acks 1 against 0
+    on a store with a replica: every run delivered everything once, the
+    store processes worked, and the table compares."""
     doc, text = _run_suite(
         tmp_path, "--quick", "--only", "stores", "--latency-devices", "10",
         "--duration", "1", "--warmup", "0.3", "--node-rate", "200", "--inflight", "100")
     assert doc["failed"] == [], text
-    for v in ("single", "cluster1", "cluster"):
+    for v in ("single", "cluster1", "cluster", "replica", "acks"):
         for run in ("saturation", "fixed"):
             _sane_run(doc["results"]["stores"][v][run], "stores %s %s:\n%s" % (v, run, text))
         assert doc["results"]["stores"][v]["saturation"]["server_cpu_s"]["store"] > 0, text
     rows = {(r["scenario"], r["metric"]): r for r in doc["rows"]}
     assert rows[("cluster 3x2 vs 1 store", "saturation msg/s")]["ratio"] is not None, text
+    assert rows[("--store-acks 1 vs 0", "saturation msg/s")]["ratio"] is not None, text

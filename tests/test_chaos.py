@@ -85,6 +85,19 @@ async def test_chaos_sentinel_failovers():
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 @ensure
+async def test_chaos_cluster_failovers():
+    """Two nodes with --store-acks 1 on a Valkey Cluster 3x2: random
+    primaries SIGKILLed (their replicas take over; restarted, they rejoin as
+    replicas) and replicas taking over by hand: the same checks."""
+    cfg = chaos.Config(mode="cluster", nodes=2, duration=20, clients=30, rate=2.0,
+                       fault_every=1.0, settle=60, faults=("primary_sigkill", "failover"))
+    report = await chaos.run(cfg)
+    check(report, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@ensure
 async def test_chaos_three_nodes():
     """Three chatd nodes on one valkey-server (appendfsync always), clients
     on random nodes (a reconnect lands anywhere), nodes SIGKILLed and
