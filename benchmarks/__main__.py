@@ -63,6 +63,10 @@ def parse(argv):
     p.add_argument("--node-rate", type=int, default=2000,
                    help="nodes, workers and stores scenarios: the fixed offered rate "
                    "(default 2000 msg/s)")
+    p.add_argument("--layouts", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   default=["single", "cluster1", "cluster", "replica", "acks"],
+                   help="stores scenario: which store layouts (default: single,cluster1,"
+                   "cluster,replica,acks)")
     p.add_argument("--refs", type=int, default=20, help="ref scenario: first sends per device")
     p.add_argument("--text-pool", type=int, default=10, help="dedup scenario: distinct texts")
     p.add_argument("--chatd-arg", action="append", default=[], dest="chatd_args",

@@ -602,7 +602,7 @@ def stores(opts, log):
 
     from tests.stores import ClusterNode, ValkeyCluster
     out = {}
-    for layout in ("single", "cluster1", "cluster", "replica", "acks"):
+    for layout in opts.layouts:
         tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")
         extra = ["--store-acks", "1"] if layout == "acks" else []
         if layout in ("replica", "acks"):

@@ -10,6 +10,7 @@ The reactor is not imported at module level (pytest-twisted installs it).
 """
 
 import os
+import signal
 import shutil
 import tempfile
 
@@ -123,3 +124,23 @@ def pytest_collection_modifyitems(items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
+
+
+@pytest.fixture
+def replicated(tmp_short):
+    """A valkey-server and its replica on TCP ports of 127.0.0.1, the
+    replica in sync (no sentinels): (primary, replica)."""
+    from tests.procs import wait_for
+    from tests.sentinels import TcpValkey, info
+    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
+    replica = TcpValkey(os.path.join(tmp_short, "r"),
+                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
+    try:
+        wait_for(lambda: primary.ready() and replica.ready()
+                 and info(replica.port, "replication").get("master_link_status") == "up",
+                 30, "the replica in sync")
+        yield primary, replica
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        primary.cleanup()
+        replica.cleanup()

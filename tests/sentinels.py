@@ -41,8 +41,11 @@ class TcpValkey(_Process):
         self.directory = directory
         self.port = fixed_port()
         self.conf_path = os.path.join(directory, "valkey.conf")
+        # repl-diskless-sync-delay 0: a replica's full sync starts at once
+        # (valkey waits 5 s by default for more replicas to share it)
         with open(self.conf_path, "w") as f:
-            f.write("port %d\nbind 127.0.0.1\ndir %s\n%s\n" % (self.port, directory, conf))
+            f.write("port %d\nbind 127.0.0.1\ndir %s\nrepl-diskless-sync-delay 0\n%s\n"
+                    % (self.port, directory, conf))
         self.sentinel = sentinel
 
     def start(self):
@@ -83,9 +86,17 @@ class SentinelSet:
                                                   for s in self.sentinels), master)
 
     def start(self):
-        for p in self.servers + self.sentinels:
+        # the replica in sync before the sentinels start: their first INFO of
+        # the primary then lists it (the next comes 10 s later)
+        for p in self.servers:
             p.start()
-        for p in self.servers + self.sentinels:
+        for p in self.servers:
+            wait_for(p.ready, 30, "%s ready" % p.conf_path)
+        wait_for(lambda: info(self.servers[1].port, "replication").get("master_link_status")
+                 == "up", 30, "the replica in sync")
+        for p in self.sentinels:
+            p.start()
+        for p in self.sentinels:
             wait_for(p.ready, 30, "%s ready" % p.conf_path)
         self.wait_settled(self.servers[0])
         return self

@@ -69,7 +69,8 @@ class ClusterNode(_Process):
                    "--cluster-config-file", os.path.join(self.directory, "nodes.conf"),
                    "--cluster-node-timeout", str(self.node_timeout_ms)] if self.cluster else []
         self._spawn([server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
-                    + cluster + ["--dir", self.directory, "--save", "", "--appendonly", "no"])
+                    + cluster + ["--dir", self.directory, "--save", "", "--appendonly", "no",
+                                 "--repl-diskless-sync-delay", "0"])
         return self
 
     def command(self, *args, timeout=5.0):

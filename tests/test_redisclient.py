@@ -133,25 +133,6 @@ async def test_a_primary_turned_replica_is_left_for_a_new_connection(client, own
     assert await client.call(b"CLIENT", b"ID") != before
 
 
-@pytest.fixture
-def replicated(tmp_short):
-    """A primary and its replica on TCP ports: (primary, replica)."""
-    from tests.procs import wait_for
-    from tests.sentinels import TcpValkey, info
-    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
-    replica = TcpValkey(os.path.join(tmp_short, "r"),
-                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
-    try:
-        wait_for(lambda: primary.ready() and replica.ready()
-                 and info(replica.port, "replication").get("master_link_status") == "up",
-                 30, "the replica in sync")
-        yield primary, replica
-    finally:
-        replica.send_signal(signal.SIGCONT)
-        primary.cleanup()
-        replica.cleanup()
-
-
 @ensure
 async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds(replicated):
     from twisted.internet import defer, reactor

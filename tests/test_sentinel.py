@@ -220,25 +220,6 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
         await alice.close()
 
 
-@pytest.fixture
-def replicated(tmp_short):
-    """A primary and its replica on TCP ports (no sentinels): (primary, replica)."""
-    from tests.procs import wait_for
-    from tests.sentinels import TcpValkey
-    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
-    replica = TcpValkey(os.path.join(tmp_short, "r"),
-                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
-    try:
-        wait_for(lambda: primary.ready() and replica.ready()
-                 and info(replica.port, "replication").get("master_link_status") == "up",
-                 30, "the replica in sync")
-        yield primary, replica
-    finally:
-        replica.send_signal(signal.SIGCONT)
-        primary.cleanup()
-        replica.cleanup()
-
-
 @pytest.mark.slow
 @ensure
 async def test_an_unconfirmed_message_is_never_pushed(replicated, nodes):
