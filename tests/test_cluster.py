@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 
 from chatd.cluster import slot_of
-from tests.helpers import connect, wait_until
-from tests.procs import ChatdProcess
+from tests.helpers import wait_until
+from tests.procs import ChatdNodes, ChatdProcess
 from tests.stores import ValkeyCluster, wait_replicated
 
 ensure = pytest_twisted.ensureDeferred
@@ -57,44 +57,10 @@ def cluster():
 @pytest.fixture
 def nodes(cluster, tmp_short):
     """Start chatd processes on the cluster: ``await nodes(n, *args)``."""
-    procs = []
-
-    async def start(n, *extra):
-        for i in range(n):
-            p = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1",
-                                         "--redis", cluster.url, "--rate-limit", "0",
-                                         "--presence-lease", "%gs" % LEASE, *extra],
-                             log_path=os.path.join(tmp_short, "node%d.log" % len(procs)))
-            procs.append(p.start())
-        for p in procs[-n:]:
-            await p.await_listening()
-        return procs[-n:]
-
-    yield start
-    for p in procs:
-        try:
-            p.stop()
-        except AssertionError:
-            pass
-        finally:
-            p.cleanup()
-    for p in procs:
-        assert p.bad_log_lines() == [], p.log()[-3000:]
-
-
-@pytest_twisted.async_yield_fixture
-async def opened():
-    conns = []
-
-    async def open_(proc_or_port):
-        port = proc_or_port if isinstance(proc_or_port, int) else proc_or_port.port
-        c = await connect(port)
-        conns.append(c)
-        return c
-
-    yield open_
-    for c in conns:
-        await c.close()
+    started = ChatdNodes(tmp_short, "--redis", cluster.url, "--rate-limit", "0",
+                         "--presence-lease", "%gs" % LEASE)
+    yield started.start
+    started.finish()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 
 from tests.helpers import connect, wait_until
-from tests.procs import ChatdProcess
+from tests.procs import ChatdNodes, ChatdProcess
 from tests.sentinels import SentinelSet, info
 
 ensure = pytest_twisted.ensureDeferred
@@ -63,29 +63,11 @@ def sentinels(tmp_short):
 
 @pytest.fixture
 def nodes(tmp_short):
-    procs = []
-
-    async def start(url, n, *extra):
-        for _ in range(n):
-            p = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--redis", url,
-                                         "--rate-limit", "0", "--redis-timeout", "1s",
-                                         "--presence-lease", "15s", *extra],
-                             log_path=os.path.join(tmp_short, "node%d.log" % len(procs)))
-            procs.append(p.start())
-        for p in procs[-n:]:
-            await p.await_listening()
-        return procs[-n:]
-
-    yield start
-    for p in procs:
-        try:
-            p.stop()
-        except AssertionError:
-            pass
-        finally:
-            p.cleanup()
-    for p in procs:
-        assert p.bad_log_lines() == [], p.log()[-3000:]
+    """chatd processes: ``await nodes(n, "--redis", url, *more)``."""
+    started = ChatdNodes(tmp_short, "--rate-limit", "0", "--redis-timeout", "1s",
+                         "--presence-lease", "15s")
+    yield started.start
+    started.finish()
 
 
 async def send_until_accepted(alice, i, deadline=60, meanwhile=lambda: None):
@@ -108,7 +90,7 @@ async def send_until_accepted(alice, i, deadline=60, meanwhile=lambda: None):
 @pytest.mark.slow
 @ensure
 async def test_primary_sigkill_with_store_acks_loses_nothing_accepted(sentinels, nodes):
-    a, b = await nodes(sentinels.url(), 2, "--store-acks", "1")
+    a, b = await nodes(2, "--redis", sentinels.url(), "--store-acks", "1")
     alice, bob = await connect(a.port), await connect(b.port)
     try:
         await alice.register("alice")
@@ -185,7 +167,7 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
     or unconfirmed by --store-acks in the switch), chatd answers
     'unavailable' and finds the new primary through the sentinels; every
     accepted message is in the new primary's inbox, in order."""
-    (a,) = await nodes(sentinels.url(), 1, "--store-acks", "1")
+    (a,) = await nodes(1, "--redis", sentinels.url(), "--store-acks", "1")
     old = sentinels.primary()
     new = next(s for s in sentinels.servers if s is not old)
     alice, bob = await connect(a.port), await connect(a.port)
@@ -230,7 +212,8 @@ async def test_an_unconfirmed_message_is_never_pushed(replicated, nodes):
     replica is back, the retry with the same ref is accepted under that id
     and pushed once."""
     primary, replica = replicated
-    a, b = await nodes("redis://127.0.0.1:%d/0" % primary.port, 2, "--store-acks", "1")
+    a, b = await nodes(2, "--redis", "redis://127.0.0.1:%d/0" % primary.port,
+                        "--store-acks", "1")
     alice, bob = await connect(a.port), await connect(b.port)
     try:
         await alice.register("alice")
