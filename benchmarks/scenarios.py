@@ -586,6 +586,26 @@ class _Stored:
         return self.server.problems()
 
 
+def _plain_store(tmp, replicated):
+    """A valkey-server on TCP (and its replica, in sync): [primary, (replica)]."""
+    from tests.procs import wait_for
+    from tests.stores import ClusterNode
+    nodes = [ClusterNode(os.path.join(tmp, "primary"), cluster=False).start()]
+    if replicated:
+        nodes.append(ClusterNode(os.path.join(tmp, "replica"), cluster=False).start())
+    try:
+        wait_for(lambda: all(n.answers() for n in nodes), 30, "the valkey-servers")
+        if replicated:
+            nodes[1].command("REPLICAOF", "127.0.0.1", str(nodes[0].port))
+            wait_for(lambda: nodes[1].info("replication").get("master_link_status") == "up",
+                     30, "the replica in sync")
+    except AssertionError as e:
+        for n in nodes:
+            n.cleanup()
+        raise BenchError(str(e)) from None
+    return nodes
+
+
 def stores(opts, log):
     """One chatd node on a Valkey Cluster of 3 primaries with a replica each
     against the same node on one valkey-server (TCP, no replica), same load,
@@ -600,38 +620,19 @@ def stores(opts, log):
     import shutil
     import tempfile
 
-    from tests.stores import ClusterNode, ValkeyCluster
+    from tests.stores import ValkeyCluster
     out = {}
     for layout in opts.layouts:
         tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")
         extra = ["--store-acks", "1"] if layout == "acks" else []
-        if layout in ("replica", "acks"):
-            # one valkey-server with a replica: without and with --store-acks 1
-            primary = ClusterNode(os.path.join(tmp, "primary"), cluster=False).start()
-            replica = ClusterNode(os.path.join(tmp, "replica"), cluster=False).start()
-            end = time.monotonic() + 30
-            while not (primary.answers() and replica.answers()):
-                if time.monotonic() > end:
-                    raise BenchError("the primary and replica did not start")
-                time.sleep(0.05)
-            replica.command("REPLICAOF", "127.0.0.1", str(primary.port))
-            while replica.info("replication").get("master_link_status") != "up":
-                if time.monotonic() > end:
-                    raise BenchError("the replica did not sync")
-                time.sleep(0.05)
-            url, nodes = "redis://127.0.0.1:%d/0" % primary.port, [primary, replica]
+        if layout in ("single", "replica", "acks"):
+            # one valkey-server; with a replica (without and with --store-acks 1)
+            nodes = _plain_store(tmp, replicated=layout != "single")
+            url = "redis://127.0.0.1:%d/0" % nodes[0].port
 
             def cleanup(nodes=nodes):
                 for n in nodes:
                     n.cleanup()
-        elif layout == "single":
-            store = ClusterNode(os.path.join(tmp, "single"), cluster=False).start()
-            end = time.monotonic() + 30
-            while not store.answers():
-                if time.monotonic() > end:
-                    raise BenchError("the single valkey-server did not start")
-                time.sleep(0.05)
-            url, nodes, cleanup = "redis://127.0.0.1:%d/0" % store.port, [store], store.cleanup
         else:
             cluster = ValkeyCluster(tmp, **({"primaries": 1, "replicas": 0}
                                             if layout == "cluster1" else {}))

@@ -168,11 +168,15 @@ class ClusterClient:
         if the cluster leaves slots uncovered."""
         if self._error is not None:
             return defer.fail(self._error)
-        if self.nodes and all(c._conn() is not None for c in self.nodes.values()):
+        if self._all_connected():
             return defer.succeed(True)
         d = defer.Deferred()
         self._ready.append(d)
         return d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: False)
+
+    def _all_connected(self):
+        """The topology is known and every primary's connection is up."""
+        return bool(self.nodes) and all(c._conn() is not None for c in self.nodes.values())
 
     def _check_ready(self):
         if not self._ready:
@@ -182,7 +186,7 @@ class ClusterClient:
             for d in ready:
                 d.errback(self._error)
             return
-        if self.nodes and all(c._conn() is not None for c in self.nodes.values()):
+        if self._all_connected():
             ready, self._ready = self._ready, []
             for d in ready:
                 d.callback(True)

@@ -125,18 +125,23 @@ def _arg(value):
     return str(value).encode("ascii")
 
 
+def encode_command(*args):
+    """One command in RESP, in a single pass (txredisapi's encoder runs
+    several type checks and a str.format per argument and per length)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if a.__class__ is not bytes:
+            a = _arg(a)
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
 class _Protocol(txredisapi.RedisProtocol):
-    """txredisapi's protocol (hiredis-backed when hiredis is installed) with a
-    single-pass command encoder: txredisapi's own one runs several type checks
-    and a str.format per argument and per length."""
+    """txredisapi's protocol (hiredis-backed when hiredis is installed) with
+    :func:`encode_command` as its encoder."""
 
     def _build_command(self, *args, **kwargs):
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            if a.__class__ is not bytes:
-                a = _arg(a)
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        return b"".join(out)
+        return encode_command(*args)
 
     def dataReceived(self, data, unpause=False):
         """Hand each parsed reply to its caller. txredisapi's version also

@@ -44,6 +44,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
+from chatd.redisclient import encode_command
+
 
 class SentinelError(Exception):
     """No primary could be found through the sentinels (now)."""
@@ -62,11 +64,7 @@ class _Ask(protocol.Protocol):
         self._reader = hiredis.Reader()
 
     def connectionMade(self):
-        out = [b"*%d\r\n" % len(self.args)]
-        for a in self.args:
-            a = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.transport.write(b"".join(out))
+        self.transport.write(encode_command(*self.args))
 
     def dataReceived(self, data):
         self._reader.feed(data)
@@ -109,7 +107,7 @@ class _Watch(protocol.Protocol):
         self._reader = hiredis.Reader()
 
     def connectionMade(self):
-        self.transport.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$14\r\n+switch-master\r\n")
+        self.transport.write(encode_command(b"SUBSCRIBE", b"+switch-master"))
 
     def dataReceived(self, data):
         self._reader.feed(data)

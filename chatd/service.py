@@ -30,6 +30,17 @@ from chatd.store import Store
 GC_THRESHOLD = 20000
 
 
+def tune_gc():
+    """For a process that serves chatd (twistd's, a worker's), not for a
+    library user: the objects of start-up (modules, settings, the service
+    tree) are never garbage, so the cyclic collector is kept off them (after
+    one collection, so that no garbage is frozen with them); and it collects
+    less often, since a message makes a dozen short-lived containers."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
 class SequentialMultiService(service.MultiService):
     """A MultiService whose children stop one after another, last first
     (MultiService stops them all at once)."""
@@ -73,13 +84,6 @@ class ChatService(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        # the objects of start-up (modules, settings, the library) are never
-        # garbage: keep the cyclic collector off them (after one collection,
-        # so that no garbage is frozen with them); and collect less often,
-        # since a message makes a dozen short-lived containers
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 20)
         if self.reactor is None:
             from twisted.internet import reactor
             self.reactor = reactor

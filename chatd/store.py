@@ -197,24 +197,12 @@ class Store:
 
     # -- batched calls ---------------------------------------------------------------
 
-    def send(self, sender, receiver, text, ref=None, raw=None):
-        """Accept (or refuse) one message: Deferred of a :class:`SendResult`.
-        ``raw`` is the text as UTF-8, if the caller has it already."""
-        d = defer.Deferred()
-
-        def done(result, failure):
-            if failure is None:
-                d.callback(result)
-            else:
-                d.errback(failure)
-
-        self.send_then(done, sender, receiver, text, ref, raw)
-        return d
-
     def send_then(self, done, sender, receiver, text, ref=None, raw=None):
-        """:meth:`send` for the hot path: ``done(result, None)`` or
-        ``done(None, failure)`` is called once, without a Deferred (one
-        per message was a tenth of chatd's time under load)."""
+        """Accept (or refuse) one message: ``done(result, None)`` with a
+        :class:`SendResult`, or ``done(None, failure)``, is called once.
+        ``raw`` is the text as UTF-8, if the caller has it already. A plain
+        callable, not a Deferred: one per message was a tenth of chatd's
+        time under load."""
         prefix = _keys(receiver)
         keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
                 prefix + b"dedup:" + hashlib.blake2b(
@@ -229,16 +217,10 @@ class Store:
                             done))
         self._queued(len(self._sends))
 
-    def ack(self, device, upto):
-        """Remove D's messages with ids up to ``upto`` (an int); acks of one
-        device in one batch are folded into the highest. Deferred of None."""
-        d = defer.Deferred()
-        self.ack_then(lambda f: d.callback(None) if f is None else d.errback(f), device, upto)
-        return d
-
     def ack_then(self, done, device, upto):
-        """:meth:`ack` for the hot path: ``done(None)`` or ``done(failure)``
-        is called once."""
+        """Remove D's messages with ids up to ``upto`` (an int); acks of one
+        device in one batch are folded into the highest. ``done(None)`` or
+        ``done(failure)`` is called once (a plain callable, as for sends)."""
         key = _keys(device) + b"inbox"
         pending = self._acks.get(key)
         if pending is None:

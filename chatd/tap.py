@@ -246,8 +246,10 @@ class Options(usage.Options):
 
 
 def makeService(options):
-    from chatd.service import build
+    from chatd.service import build, tune_gc
     log = Logger(namespace="chatd")
     for warning in getattr(options, "warnings", ()):
         log.warn("{warning}", warning=warning)
-    return build(options.settings)
+    root = build(options.settings)
+    tune_gc()  # this process is twistd's, serving chatd
+    return root

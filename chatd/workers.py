@@ -206,10 +206,11 @@ def main():
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from chatd.service import ChatService
+    from chatd.service import ChatService, tune_gc
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     chat = ChatService(spec.settings, spec.target, reactor=reactor,
                        role="chatd worker %d" % spec.index, ports=spec.ports)
+    tune_gc()
     chat.startService()
     reactor.addSystemEventTrigger("before", "shutdown", chat.stopService)
 
