@@ -10,7 +10,7 @@ import socket
 import time
 from dataclasses import replace
 
-from chatd.config import Settings
+from chatd.app.config import Settings
 
 DEADLINE = 10.0  # default seconds any single wait in a test may take
 
@@ -133,7 +133,7 @@ class Node:
 async def start_node(target, **overrides):
     from twisted.internet import reactor
 
-    from chatd.service import ChatService
+    from chatd.app.service import ChatService
     overrides.setdefault("port", "tcp:0:interface=127.0.0.1")
     overrides.setdefault("rate_limit", 0.0)
     settings = replace(Settings(), redis=target, **overrides)

@@ -22,7 +22,7 @@ import time
 import pytest
 import pytest_twisted
 
-from chatd import tokens as chatd_tokens
+from chatd.hub import tokens as chatd_tokens
 from tests.helpers import redis_command, wait_until
 from tests.procs import ChatdProcess, open_sockets, scan_store, wait_for
 

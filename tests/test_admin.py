@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from chatd import admin
+from chatd.ops import admin
 from tests.blocking import LineClient
 from tests.helpers import redis_command
 from tests.procs import ChatdProcess, ROOT
@@ -35,13 +35,13 @@ def node(tmp_short):
 
 
 def run_admin(*args, data_dir=None, script=False):
-    """(exit code, stdout, stderr) of ``chatd-admin`` (``python -m chatd.admin``,
+    """(exit code, stdout, stderr) of ``chatd-admin`` (``python -m chatd.ops.admin``,
     or the installed console script)."""
     where = ["--data-dir", data_dir] if data_dir else []
     if script:
         argv = [os.path.join(os.path.dirname(sys.executable), "chatd-admin")]
     else:
-        argv = [sys.executable, "-m", "chatd.admin"]
+        argv = [sys.executable, "-m", "chatd.ops.admin"]
     p = subprocess.run(argv + where + list(args), cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     return p.returncode, p.stdout, p.stderr
@@ -78,7 +78,7 @@ def test_admin_stats(node):
     assert stats["waiting"] == 2 and stats["inboxes_waiting"] == 1
     assert stats["oldest_waiting"]["id"] == "carol"
     assert 0 <= stats["oldest_waiting"]["age_s"] < 3600
-    # the node's presence records (chatd.presence): alice and bob, on one node
+    # the node's presence records (chatd.hub.presence): alice and bob, on one node
     assert len(stats["bound"]) == 1 and sum(stats["bound"].values()) >= 1, stats["bound"]
     code, out, err = run_admin("stats", data_dir=node.data, script=True)
     assert code == admin.OK, err

@@ -14,7 +14,7 @@ import signal
 import pytest
 import pytest_twisted
 
-from chatd import store as store_module
+from chatd.store import steps as store_module
 from tests.helpers import pair, wait_until
 
 ensure = pytest_twisted.ensureDeferred

@@ -120,7 +120,7 @@ def shown(page, text):
 def terminal(port, state_dir, *args):
     """``chatd-client`` as carol, a person in a terminal (on chatd's TCP port)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "chatd.client", "127.0.0.1", str(port), "--state-dir",
+        [sys.executable, "-m", "chatd.client.cli", "127.0.0.1", str(port), "--state-dir",
          state_dir, "--id", "carol"] + list(args),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

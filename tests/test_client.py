@@ -24,7 +24,7 @@ from twisted.internet import defer, error, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from chatd import client as cli
+from chatd.client import cli
 from tests.helpers import DEADLINE, registered, wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
@@ -484,7 +484,7 @@ async def client(state_dir):
 
     def run(port, *args, pty=False):
         p = ClientProcess()
-        argv = [sys.executable, "-m", "chatd.client", "127.0.0.1", str(port),
+        argv = [sys.executable, "-m", "chatd.client.cli", "127.0.0.1", str(port),
                 "--state-dir", str(state_dir)] + list(args)
         reactor.spawnProcess(p, sys.executable, argv, env=env, usePTY=pty)
         started.append(p)

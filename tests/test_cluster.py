@@ -15,7 +15,7 @@ import time
 import pytest
 import pytest_twisted
 
-from chatd.cluster import slot_of
+from chatd.redis.cluster import slot_of
 from tests.helpers import wait_until
 from tests.procs import ChatdNodes, ChatdProcess
 from tests.stores import ValkeyCluster, wait_replicated
@@ -28,7 +28,7 @@ LEASE = 2.0
 def test_cluster_urls():
     """redis+cluster:// and rediss+cluster:// with several seeds; a URL a
     person can fix is refused naming the option."""
-    from chatd.config import parse_redis_url
+    from chatd.app.config import parse_redis_url
     t = parse_redis_url("redis+cluster://:pw@10.0.0.5:7000,10.0.0.6:7001")
     assert (t.kind, t.seeds, t.password, t.tls) == (
         "cluster", (("10.0.0.5", 7000), ("10.0.0.6", 7001)), "pw", False)
@@ -228,7 +228,7 @@ async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
     list holds every number once, in call order."""
     from twisted.internet import reactor, task, threads
 
-    from chatd.cluster import ClusterClient
+    from chatd.redis.cluster import ClusterClient
     from tests.procs import wait_for
     client = ClusterClient(cluster.target, 10.0, reactor).connect()
     try:
@@ -286,7 +286,7 @@ def test_a_cluster_with_uncovered_slots_is_a_clean_start_error(tmp_short):
 
 
 def _has_store_acks():
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     return any(o[0] == "store-acks" for o in Options.optParameters)
 
 
@@ -431,7 +431,7 @@ async def test_chatd_admin_on_a_cluster(cluster, nodes, opened):
         await conns[name].register(name)
 
     def admin(*args):
-        p = subprocess.run([sys.executable, "-m", "chatd.admin", "--redis", cluster.url,
+        p = subprocess.run([sys.executable, "-m", "chatd.ops.admin", "--redis", cluster.url,
                             "--json"] + list(args), cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 0, p.stderr

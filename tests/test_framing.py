@@ -1,5 +1,5 @@
 """
-The TCP framing (``chatd.protocol.LineProtocol``): a chunk read is split
+The TCP framing (``chatd.wire.session.LineProtocol``): a chunk read is split
 into lines in one pass, and every line, empty ones included, reaches the
 session, in order, however the lines are cut into chunks.
 """

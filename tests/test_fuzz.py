@@ -1,5 +1,5 @@
 """
-Fuzzing: hypothesis properties of the packet parser (``chatd.packets``), and
+Fuzzing: hypothesis properties of the packet parser (``chatd.wire.packets``), and
 a live fuzz of a running ``twistd chatd`` with well over 100,000 random and
 mutated lines over 50 connections while a healthy client keeps chatting.
 
@@ -26,8 +26,8 @@ import pytest_twisted
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chatd import packets
-from chatd.packets import PacketError, parse_line
+from chatd.wire import packets
+from chatd.wire.packets import PacketError, parse_line
 from tests.procs import ChatdProcess
 
 ensure = pytest_twisted.ensureDeferred

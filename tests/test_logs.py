@@ -60,7 +60,7 @@ def test_log_has_one_event_per_line_and_no_token_or_text(tmp_short, fmt):
     events = [json.loads(line) for line in log.splitlines()]  # each line one event
     listening = [e for e in events if e["message"].startswith("chatd listening on tcp")]
     assert listening and listening[0]["where"].startswith("127.0.0.1:")
-    assert listening[0]["level"] == "info" and listening[0]["namespace"] == "chatd.service.ChatService"
+    assert listening[0]["level"] == "info" and listening[0]["namespace"] == "chatd.app.service.ChatService"
     assert all(e["time"].endswith("+00:00") for e in events)
     assert events[-1]["message"] == "Server Shut Down."
 
@@ -69,7 +69,7 @@ def test_log_format_json_chooses_twistds_observer():
     from twisted.python import usage
     from twisted.scripts.twistd import ServerOptions
 
-    from chatd import logs
+    from chatd.ops import logs
     config = ServerOptions()
     config.parseOptions(["-n", "chatd", "--log-format", "json"])
     assert config["logger"] is logs.json_observer

@@ -157,7 +157,7 @@ async def _get(port, path, parse=json.loads):
 
 async def _metrics_of(node):
     """A started MetricsService of an in-process node, and its port."""
-    from chatd.metrics import MetricsService
+    from chatd.ops.metrics import MetricsService
     metrics = MetricsService("tcp:0:interface=127.0.0.1", node.service)
     metrics.startService()
     await metrics._listening
@@ -224,7 +224,7 @@ async def test_health_says_shutting_down_while_the_node_stops(chatd, clients):
 def test_metrics_option_is_off_by_default_and_checked():
     from twisted.python import usage
 
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     o = Options()
     o.parseOptions([])
     assert o.settings.metrics is None

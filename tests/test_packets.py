@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd import packets
-from chatd.packets import PacketError, parse_line
+from chatd.wire import packets
+from chatd.wire.packets import PacketError, parse_line
 
 
 def code_of(line, **kw):

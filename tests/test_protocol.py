@@ -10,7 +10,7 @@ import time
 import pytest
 import pytest_twisted
 
-from chatd import tokens
+from chatd.hub import tokens
 from tests.helpers import pair, pass_time, send_until_cut, wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -504,7 +504,7 @@ async def test_keepalive_ping_then_idle_timeout(chatd, clients):
 async def test_idle_timeout_alone_pings_before_it_closes(chatd, clients):
     """`--idle-timeout 2s` alone (the default keepalive is 60 s): the node
     starts, pings a silent client at half of it, and closes it at 2 s."""
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     o = Options()
     o.parseOptions(["--idle-timeout", "2s"])
     node = await chatd(keepalive=o.settings.keepalive, idle_timeout=o.settings.idle_timeout)

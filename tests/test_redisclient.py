@@ -9,7 +9,7 @@ import signal
 import pytest
 import pytest_twisted
 
-from chatd.redisclient import RedisClient, StoreUnavailable
+from chatd.redis.client import RedisClient, StoreUnavailable
 from tests.helpers import wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
@@ -137,7 +137,7 @@ async def test_a_primary_turned_replica_is_left_for_a_new_connection(client, own
 async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds(replicated):
     from twisted.internet import defer, reactor
 
-    from chatd.config import RedisTarget
+    from chatd.app.config import RedisTarget
     from tests.sentinels import info
     primary, replica = replicated
     c = RedisClient(RedisTarget(host="127.0.0.1", port=primary.port), 1.0, reactor,

@@ -9,7 +9,7 @@ import json
 import pytest
 import pytest_twisted
 
-from chatd import packets
+from chatd.wire import packets
 from tests.helpers import pass_time, wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -99,8 +99,8 @@ async def test_the_embedded_store_has_a_memory_limit(tmp_path):
     """The embedded store ran with maxmemory 0; now --store-max-memory (1G by
     default) with noeviction."""
     import os
-    from chatd.embedded import EmbeddedStore
-    from chatd.tap import Options
+    from chatd.redis.embedded import EmbeddedStore
+    from chatd.app.tap import Options
     from tests.helpers import redis_command, with_deadline
     o = Options()
     o.parseOptions([])
@@ -168,8 +168,8 @@ def test_the_connection_cap_follows_the_open_files_limit():
     """By default a node takes connections up to its open-files limit less
     some headroom, and no per-address cap (carrier NAT)."""
     import resource
-    from chatd.config import Settings
-    from chatd.protocol import FILES_HEADROOM, ChatFactory
+    from chatd.app.config import Settings
+    from chatd.wire.session import FILES_HEADROOM, ChatFactory
     factory = ChatFactory(Settings(), None, None)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert factory.max_connections == soft - FILES_HEADROOM
@@ -239,7 +239,7 @@ async def test_the_terminal_client_gets_every_send_through_the_limit(chatd, tmp_
     written after it (their refs make a resend of an accepted one harmless)."""
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from chatd import client as cli
+    from chatd.client import cli
     from tests.helpers import with_deadline
     from tests.test_client import RecordingUi
     # a window of 32 sends in flight against bursts of 20
@@ -469,7 +469,7 @@ def test_the_data_dir_is_private(tmp_path):
     other users can enter or that another user owns, saying what to do."""
     import os
     import stat
-    from chatd.embedded import EmbeddedStore, EmbeddedStoreError
+    from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
     from tests.helpers import server_binary
     fresh = tmp_path / "fresh" / "data"
     old = os.umask(0)
@@ -524,7 +524,7 @@ async def test_a_proof_ticket_is_good_for_one_register_and_a_short_while(chatd, 
     within --proof-max-age, and is remembered as used (in the device's hash
     slot) until it expires."""
     import time
-    from chatd import tokens
+    from chatd.hub import tokens
     node = await chatd(registration="proof", registration_secret=SECRET, proof_max_age=600)
     now = int(time.time())
     a = await clients(node)
@@ -582,7 +582,7 @@ async def test_claim_the_first_register_keeps_an_id(chatd, clients, redis):
 
 
 def tokens_hash(token):
-    from chatd import tokens
+    from chatd.hub import tokens
     return tokens.token_hash(token).encode()
 
 
@@ -601,7 +601,7 @@ async def test_open_registration_on_a_public_listener_is_warned_about(chatd):
 # -- 9. secrets ---------------------------------------------------------------------------
 
 def _parse(*args):
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     o = Options()
     o.parseOptions(list(args))
     return o

@@ -36,13 +36,13 @@ ensure = pytest_twisted.ensureDeferred
 def test_option_errors_name_the_option(argv, message):
     from twisted.python import usage
 
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     with pytest.raises(usage.UsageError, match=re.escape(message)):
         Options().parseOptions(argv)
 
 
 def test_sentinel_url_forms():
-    from chatd.config import parse_redis_url
+    from chatd.app.config import parse_redis_url
     t = parse_redis_url("rediss+sentinel://:pw@a:1,[::1]:2,b/mymaster/3")
     assert (t.sentinels, t.master, t.db, t.password, t.tls) == (
         (("a", 1), ("::1", 2), ("b", 26379)), "mymaster", 3, "pw", True)

@@ -3,8 +3,8 @@
 import pytest
 from twisted.python import usage
 
-from chatd.config import DEFAULT_BACKLOG, RedisTarget, Settings, with_backlog
-from chatd.tap import Options
+from chatd.app.config import DEFAULT_BACKLOG, RedisTarget, Settings, with_backlog
+from chatd.app.tap import Options
 
 
 def parse(*args):

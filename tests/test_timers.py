@@ -10,7 +10,7 @@ test_protocol.py and test_behaviours.py: auth timeout, keepalive, idle.)
 
 from twisted.internet import task
 
-from chatd import timers
+from chatd.wire import timers
 
 
 class Owner:

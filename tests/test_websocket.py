@@ -347,7 +347,7 @@ async def test_shutdown_closes_websockets_with_1001(web):
 def test_the_websocket_option():
     from twisted.python import usage
 
-    from chatd.tap import Options
+    from chatd.app.tap import Options
     o = Options()
     o.parseOptions(["--websocket", "8080", "--websocket", "tcp:8081:interface=127.0.0.1"])
     assert o.settings.websocket == ("tcp:8080", "tcp:8081:interface=127.0.0.1")

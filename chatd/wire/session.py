@@ -2,7 +2,7 @@
 The client connection: a session that does not care how packets are framed
 (timers, flow control, the dispatch of each parsed packet to
 ``handle_<kind>``, replies serialised in order, closing), and its framing for
-TCP: one packet per line. The WebSocket framing is in :mod:`chatd.websocket`.
+TCP: one packet per line. The WebSocket framing is in :mod:`chatd.wire.websocket`.
 
 Replies go out in the order of the packets they answer, whatever order the
 store finishes in (contract 1.1, "one connection, one order"): a reply that
@@ -12,8 +12,8 @@ wait until every earlier packet is answered, so that their reply comes
 after those and before the pushes they start.
 
 Everything stateful about chat (who is bound, what was pushed, the store)
-lives in :mod:`chatd.hub`; the rules of the wire format in
-:mod:`chatd.packets`.
+lives in :mod:`chatd.hub.router`; the rules of the wire format in
+:mod:`chatd.wire.packets`.
 """
 
 import collections
@@ -23,10 +23,12 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatd import packets, ratelimit, timers
-from chatd.output import Outbox, write_now
-from chatd.packets import PacketError
-from chatd.redisclient import StoreFull, StoreUnavailable
+from chatd.wire import packets
+from chatd.wire import ratelimit
+from chatd.wire import timers
+from chatd.wire.output import Outbox, write_now
+from chatd.wire.packets import PacketError
+from chatd.redis.client import StoreFull, StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
 CLOSE_GRACE = 5.0
@@ -55,7 +57,7 @@ class ChatProtocol:
     what most connections never need is made only when first needed (the
     queues and waiter lists below default to None or to a shared empty
     value on the class), and the deadlines live on the factory's
-    :class:`chatd.timers.TimerWheel` instead of in DelayedCalls."""
+    :class:`chatd.wire.timers.TimerWheel` instead of in DelayedCalls."""
 
     log = Logger()
 
@@ -73,7 +75,7 @@ class ChatProtocol:
     _gone = None       # [Deferreds waiting for connectionLost]
     _dropped = 0       # bytes read and dropped while closing
     _out = None        # [bytes] to write at the end of this reactor turn
-    _wheel_slot = None  # see chatd.timers
+    _wheel_slot = None  # see chatd.wire.timers
     _auth_at = None    # the auth deadline, while unbound
     _live_at = None    # the next keepalive/idle check
     _abort_at = None   # when a closing connection is cut
@@ -201,7 +203,7 @@ class ChatProtocol:
                 and delivery.acked < server_id <= delivery.last_pushed)
 
     def _rate_ok(self, ref):
-        """Whether this line may be acted on (see :mod:`chatd.ratelimit`); a
+        """Whether this line may be acted on (see :mod:`chatd.wire.ratelimit`); a
         line that may not is answered once per refill period, and a client
         that keeps flooding is closed."""
         verdict = self._rate.take(self.clock.seconds())
@@ -402,7 +404,7 @@ class ChatProtocol:
 
     def sendLine_(self, data):
         """Write ready-made line(s) at the end of this reactor turn, together
-        with every other line for this client (see :mod:`chatd.output`)."""
+        with every other line for this client (see :mod:`chatd.wire.output`)."""
         if self._closing:
             return
         out = self._out

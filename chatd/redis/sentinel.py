@@ -3,7 +3,7 @@ Redis Sentinel: where the primary is, asked of the sentinels at every connect.
 
 Why a room of its own: with ``redis+sentinel://`` the store's address is not
 configured but discovered, and a failover changes it. chatd's store client
-and its pub/sub subscriber (chatd.redisclient, chatd.notify) keep their own
+and its pub/sub subscriber (chatd.redis.client, chatd.redis.subscriber) keep their own
 txredisapi factories, deadlines and hot path; all they need from Sentinel is
 *where to connect*. So this is a Twisted client endpoint whose every
 ``connect()`` first asks the sentinels. txredisapi's reconnecting factory
@@ -44,7 +44,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
-from chatd.redisclient import encode_command
+from chatd.redis.client import encode_command
 
 
 class SentinelError(Exception):

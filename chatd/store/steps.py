@@ -13,7 +13,7 @@ touches one slot):
     store, across restarts and after the inbox empties.
 ``chatd:{D}:inbox``
     A list of D's waiting messages, oldest first, each stored as its push line
-    (see :func:`chatd.packets.push_line`), so that a push is a copy, never a
+    (see :func:`chatd.wire.packets.push_line`), so that a push is a copy, never a
     re-encoding. A list rather than a stream: reading it back through
     txredisapi is about 3x faster (flat replies), and ids are kept by the
     counter instead. Only the head is ever removed (acks, expiry), so the
@@ -29,13 +29,13 @@ touches one slot):
     is a new send.
 ``chatd:{D}:node``
     Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
-    with a lease (``PX``) that node keeps renewing (:mod:`chatd.presence`);
+    with a lease (``PX``) that node keeps renewing (:mod:`chatd.hub.presence`);
     a dead node's records run out on their own.
 ``chatd:{D}:epoch``
     D's bind counter: every register/reconnect takes the next epoch; the
     highest one holds D. Never expires (like ``seq``).
 ``chatd:{D}:notify``
-    Not a key: D's sharded pub/sub channel (:mod:`chatd.notify` has the
+    Not a key: D's sharded pub/sub channel (:mod:`chatd.redis.subscriber` has the
     payloads).
 """
 
@@ -47,8 +47,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd import packets
-from chatd.redisclient import StoreUnavailable
+from chatd.wire import packets
+from chatd.redis.client import StoreUnavailable
 
 
 def _keys(device):
@@ -151,7 +151,7 @@ class Store:
                                 self._fence])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
 
-    # -- presence (see chatd.presence) ------------------------------------------------
+    # -- presence (see chatd.hub.presence) ------------------------------------------------
 
     def claim(self, device, lease_ms):
         """Bind D to this node: Deferred of its new epoch (an int)."""

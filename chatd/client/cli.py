@@ -36,7 +36,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatd.packets import ID_RE
+from chatd.wire.packets import ID_RE
 
 #: the first wait before reconnecting; it doubles after each failure ...
 BACKOFF_FIRST = 0.5

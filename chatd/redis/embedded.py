@@ -39,7 +39,7 @@ from twisted.logger import Logger, LogLevel
 
 __all__ = ["EmbeddedStore", "EmbeddedStoreError", "find_server_binary"]
 
-log = Logger(namespace="chatd.store")
+log = Logger(namespace="chatd.store.steps")
 
 #: Longest unix socket path the kernel accepts (sun_path minus its NUL).
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107

@@ -3,7 +3,7 @@ Many nodes, one service: which node holds each bound device, and what the
 nodes tell each other (the hub's ``remote``).
 
 A node binds a device in three steps: it subscribes to the device's notify
-channel (:mod:`chatd.notify`) and waits for the store to confirm it; it
+channel (:mod:`chatd.redis.subscriber`) and waits for the store to confirm it; it
 *claims* the device (``claim.lua``: the next epoch of ``chatd:{D}:epoch``,
 the presence record ``chatd:{D}:node = "<node id> <epoch>"`` under a lease,
 and a kick ``k <epoch> <node>`` on the channel if someone held it before);
@@ -33,9 +33,9 @@ import secrets
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatd import notify
-from chatd.hub import Superseded
-from chatd.redisclient import StoreUnavailable
+from chatd.redis import subscriber as notify
+from chatd.hub.router import Superseded
+from chatd.redis.client import StoreUnavailable
 
 #: most devices renewed in one store call (about a millisecond of the store)
 RENEW_BATCH = 500

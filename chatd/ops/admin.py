@@ -27,8 +27,8 @@ import re
 import sys
 import time
 
-from chatd import packets
-from chatd.config import parse_duration, parse_redis_url
+from chatd.wire import packets
+from chatd.app.config import parse_duration, parse_redis_url
 
 OK, FAILED, USAGE, UNKNOWN_ID, UNREACHABLE, NO_STORE = 0, 1, 2, 3, 4, 5
 EXIT_CODES = {
@@ -199,7 +199,7 @@ def cmd_stats(client, args):
     per_node = {}
     for key in _scan(client, PRESENCE_PATTERN):
         node = client.get(key) if client.type(key) == b"string" else None
-        # "<node id> <epoch>" (chatd.presence)
+        # "<node id> <epoch>" (chatd.hub.presence)
         node = node.decode("utf-8", "replace").split(" ")[0] if node else "?"
         per_node[node] = per_node.get(node, 0) + 1
 

@@ -3,9 +3,9 @@
 
 A Twisted process uses one core. With ``--workers N`` the chatd process
 (the parent: it runs the embedded store, if any, and is itself worker 0)
-starts N-1 more worker processes (``python -m chatd.workers``). Each is a
+starts N-1 more worker processes (``python -m chatd.app.workers``). Each is a
 node of its own (its own node id, store client, subscriber connection and
-presence records, :mod:`chatd.presence`), on the same store, so they are
+presence records, :mod:`chatd.hub.presence`), on the same store, so they are
 one service like nodes on several hosts.
 
 They share the listening ports through ``SO_REUSEPORT``: each process opens
@@ -45,8 +45,8 @@ STOP_TIMEOUT = 30.0
 @dataclass
 class WorkerSpec:
     index: int
-    settings: object   # chatd.config.Settings, with workers=1
-    target: object     # chatd.config.RedisTarget of the shared store
+    settings: object   # chatd.app.config.Settings, with workers=1
+    target: object     # chatd.app.config.RedisTarget of the shared store
     ports: list        # the port number each listener of settings got (0 resolved)
 
 
@@ -131,7 +131,7 @@ class WorkerPool(service.Service):
         worker.started_at = self.reactor.seconds()
         self.workers[index] = worker
         self.reactor.spawnProcess(
-            worker, sys.executable, [sys.executable, "-m", "chatd.workers"],
+            worker, sys.executable, [sys.executable, "-m", "chatd.app.workers"],
             env=os.environ, childFDs={0: "w", 1: 1, 2: 2})
         self.log.info("chatd worker {i} started (pid {pid})", i=index,
                       pid=worker.transport.pid)
@@ -206,7 +206,7 @@ def main():
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from chatd.service import ChatService, tune_gc
+    from chatd.app.service import ChatService, tune_gc
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     chat = ChatService(spec.settings, spec.target, reactor=reactor,
                        role="chatd worker %d" % spec.index, ports=spec.ports)

@@ -5,7 +5,7 @@ shippers (Loki, Elasticsearch, journald's JSON mode, ...).
 chatd logs through ``twisted.logger`` with named fields
 (``log.info("... {device} ...", device=...)``); twistd's default observer
 prints those as text. This module is twistd's own way of choosing another
-observer (``twistd --logger chatd.logs.json_observer chatd ...``); the chatd
+observer (``twistd --logger chatd.ops.logs.json_observer chatd ...``); the chatd
 option ``--log-format json`` only sets that for the operator.
 
 Each line: ``time`` (ISO 8601, UTC), ``level``, ``namespace``, ``message``
@@ -36,12 +36,12 @@ def use_json(twistd_options):
     if twistd_options is None or "logger" not in twistd_options:
         return
     if twistd_options["logger"] is None:
-        twistd_options["logger"] = "chatd.logs.json_observer"  # twistd imports it by name
+        twistd_options["logger"] = "chatd.ops.logs.json_observer"  # twistd imports it by name
     _logfile = twistd_options.get("logfile")
 
 
 def json_observer():
-    """The observer factory twistd calls (``--logger chatd.logs.json_observer``):
+    """The observer factory twistd calls (``--logger chatd.ops.logs.json_observer``):
     writes to twistd's ``--logfile`` if one was given with ``--log-format
     json``, else to stdout."""
     if _logfile and _logfile != "-":

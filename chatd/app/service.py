@@ -18,12 +18,12 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from chatd.config import RedisTarget, with_backlog
-from chatd.hub import Hub
-from chatd.presence import Presence, new_node_id
-from chatd.protocol import ChatFactory
-from chatd.redisclient import RedisClient
-from chatd.store import Store
+from chatd.app.config import RedisTarget, with_backlog
+from chatd.hub.router import Hub
+from chatd.hub.presence import Presence, new_node_id
+from chatd.wire.session import ChatFactory
+from chatd.redis.client import RedisClient
+from chatd.store.steps import Store
 
 #: allocations between two collections of the youngest generation (Python's
 #: default is 700: under load that was a collection every few messages)
@@ -110,7 +110,7 @@ class ChatService(service.Service):
         self.factory = ChatFactory(self.settings, hub, self.reactor)
         for i, description in enumerate((self.settings.port,) + tuple(self.settings.listen)):
             if self.shared:  # --workers: one port, several processes
-                from chatd import workers
+                from chatd.app import workers
                 if self.given_ports is not None and description.startswith("unix:"):
                     continue  # the parent's alone
                 port = yield workers.listen(self.reactor, description, self.factory,
@@ -133,7 +133,7 @@ class ChatService(service.Service):
                     where=where)
 
         if self.settings.websocket:
-            from chatd.websocket import site
+            from chatd.wire.websocket import site
             web = site(self.factory)
         for description in self.settings.websocket:
             port = yield endpoints.serverFromString(self.reactor, description).listen(web)
@@ -148,7 +148,7 @@ class ChatService(service.Service):
         """A master name no sentinel knows is a mistake to say at start (the
         store client would only ever answer 'unavailable'); sentinels that
         cannot be reached now are an outage, which chatd rides out."""
-        from chatd.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
+        from chatd.redis.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
         try:
             yield SentinelEndpoint(self.reactor, self.target,
                                    self.settings.redis_timeout).find_primary()
@@ -175,7 +175,7 @@ class ChatService(service.Service):
         return d
 
     def _failed(self, failure):
-        from chatd.cluster import ClusterError
+        from chatd.redis.cluster import ClusterError
         if failure.check(ClusterError):  # the operator's to fix: no traceback
             self.log.error("chatd could not start: {e}", e=failure.getErrorMessage())
         else:
@@ -209,7 +209,7 @@ def store_client(target, settings, reactor):
                            acks=settings.store_acks if library else 0)
 
     if target.kind == "cluster":
-        from chatd.cluster import ClusterClient
+        from chatd.redis.cluster import ClusterClient
         return ClusterClient(target, settings.redis_timeout, reactor, make)
     return make(target)
 
@@ -230,7 +230,7 @@ def build(settings):
     """The root service of a chatd node."""
     root = SequentialMultiService()
     if settings.redis is None:
-        from chatd.embedded import EmbeddedStore, EmbeddedStoreError
+        from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
         store = EmbeddedStore(settings.data_dir, max_memory=settings.store_max_memory)
         try:
             store.claim()
@@ -242,11 +242,11 @@ def build(settings):
         ready, target = None, settings.redis
     chat = ChatService(settings, target, ready)
     if settings.metrics:
-        from chatd.metrics import MetricsService
+        from chatd.ops.metrics import MetricsService
         # before the chat service: it stops after it (/health says "shutting down")
         MetricsService(settings.metrics, chat).setServiceParent(root)
     chat.setServiceParent(root)
     if settings.workers > 1:
-        from chatd.workers import WorkerPool
+        from chatd.app.workers import WorkerPool
         WorkerPool(chat, settings, target).setServiceParent(root)
     return root

@@ -41,11 +41,11 @@ from twisted.python.failure import Failure
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
-from chatd import config
-from chatd.output import write_now
-from chatd.stats import StoreStats
+from chatd.app import config
+from chatd.wire.output import write_now
+from chatd.ops.stats import StoreStats
 
-LUA_DIR = os.path.join(os.path.dirname(__file__), "lua")
+LUA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "store", "lua")
 
 
 class StoreUnavailable(Exception):
@@ -69,7 +69,7 @@ class StoreFull(StoreUnavailable):
 class Redirected(StoreUnavailable):
     """A Redis Cluster redirection or refusal (``MOVED slot host:port``,
     ``ASK slot host:port``, ``TRYAGAIN``, ``CLUSTERDOWN``): the command did
-    not run. Only :class:`chatd.cluster.ClusterClient` sees these (it retries);
+    not run. Only :class:`chatd.redis.cluster.ClusterClient` sees these (it retries);
     ``kind`` is the first word, ``address`` (host, port) or None."""
 
     def __init__(self, message):
@@ -187,7 +187,7 @@ class ConnectionFactory(txredisapi.RedisFactory):
 def start_factory(factory_class, target, timeout, reactor, **attributes):
     """A txredisapi factory for ``target`` (TCP, TLS or unix socket), with
     ``attributes`` set on it, connecting (and reconnecting) from now on.
-    The store client and the subscriber connection (chatd.notify) both
+    The store client and the subscriber connection (chatd.redis.subscriber) both
     connect through here."""
     t = target
     factory = factory_class(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
@@ -217,10 +217,10 @@ def stop_factory(factory):
 
 def endpoint_for(target, timeout, reactor):
     """Where a connection to ``target`` goes: a unix socket, host:port (TLS
-    for rediss), or whatever primary the sentinels name (chatd.sentinel)."""
+    for rediss), or whatever primary the sentinels name (chatd.redis.sentinel)."""
     t = target
     if t.sentinels:
-        from chatd.sentinel import SentinelEndpoint
+        from chatd.redis.sentinel import SentinelEndpoint
         return SentinelEndpoint(reactor, t, timeout, lambda host: tls_options(
             dataclasses.replace(t, host=host), RedisClient.log))
     if t.path:
@@ -254,7 +254,7 @@ class RedisClient:
         self._overdue = None  # the call found overdue, awaiting confirmation
         self._offset = None   # the store's clock minus ours, in ms
         self._ready = []
-        self.stats = StoreStats()  # read by chatd.metrics
+        self.stats = StoreStats()  # read by chatd.ops.metrics
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """
-Plain counters that the hot path bumps, read by :mod:`chatd.metrics` when
+Plain counters that the hot path bumps, read by :mod:`chatd.ops.metrics` when
 Prometheus scrapes.
 
 Why not prometheus_client's ``Counter.labels(...).inc()`` at each message:

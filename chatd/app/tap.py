@@ -9,7 +9,7 @@ import functools
 from twisted.logger import Logger
 from twisted.python import usage
 
-from chatd import config
+from chatd.app import config
 
 
 REGISTRATION_MODES = ("open", "claim", "proof")
@@ -177,7 +177,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--log-format: %r is not allowed (text or json)" % self["log-format"])
         if self["log-format"] == "json":
-            from chatd import logs
+            from chatd.ops import logs
             logs.use_json(getattr(self, "parent", None))
         self["listen"] = tuple(self["listen"])
         self["websocket"] = tuple(self["websocket"])
@@ -246,7 +246,7 @@ class Options(usage.Options):
 
 
 def makeService(options):
-    from chatd.service import build, tune_gc
+    from chatd.app.service import build, tune_gc
     log = Logger(namespace="chatd")
     for warning in getattr(options, "warnings", ()):
         log.warn("{warning}", warning=warning)

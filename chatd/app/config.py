@@ -1,7 +1,7 @@
 """
 The settings of one chatd node, and the parsers that turn option text into them.
 
-``chatd.tap.Options`` uses the parsers as coercers, so a bad value is refused
+``chatd.app.tap.Options`` uses the parsers as coercers, so a bad value is refused
 by twistd's option parser with a message that names the option; the rest of
 chatd only ever sees a validated :class:`Settings`.
 """
@@ -83,7 +83,7 @@ class Settings:
     drain_batch: int = 500
     metrics: Optional[str] = None  # endpoint of /metrics and /health
     presence_lease: float = 10.0  # a dead node's devices are free after this
-    workers: int = 1              # processes of this node (chatd.workers)
+    workers: int = 1              # processes of this node (chatd.app.workers)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")

@@ -1,6 +1,6 @@
 """
 The store client for a Redis/Valkey Cluster (``--redis redis+cluster://...``):
-the same calls as :class:`chatd.redisclient.RedisClient`, routed to the
+the same calls as :class:`chatd.redis.client.RedisClient`, routed to the
 primary that owns each call's slot.
 
 txredisapi has no Cluster support (its issue #125) and no other Twisted client
@@ -35,7 +35,7 @@ each primary). What this module adds:
   before the old one has answered or failed. So messages of one connection
   to one receiver are stored in send order here too.
 
-Batching is the store's business (:mod:`chatd.store`): it splits a batch of
+Batching is the store's business (:mod:`chatd.store.steps`): it splits a batch of
 sends or acks by slot (:func:`slot_of`), and the calls for the slots of one
 primary, made in one reactor turn, are pipelined on its connection.
 """
@@ -48,8 +48,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.redisclient import Redirected, RedisClient, StoreUnavailable
-from chatd.stats import StoreStats
+from chatd.redis.client import Redirected, RedisClient, StoreUnavailable
+from chatd.ops.stats import StoreStats
 
 SLOTS = 16384
 #: seconds between two readings of the topology (also read at once after a
@@ -118,7 +118,7 @@ class ClusterClient:
     """A :class:`RedisClient` per primary, and the routing between them."""
 
     log = Logger()
-    slot_of = staticmethod(slot_of)  # tells chatd.store to split its batches
+    slot_of = staticmethod(slot_of)  # tells chatd.store.steps to split its batches
 
     def __init__(self, target, timeout, reactor, make_client=None):
         self.target = target

@@ -40,7 +40,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.redisclient import ConnectionFactory, start_factory, stop_factory
+from chatd.redis.client import ConnectionFactory, start_factory, stop_factory
 
 #: seconds between PINGs on an idle subscriber connection
 PING_EVERY = 3.0
@@ -278,7 +278,7 @@ class Subscriber:
 def subscriber(target, timeout, reactor, listener, client=None):
     """The subscriber for a store: one connection (a single store), or one
     per primary of a Redis Cluster (``client`` is its
-    :class:`chatd.cluster.ClusterClient`, which knows who owns which slot)."""
+    :class:`chatd.redis.cluster.ClusterClient`, which knows who owns which slot)."""
     if target.kind == "cluster":
         return ClusterSubscriber(client, timeout, reactor, listener)
     return Subscriber(target, timeout, reactor, listener)
@@ -329,7 +329,7 @@ class ClusterSubscriber:
         return out
 
     def _shard(self, device):
-        from chatd.cluster import slot_of
+        from chatd.redis.cluster import slot_of
         address = self.client.owner(slot_of(channel(device)))
         if address is None:
             return None, None

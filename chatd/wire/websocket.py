@@ -5,7 +5,7 @@ protocol at ``/ws`` and serves the chat page (``chatd/page/``) at ``/``.
 It exists so that browsers, and networks that pass only HTTP(S), reach the
 same service as TCP clients. :class:`WebSocketChatProtocol` is the
 WebSocket framing of the one session class,
-:class:`chatd.protocol.ChatProtocol`: one packet per text frame in, one
+:class:`chatd.wire.session.ChatProtocol`: one packet per text frame in, one
 server line per text frame out; everything else (hub, limits, timers, rate
 limit, flow control, errors, shutdown) is the session's. The WebSocket
 itself is Twisted's own (:mod:`twisted.web.websocket`, on wsproto).
@@ -21,7 +21,7 @@ from twisted.web.websocket import WebSocketResource
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError
 
-from chatd.protocol import ChatProtocol
+from chatd.wire.session import ChatProtocol
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
 

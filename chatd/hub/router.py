@@ -4,22 +4,23 @@ an accepted message goes.
 
 The hub knows no sockets and no Redis commands. It is handed connections (any
 object with the methods of :class:`Connection`) and a
-:class:`chatd.store.Store`. A receiver that is not bound here may be bound on
+:class:`chatd.store.steps.Store`. A receiver that is not bound here may be bound on
 another node: the hub hands such messages to its ``remote`` (on a single node
 there is none, and the message simply waits in the receiver's inbox); the
 ``remote`` also claims each device for this node before it is bound, and
 tells the hub when another node has taken a device over
-(:mod:`chatd.presence`).
+(:mod:`chatd.hub.presence`).
 """
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd import packets, tokens
-from chatd.packets import PacketError
-from chatd.redisclient import StoreUnavailable
-from chatd.stats import Stats
+from chatd.wire import packets
+from chatd.hub import tokens
+from chatd.wire.packets import PacketError
+from chatd.redis.client import StoreUnavailable
+from chatd.ops.stats import Stats
 
 
 class Connection:
@@ -85,7 +86,7 @@ class Delivery:
     def __init__(self, hub, device, conn, token_hash, epoch=0):
         self.hub = hub
         self.device = device
-        self.epoch = epoch  # of this bind (see chatd.presence)
+        self.epoch = epoch  # of this bind (see chatd.hub.presence)
         self.conn = conn
         self.token_hash = token_hash
         self.last_id = 0          # every id up to here is pushed here or gone
@@ -262,7 +263,7 @@ class Hub:
         # ChatProtocol.sendLine_: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery
-        self.stats = Stats()  # bumped by the connections, read by chatd.metrics
+        self.stats = Stats()  # bumped by the connections, read by chatd.ops.metrics
 
     # -- binding -----------------------------------------------------------------
 
@@ -396,7 +397,7 @@ class Hub:
 
     def send(self, conn, packet, done):
         """Accept one message packet: ``done(result, None)`` with a
-        :class:`chatd.store.SendResult`, or ``done(None, failure)``, is
+        :class:`chatd.store.steps.SendResult`, or ``done(None, failure)``, is
         called once (a PacketError about the packet itself is raised at
         once instead).
 

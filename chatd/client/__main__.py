@@ -1,0 +1,3 @@
+from chatd.client.cli import main
+
+main()
