@@ -14,7 +14,8 @@ import timeit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from chatd.ops.stats import Stats, StoreStats
+from chatd.ops.stats import Stats
+from chatd.redis.stats import StoreStats
 
 N = 1_000_000
 

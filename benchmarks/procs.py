@@ -267,7 +267,7 @@ class Server:
         for pid in children(self.pid):
             try:
                 with open("/proc/%d/cmdline" % pid, "rb") as f:
-                    if b"chatd.app.workers" in f.read():
+                    if b"chatd.app.worker" in f.read():
                         n += 1
                         out["worker%d" % n] = pid
             except OSError:

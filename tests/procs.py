@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from chatd.app.config import RedisTarget
+from chatd.redis.target import RedisTarget
 from tests.helpers import redis_command, server_binary, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ Blocking, like tests/procs.py: start it from a sync fixture.
 import os
 
 from chatd.redis.cluster import slot_of
-from chatd.app.config import parse_redis_url
+from chatd.redis.target import parse_redis_url
 from tests.helpers import server_binary, tcp_command
 from tests.procs import _Process, fixed_port, wait_for
 

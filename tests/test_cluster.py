@@ -28,7 +28,7 @@ LEASE = 2.0
 def test_cluster_urls():
     """redis+cluster:// and rediss+cluster:// with several seeds; a URL a
     person can fix is refused naming the option."""
-    from chatd.app.config import parse_redis_url
+    from chatd.redis.target import parse_redis_url
     t = parse_redis_url("redis+cluster://:pw@10.0.0.5:7000,10.0.0.6:7001")
     assert (t.kind, t.seeds, t.password, t.tls) == (
         "cluster", (("10.0.0.5", 7000), ("10.0.0.6", 7001)), "pw", False)

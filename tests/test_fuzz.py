@@ -26,6 +26,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from chatd.store import layout
 from chatd.wire import packets
 from chatd.wire.packets import PacketError, parse_line
 from tests.procs import ChatdProcess
@@ -83,8 +84,8 @@ def check_accepted(p):
         assert json.loads(packets.reply({"ping": again.ping})) == {"ping": echoed["ping"]}
         return
     if p.kind == "message":
-        tail = packets.push_tail(p.sender or "s", p.receiver, p.text)
-        pushed = json.loads(packets.push_line("0" * 16, 1, tail))
+        tail = layout.push_tail(p.sender or "s", p.receiver, p.text)
+        pushed = json.loads(layout.ENTRY_HEAD + b"0" * 16 + layout.ENTRY_MID + b"1" + tail)
         assert pushed["message"] == p.text and pushed["receiver"] == p.receiver
     if p.ref is not None:
         assert json.loads(packets.error("x", "y", p.ref))["ref"] == p.ref

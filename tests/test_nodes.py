@@ -179,13 +179,13 @@ async def test_killed_subscriber_connections_lose_nothing_and_come_back(
     alice = await clients(a)
     await alice.register("alice")
     for round in range(3):
-        subscribed = b.service.presence.subscriber._connections
+        subscribed = b.service.presence.notifications.subscriber._connections
         assert redis.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
         alice.send({"message": "in the gap %d" % round, "receiver": "bob"})
         await alice.expect("accepted")
         await bob.expect("message", message="in the gap %d" % round)
-        await wait_until(lambda: b.service.presence.subscriber._connections > subscribed
-                         and b.service.presence.subscriber.connected)
+        await wait_until(lambda: b.service.presence.notifications.subscriber._connections > subscribed
+                         and b.service.presence.notifications.subscriber.connected)
         await wait_until(lambda: redis.command("PUBSUB", "SHARDNUMSUB",
                                                "chatd:{bob}:notify")[1] == 1)
         alice.send({"message": "live %d" % round, "receiver": "bob"})
@@ -319,12 +319,12 @@ async def test_store_restart_nodes_are_live_again_after(chatd, clients, own_redi
     alice.send({"message": "before", "receiver": "bob"})
     await alice.expect("accepted")
     await bob.expect("message", message="before")
-    subscribed = b.service.presence.subscriber._connections
+    subscribed = b.service.presence.notifications.subscriber._connections
     own_redis.stop()
     own_redis.start()
     await own_redis.await_ready()
-    await wait_until(lambda: b.service.presence.subscriber._connections > subscribed
-                     and b.service.presence.subscriber.connected, timeout=15)
+    await wait_until(lambda: b.service.presence.notifications.subscriber._connections > subscribed
+                     and b.service.presence.notifications.subscriber.connected, timeout=15)
     # sends may meet the store still reconnecting: retry with the same ref
     for tries in range(40):
         alice.send({"message": "after", "receiver": "bob", "ref": "after"})
@@ -348,7 +348,7 @@ async def test_a_stuck_subscriber_connection_is_cut_and_made_again(chatd, client
     await bob.register("bob")
     alice = await clients(a)
     await alice.register("alice")
-    sub = b.service.presence.subscriber
+    sub = b.service.presence.notifications.subscriber
     before = sub._connections
     redis.command("CLIENT", "PAUSE", "2500", "ALL")
     try:

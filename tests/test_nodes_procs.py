@@ -79,7 +79,7 @@ def worker_pids(proc):
     for pid in children_of(proc.pid):
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as f:
-                if b"chatd.app.workers" in f.read():
+                if b"chatd.app.worker" in f.read():
                     out.append(pid)
         except OSError:
             pass

@@ -97,18 +97,6 @@ def test_ack_values():
     assert code_of(b'{"ack":true}') == "bad_field"
 
 
-def test_push_line_layout_matches_the_lua_offsets():
-    line = packets.push_line(packets.format_id(42), 1700000000123,
-                             packets.push_tail("a", "b", 'say "hi" ü'))
-    obj = json.loads(line)
-    assert obj == {"type": "message", "id": "0000000000000042", "sent_at": 1700000000123,
-                   "sender": "a", "receiver": "b", "message": 'say "hi" ü'}
-    assert packets.entry_id(line) == 42
-    # chatd/lua/_prelude.lua reads the id at bytes 25..40 (1-based)
-    assert line[24:40] == b"0000000000000042"
-    assert line.find(b'"sent_at":') >= 40
-
-
 def test_reply_encoding():
     assert packets.reply({"type": "pong", "ping": "é"}) == '{"type":"pong","ping":"é"}\n'.encode()
     assert packets.reply({"type": "pong", "ping": "\ud800"}) == b'{"type":"pong","ping":"\\ud800"}\n'

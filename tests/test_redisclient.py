@@ -9,7 +9,9 @@ import signal
 import pytest
 import pytest_twisted
 
-from chatd.redis.client import RedisClient, StoreUnavailable
+from chatd.errors import StoreUnavailable
+from chatd.redis.client import RedisClient
+from chatd.store.library import Library
 from tests.helpers import wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
@@ -18,7 +20,7 @@ ensure = pytest_twisted.ensureDeferred
 @pytest_twisted.async_yield_fixture
 async def client(own_redis):
     from twisted.internet import reactor
-    c = RedisClient(own_redis.target, 0.5, reactor).connect()
+    c = RedisClient(own_redis.target, 0.5, reactor, library=Library()).connect()
     assert await with_deadline(c.when_connected(5), what="connection")
     yield c
     await c.close()
@@ -53,7 +55,7 @@ async def test_calls_and_scripts(client, own_redis):
     own_redis.command("SCRIPT", "FLUSH")
     assert await client.script("ack", [b"chatd:{a}:inbox"], [5]) == 0
     libs = own_redis.command("FUNCTION", "LIST")
-    assert [lib[1] for lib in libs] == [client._library.name.encode()]
+    assert [lib[1] for lib in libs] == [client.library.name.encode()]
 
 
 @ensure
@@ -137,11 +139,11 @@ async def test_a_primary_turned_replica_is_left_for_a_new_connection(client, own
 async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds(replicated):
     from twisted.internet import defer, reactor
 
-    from chatd.app.config import RedisTarget
+    from chatd.redis.target import RedisTarget
     from tests.sentinels import info
     primary, replica = replicated
     c = RedisClient(RedisTarget(host="127.0.0.1", port=primary.port), 1.0, reactor,
-                    acks=1).connect()
+                    library=Library(), acks=1).connect()
     try:
         assert await with_deadline(c.when_connected(5), what="connection")
         primary.command("CONFIG", "RESETSTAT")

@@ -16,7 +16,8 @@ import socket
 import pytest
 import pytest_twisted
 
-from chatd.app.config import DEFAULT_BACKLOG, parse_redis_url
+from chatd.app.config import DEFAULT_BACKLOG
+from chatd.redis.target import parse_redis_url
 from tests.helpers import (DEADLINE, LineClient, _client_protocol, pair, pass_time,
                            wait_until, with_deadline)
 from tests.procs import ChatdProcess, ValkeyProcess, group_members, wait_for

@@ -42,7 +42,7 @@ def test_option_errors_name_the_option(argv, message):
 
 
 def test_sentinel_url_forms():
-    from chatd.app.config import parse_redis_url
+    from chatd.redis.target import parse_redis_url
     t = parse_redis_url("rediss+sentinel://:pw@a:1,[::1]:2,b/mymaster/3")
     assert (t.sentinels, t.master, t.db, t.password, t.tls) == (
         (("a", 1), ("::1", 2), ("b", 26379)), "mymaster", 3, "pw", True)

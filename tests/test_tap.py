@@ -3,7 +3,8 @@
 import pytest
 from twisted.python import usage
 
-from chatd.app.config import DEFAULT_BACKLOG, RedisTarget, Settings, with_backlog
+from chatd.app.config import DEFAULT_BACKLOG, Settings, with_backlog
+from chatd.redis.target import RedisTarget
 from chatd.app.tap import Options
 
 

@@ -18,12 +18,22 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
-from chatd.app.config import RedisTarget, with_backlog
-from chatd.hub.router import Hub
+from chatd.app.ports import listen as listen_shared
+from chatd.app.config import with_backlog
+from chatd.app.workers import WorkerPool
 from chatd.hub.presence import Presence, new_node_id
-from chatd.wire.session import ChatFactory
+from chatd.hub.router import Hub
+from chatd.ops.metrics import MetricsService
 from chatd.redis.client import RedisClient
+from chatd.redis.cluster import ClusterClient, ClusterError
+from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
+from chatd.redis.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
+from chatd.redis.target import RedisTarget
+from chatd.store.library import Library
+from chatd.store.notify import Notifications
 from chatd.store.steps import Store
+from chatd.wire.session import ChatFactory
+from chatd.wire.websocket import site
 
 #: allocations between two collections of the youngest generation (Python's
 #: default is 700: under load that was a collection every few messages)
@@ -103,17 +113,18 @@ class ChatService(service.Service):
         if self.settings.redis is not None:
             self._check_policy((yield self.client.config_get(b"maxmemory-policy")))
         store = Store(self.client, self.settings, self.reactor, self.node_id)
-        self.presence = Presence(store, self.settings, self.reactor, self.target)
+        notifications = Notifications(self.target, self.settings.redis_timeout, self.reactor,
+                                      self.client)
+        self.presence = Presence(store, notifications, self.settings, self.reactor)
         hub = Hub(store, self.settings, self.reactor, self.presence)
         self.presence.start(hub)
         self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
         for i, description in enumerate((self.settings.port,) + tuple(self.settings.listen)):
             if self.shared:  # --workers: one port, several processes
-                from chatd.app import workers
                 if self.given_ports is not None and description.startswith("unix:"):
                     continue  # the parent's alone
-                port = yield workers.listen(self.reactor, description, self.factory,
+                port = yield listen_shared(self.reactor, description, self.factory,
                                             self.given_ports and self.given_ports[i])
             else:
                 endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
@@ -133,7 +144,6 @@ class ChatService(service.Service):
                     where=where)
 
         if self.settings.websocket:
-            from chatd.wire.websocket import site
             web = site(self.factory)
         for description in self.settings.websocket:
             port = yield endpoints.serverFromString(self.reactor, description).listen(web)
@@ -148,7 +158,6 @@ class ChatService(service.Service):
         """A master name no sentinel knows is a mistake to say at start (the
         store client would only ever answer 'unavailable'); sentinels that
         cannot be reached now are an outage, which chatd rides out."""
-        from chatd.redis.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
         try:
             yield SentinelEndpoint(self.reactor, self.target,
                                    self.settings.redis_timeout).find_primary()
@@ -175,7 +184,6 @@ class ChatService(service.Service):
         return d
 
     def _failed(self, failure):
-        from chatd.redis.cluster import ClusterError
         if failure.check(ClusterError):  # the operator's to fix: no traceback
             self.log.error("chatd could not start: {e}", e=failure.getErrorMessage())
         else:
@@ -202,14 +210,16 @@ class ChatService(service.Service):
 def store_client(target, settings, reactor):
     """The store client for ``target``: one connection, or (a Redis Cluster)
     one per primary, each made here with the same options."""
-    def make(t, library=True):
-        # --store-acks on every connection that writes (a seed asked only
-        # for the topology writes nothing)
-        return RedisClient(t, settings.redis_timeout, reactor, library=library,
-                           acks=settings.store_acks if library else 0)
+    library = Library()
+
+    def make(t, writes=True):
+        # the library and --store-acks on every connection that writes (a
+        # seed asked only for the topology writes nothing)
+        return RedisClient(t, settings.redis_timeout, reactor,
+                           library=library if writes else None,
+                           acks=settings.store_acks if writes else 0)
 
     if target.kind == "cluster":
-        from chatd.redis.cluster import ClusterClient
         return ClusterClient(target, settings.redis_timeout, reactor, make)
     return make(target)
 
@@ -230,7 +240,6 @@ def build(settings):
     """The root service of a chatd node."""
     root = SequentialMultiService()
     if settings.redis is None:
-        from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
         store = EmbeddedStore(settings.data_dir, max_memory=settings.store_max_memory)
         try:
             store.claim()
@@ -242,11 +251,9 @@ def build(settings):
         ready, target = None, settings.redis
     chat = ChatService(settings, target, ready)
     if settings.metrics:
-        from chatd.ops.metrics import MetricsService
         # before the chat service: it stops after it (/health says "shutting down")
         MetricsService(settings.metrics, chat).setServiceParent(root)
     chat.setServiceParent(root)
     if settings.workers > 1:
-        from chatd.app.workers import WorkerPool
         WorkerPool(chat, settings, target).setServiceParent(root)
     return root

@@ -10,6 +10,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from chatd.app import config
+from chatd.app.service import build, tune_gc
+from chatd.ops import logs
+from chatd.redis.target import parse_redis_url
 
 
 REGISTRATION_MODES = ("open", "claim", "proof")
@@ -38,7 +41,7 @@ class Options(usage.Options):
         ["redis", None, None, "External store: redis://[:password@]host:port/db, "
          "rediss://host:port/db (TLS), unix:///path.sock?db=N, or a Redis/Valkey "
          "Cluster: redis+cluster://host:port[,host:port...] (rediss+cluster:// for "
-         "TLS). Absent: the embedded store in --data-dir.", _coerce(config.parse_redis_url, "redis")],
+         "TLS). Absent: the embedded store in --data-dir.", _coerce(parse_redis_url, "redis")],
         ["redis-password-file", None, None, "File holding the store's password "
          "(instead of a password in --redis, which every user can read in the "
          "process list)."],
@@ -177,7 +180,6 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--log-format: %r is not allowed (text or json)" % self["log-format"])
         if self["log-format"] == "json":
-            from chatd.ops import logs
             logs.use_json(getattr(self, "parent", None))
         self["listen"] = tuple(self["listen"])
         self["websocket"] = tuple(self["websocket"])
@@ -246,7 +248,6 @@ class Options(usage.Options):
 
 
 def makeService(options):
-    from chatd.app.service import build, tune_gc
     log = Logger(namespace="chatd")
     for warning in getattr(options, "warnings", ()):
         log.warn("{warning}", warning=warning)

@@ -3,15 +3,16 @@
 
 A Twisted process uses one core. With ``--workers N`` the chatd process
 (the parent: it runs the embedded store, if any, and is itself worker 0)
-starts N-1 more worker processes (``python -m chatd.app.workers``). Each is a
+starts N-1 more worker processes (``python -m chatd.app.worker``). Each is a
 node of its own (its own node id, store client, subscriber connection and
 presence records, :mod:`chatd.hub.presence`), on the same store, so they are
 one service like nodes on several hosts.
 
-They share the listening ports through ``SO_REUSEPORT``: each process opens
-its own socket on the same address and the kernel spreads new connections
-over them (by a hash of the client's address and port). TCP and TLS
-listeners are shared; a unix-socket listener is served by the parent alone.
+They share the listening ports through ``SO_REUSEPORT`` (:mod:`chatd.app.ports`):
+each process opens its own socket on the same address and the kernel spreads
+new connections over them (by a hash of the client's address and port). TCP
+and TLS listeners are shared; a unix-socket listener is served by the parent
+alone. A worker process runs :mod:`chatd.app.worker`.
 
 A worker that dies is started again (after a back-off); its clients
 reconnect (to the same port, so to a live worker) and get every unacked
@@ -26,13 +27,12 @@ pipe stays open as the parent's lifeline.
 
 import os
 import pickle
-import socket
 import struct
 import sys
 from dataclasses import dataclass, replace
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 #: back-off before a dead worker is started again (doubles up to the max)
@@ -46,36 +46,8 @@ STOP_TIMEOUT = 30.0
 class WorkerSpec:
     index: int
     settings: object   # chatd.app.config.Settings, with workers=1
-    target: object     # chatd.app.config.RedisTarget of the shared store
+    target: object     # chatd.redis.target.RedisTarget of the shared store
     ports: list        # the port number each listener of settings got (0 resolved)
-
-
-def listen(reactor, description, factory, port=None):
-    """Listen on ``description`` with SO_REUSEPORT (TCP and TLS endpoints;
-    ``port`` overrides its port number): a Deferred of the listening port.
-    Other endpoints listen as usual."""
-    endpoint = endpoints.serverFromString(reactor, description)
-    if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
-                                 endpoints.SSL4ServerEndpoint)):
-        return endpoint.listen(factory)
-    family = socket.AF_INET6 if isinstance(endpoint, endpoints.TCP6ServerEndpoint) \
-        or ":" in (endpoint._interface or "") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((endpoint._interface or ("::" if family == socket.AF_INET6 else ""),
-                   endpoint._port if port is None else port))
-        sock.listen(endpoint._backlog)
-        sock.setblocking(False)
-        if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
-            from twisted.protocols.tls import TLSMemoryBIOFactory
-            factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
-        return defer.succeed(reactor.adoptStreamPort(sock.fileno(), family, factory))
-    except Exception:
-        return defer.fail()
-    finally:
-        sock.close()  # the port has its own copy
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -131,7 +103,7 @@ class WorkerPool(service.Service):
         worker.started_at = self.reactor.seconds()
         self.workers[index] = worker
         self.reactor.spawnProcess(
-            worker, sys.executable, [sys.executable, "-m", "chatd.app.workers"],
+            worker, sys.executable, [sys.executable, "-m", "chatd.app.worker"],
             env=os.environ, childFDs={0: "w", 1: 1, 2: 2})
         self.log.info("chatd worker {i} started (pid {pid})", i=index,
                       pid=worker.transport.pid)
@@ -173,54 +145,3 @@ class WorkerPool(service.Service):
                     w.transport.signalProcess("KILL")
                 except Exception:
                     pass
-
-
-# -- the worker process ----------------------------------------------------------------
-
-class _Lifeline(protocol.Protocol):
-    """The worker's stdin: it closes when the parent is gone."""
-
-    def __init__(self, stop):
-        self.stop = stop
-
-    def connectionLost(self, reason):
-        self.stop()
-
-
-def _read_spec():
-    def exactly(n):
-        data = b""
-        while len(data) < n:
-            chunk = os.read(0, n - len(data))
-            if not chunk:
-                raise SystemExit("chatd worker: the parent is gone")
-            data += chunk
-        return data
-
-    n, = struct.unpack("!I", exactly(4))
-    return pickle.loads(exactly(n))
-
-
-def main():
-    spec = _read_spec()
-    from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from chatd.app.service import ChatService, tune_gc
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    chat = ChatService(spec.settings, spec.target, reactor=reactor,
-                       role="chatd worker %d" % spec.index, ports=spec.ports)
-    tune_gc()
-    chat.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", chat.stopService)
-
-    def parent_gone():
-        if reactor.running:
-            reactor.stop()
-
-    stdio.StandardIO(_Lifeline(parent_gone), stdout=os.open(os.devnull, os.O_WRONLY))
-    reactor.run()
-
-
-if __name__ == "__main__":
-    main()

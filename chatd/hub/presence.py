@@ -3,7 +3,7 @@ Many nodes, one service: which node holds each bound device, and what the
 nodes tell each other (the hub's ``remote``).
 
 A node binds a device in three steps: it subscribes to the device's notify
-channel (:mod:`chatd.redis.subscriber`) and waits for the store to confirm it; it
+channel (:mod:`chatd.store.notify`) and waits for the store to confirm it; it
 *claims* the device (``claim.lua``: the next epoch of ``chatd:{D}:epoch``,
 the presence record ``chatd:{D}:node = "<node id> <epoch>"`` under a lease,
 and a kick ``k <epoch> <node>`` on the channel if someone held it before);
@@ -33,9 +33,8 @@ import secrets
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatd.redis import subscriber as notify
+from chatd.errors import StoreUnavailable
 from chatd.hub.router import Superseded
-from chatd.redis.client import StoreUnavailable
 
 #: most devices renewed in one store call (about a millisecond of the store)
 RENEW_BATCH = 500
@@ -52,14 +51,13 @@ class Presence:
 
     log = Logger()
 
-    def __init__(self, store, settings, reactor, target):
+    def __init__(self, store, notifications, settings, reactor):
         self.store = store
+        self.notifications = notifications  # chatd.store.notify.Notifications
         self.reactor = reactor
         self.lease = settings.presence_lease
         self.lease_ms = int(self.lease * 1000)
         self.hub = None
-        self.subscriber = notify.subscriber(target, settings.redis_timeout, reactor, self,
-                                            store.client)
         self._claiming = {}   # device -> claims on their way
         self._latest = {}     # device -> highest epoch heard while claiming
         self._renewer = None
@@ -67,7 +65,7 @@ class Presence:
 
     def start(self, hub):
         self.hub = hub
-        self.subscriber.connect()
+        self.notifications.start(self)
         self._renewer = task.LoopingCall(self.renew)
         self._renewer.clock = self.reactor
         self._renewer.start(self.lease / 3, now=False)
@@ -75,7 +73,7 @@ class Presence:
     def stop(self):
         if self._renewer is not None and self._renewer.running:
             self._renewer.stop()
-        return self.subscriber.close()
+        return self.notifications.close()
 
     # -- the hub's side --------------------------------------------------------------
 
@@ -86,7 +84,7 @@ class Presence:
         self._claiming[device] = self._claiming.get(device, 0) + 1
         try:
             try:
-                yield self.subscriber.subscribe(device)
+                yield self.notifications.subscribe(device)
             except Exception as e:
                 # go on: a lost kick is found by the next renewal, a lost
                 # message by the catch-up after the subscriber reconnects
@@ -95,10 +93,10 @@ class Presence:
             try:
                 epoch = yield self.store.claim(device, self.lease_ms)
             except Exception:
-                self.subscriber.unsubscribe(device)
+                self.notifications.unsubscribe(device)
                 raise
             if self._latest.get(device, 0) > epoch:
-                self.subscriber.unsubscribe(device)
+                self.notifications.unsubscribe(device)
                 raise Superseded(device)
             return epoch
         finally:
@@ -110,7 +108,7 @@ class Presence:
 
     def release(self, device, epoch):
         """D's connection here is gone (epoch as claimed)."""
-        self.subscriber.unsubscribe(device)
+        self.notifications.unsubscribe(device)
         self.store.release(device, epoch).addErrback(lambda f: None)
 
     def deliver(self, receiver, server_id, entry):
@@ -141,24 +139,18 @@ class Presence:
         finally:
             self._renewing = False
 
-    # -- the subscriber's listener ---------------------------------------------------
+    # -- the notifications' listener ------------------------------------------------
 
-    def notified(self, device, payload):
-        what = notify.parse(payload)
-        if what is None:
-            self.log.warn("unknown notification for {device}: {p!r}", device=device,
-                          p=payload[:60])
-            return
-        kind, value = what
-        if kind == "m":
-            self.hub.notified(device, value)
-        elif kind == "k":
-            epoch, node = value
-            if device in self._claiming and epoch > self._latest.get(device, 0):
-                self._latest[device] = epoch
-            self.hub.replaced(device, epoch, newer=True, where=node)
-        else:
-            self.hub.revoke(device)
+    def message(self, device, entry):
+        self.hub.notified(device, entry)
+
+    def kicked(self, device, epoch, node):
+        if device in self._claiming and epoch > self._latest.get(device, 0):
+            self._latest[device] = epoch
+        self.hub.replaced(device, epoch, newer=True, where=node)
+
+    def revoked(self, device):
+        self.hub.revoke(device)
 
     def resubscribed(self):
         """Notifications may have been lost: read every bound inbox, and

@@ -16,10 +16,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chatd.store import layout
 from chatd.wire import packets
 from chatd.hub import tokens
 from chatd.wire.packets import PacketError
-from chatd.redis.client import StoreUnavailable
+from chatd.errors import StoreUnavailable
 from chatd.ops.stats import Stats
 
 
@@ -152,13 +153,13 @@ class Delivery:
 
     def _take(self, entries, last):
         """Push what a fetch returned; True when the inbox is caught up."""
-        fresh = [e for e in entries if packets.entry_id(e) > self.last_id]
+        fresh = [e for e in entries if layout.entry_id(e) > self.last_id]
         if fresh:
-            first, high = packets.entry_id(fresh[0]), packets.entry_id(fresh[-1])
+            first, high = layout.entry_id(fresh[0]), layout.entry_id(fresh[-1])
             self.last_id = high
             self._pushed(first, high)
             self.conn.push(fresh)
-        if entries and packets.entry_id(entries[-1]) < last:
+        if entries and layout.entry_id(entries[-1]) < last:
             return False  # a batch cut by its count or size: more to read
         # the fetch saw the whole inbox: every id up to `last` is pushed or gone
         self.last_id = max(self.last_id, last)
@@ -463,7 +464,7 @@ class Hub:
                 # read it from the inbox, behind a WAIT (see fetch.lua)
                 delivery.poke()
             else:
-                delivery.offer(packets.entry_id(entry), entry)
+                delivery.offer(layout.entry_id(entry), entry)
 
     def replaced(self, device, epoch, newer=False, where=None):
         """D was bound elsewhere with ``epoch`` (``newer``: close ours if it is

@@ -23,12 +23,14 @@ Exit codes: see :data:`EXIT_CODES` (also in ``--help`` and the README).
 
 import argparse
 import json
-import re
 import sys
 import time
 
+from chatd.store import layout
+from chatd.store.library import Library
 from chatd.wire import packets
-from chatd.app.config import parse_duration, parse_redis_url
+from chatd.app.config import parse_duration
+from chatd.redis.target import parse_redis_url
 
 OK, FAILED, USAGE, UNKNOWN_ID, UNREACHABLE, NO_STORE = 0, 1, 2, 3, 4, 5
 EXIT_CODES = {
@@ -43,8 +45,7 @@ EXIT_CODES = {
 
 #: keys of nodes' presence records (one per bound device, valued with the
 #: node id); absent until several nodes share a store
-PRESENCE_PATTERN = "chatd:{*}:node"
-_SENT_AT = re.compile(rb'"sent_at":(\d+)')
+PRESENCE_PATTERN = layout.pattern(layout.NODE)
 _SCAN_COUNT = 1000
 
 
@@ -52,10 +53,6 @@ class AdminError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
-
-
-def _keys(device):
-    return "chatd:{%s}:" % device
 
 
 def connect(args):
@@ -127,19 +124,9 @@ def _scan(client, pattern):
     return client.scan_iter(match=pattern, count=_SCAN_COUNT)
 
 
-def _device_of(key, suffix):
-    """``chatd:{D}:<suffix>`` -> D."""
-    return key.decode("utf-8", "replace")[len("chatd:{"):-len("}:" + suffix)]
-
-
 def _store_ms(client):
     sec, usec = client.time()
     return sec * 1000 + usec // 1000
-
-
-def _sent_at(entry):
-    m = _SENT_AT.search(entry or b"")
-    return int(m.group(1)) if m else None
 
 
 def _check_id(device):
@@ -158,10 +145,10 @@ def cmd_stats(client, args):
         nonlocal revoked
         values = client.mget_nonatomic(batch) if hasattr(client, "mget_nonatomic") \
             else client.mget(batch)  # a cluster's keys are in many slots
-        revoked += sum(1 for v in values if v == b"revoked")
+        revoked += sum(1 for v in values if v == layout.REVOKED)
         batch.clear()
 
-    for key in _scan(client, "chatd:{*}:token"):
+    for key in _scan(client, layout.pattern(layout.TOKEN)):
         registered += 1
         batch.append(key)
         if len(batch) >= _SCAN_COUNT:
@@ -184,12 +171,12 @@ def cmd_stats(client, args):
             if n:
                 inboxes += 1
                 waiting += n
-                at = _sent_at(head)
+                at = layout.entry_sent_at(head) if head else None
                 if at is not None and (oldest is None or at < oldest[0]):
-                    oldest = (at, _device_of(k, "inbox"))
+                    oldest = (at, layout.device_of(k, layout.INBOX))
         keys.clear()
 
-    for key in _scan(client, "chatd:{*}:inbox"):
+    for key in _scan(client, layout.pattern(layout.INBOX)):
         keys.append(key)
         if len(keys) >= _SCAN_COUNT:
             count_inboxes()
@@ -231,18 +218,18 @@ def cmd_stats(client, args):
 def cmd_inbox(client, args):
     device = args.id
     _check_id(device)
-    prefix = _keys(device)
+    inbox = layout.key(device, layout.INBOX)
     pipe = client.pipeline(transaction=False)
-    pipe.get(prefix + "token")
-    pipe.get(prefix + "seq")
-    pipe.llen(prefix + "inbox")
-    pipe.lindex(prefix + "inbox", 0)
-    pipe.lrange(prefix + "inbox", -args.last, -1)
+    pipe.get(layout.key(device, layout.TOKEN))
+    pipe.get(layout.key(device, layout.SEQ))
+    pipe.llen(inbox)
+    pipe.lindex(inbox, 0)
+    pipe.lrange(inbox, -args.last, -1)
     token, seq, pending, head, last = pipe.execute()
     if token is None:
         raise AdminError(UNKNOWN_ID, "%s is not registered (never, or purged)" % device)
     now = _store_ms(client)
-    oldest = _sent_at(head)
+    oldest = layout.entry_sent_at(head) if head else None
     messages = []
     for entry in last:
         try:
@@ -253,7 +240,7 @@ def cmd_inbox(client, args):
         if args.show_text:
             item["message"] = m.get("message")
         messages.append(item)
-    result = {"id": device, "revoked": token == b"revoked",
+    result = {"id": device, "revoked": token == layout.REVOKED,
               "last_id_given": int(seq or 0), "pending": pending,
               "oldest_age_s": None if oldest is None else round((now - oldest) / 1000, 3),
               "last": messages}
@@ -278,7 +265,7 @@ def cmd_revoke(client, args):
     device = args.id
     _check_id(device)
     # XX: only an id that is registered; it stays registered, no token matches
-    if not client.set(_keys(device) + "token", "revoked", xx=True):
+    if not client.set(layout.key(device, layout.TOKEN), layout.REVOKED, xx=True):
         raise AdminError(UNKNOWN_ID, "%s is not registered (never, or purged)" % device)
     told = _notify(client, device)
     if args.json:
@@ -287,21 +274,11 @@ def cmd_revoke(client, args):
             "%d node(s) told to close its connection" % (device, told))
 
 
-#: delete KEYS[2..] unless KEYS[1] (the token) exists again: the id was
-#: registered again while it was being purged, and the rest is its own now
-_PURGE_STEP = """
-if redis.call("EXISTS", KEYS[1]) == 1 then return -1 end
-local n = 0
-for i = 2, #KEYS do n = n + redis.call("UNLINK", KEYS[i]) end
-return n
-"""
-
-
 def cmd_purge(client, args):
     device = args.id
     _check_id(device)
-    prefix = _keys(device)
-    token, seq = (prefix + "token").encode(), (prefix + "seq").encode()
+    token, seq = layout.key(device, layout.TOKEN), layout.key(device, layout.SEQ)
+    purge_step = Library().body("purge")
     # the token first: from then on sends to the id are unknown_receiver and
     # nothing new of it is written. Then the rest, a batch per atomic step,
     # each only while the id is still unregistered; its id counter last, so
@@ -311,13 +288,13 @@ def cmd_purge(client, args):
 
     def step(keys):
         nonlocal deleted, again
-        n = client.eval(_PURGE_STEP, 1 + len(keys), token, *keys)
+        n = client.eval(purge_step, 1 + len(keys), token, *keys)
         if n < 0:
             again = True
         else:
             deleted += n
 
-    for key in _scan(client, prefix + "*"):
+    for key in _scan(client, layout.prefix(device) + b"*"):
         if key not in (token, seq):
             batch.append(key)
         if len(batch) >= _SCAN_COUNT:
@@ -345,7 +322,7 @@ def cmd_purge(client, args):
 
 def _notify(client, device):
     """Tell the node holding the device (if any) to close it with ``revoked``."""
-    return client.spublish(_keys(device) + "notify", "revoked")
+    return client.spublish(layout.channel(device), layout.REVOKED)
 
 
 def _age(ms):

@@ -28,7 +28,8 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from chatd.ops.stats import LATENCY_BUCKETS, Stats
+from chatd.ops.stats import Stats
+from chatd.redis.stats import LATENCY_BUCKETS
 
 #: message results and error codes always exported (0 until they happen),
 #: so that rate() and alerts work from the first scrape

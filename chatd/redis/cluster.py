@@ -48,8 +48,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.redis.client import Redirected, RedisClient, StoreUnavailable
-from chatd.ops.stats import StoreStats
+from chatd.errors import StoreUnavailable
+from chatd.redis.client import Redirected, RedisClient
+from chatd.redis.stats import StoreStats
 
 SLOTS = 16384
 #: seconds between two readings of the topology (also read at once after a
@@ -118,14 +119,16 @@ class ClusterClient:
     """A :class:`RedisClient` per primary, and the routing between them."""
 
     log = Logger()
-    slot_of = staticmethod(slot_of)  # tells chatd.store.steps to split its batches
 
     def __init__(self, target, timeout, reactor, make_client=None):
         self.target = target
         self.timeout = timeout
         self.reactor = reactor
+        # make_client(target, writes=True): the client of one node (writes:
+        # a primary's, with the function library; else a seed asked only
+        # for the topology)
         self.make_client = make_client or (
-            lambda t, **kw: RedisClient(t, timeout, reactor, **kw))
+            lambda t, writes=True: RedisClient(t, timeout, reactor))
         self.stats = StoreStats()   # shared by every node's client
         self.nodes = {}             # (host, port) -> RedisClient of a primary
         self._readers = {}          # while no primary answers: seeds, replicas
@@ -176,7 +179,7 @@ class ClusterClient:
 
     def _all_connected(self):
         """The topology is known and every primary's connection is up."""
-        return bool(self.nodes) and all(c._conn() is not None for c in self.nodes.values())
+        return bool(self.nodes) and all(c.connected for c in self.nodes.values())
 
     def _check_ready(self):
         if not self._ready:
@@ -217,6 +220,15 @@ class ClusterClient:
 
     # -- the calls of RedisClient ----------------------------------------------------
 
+    def split(self, items, key):
+        """``items`` in groups of one slot each (each in the order of
+        ``items``; ``key(item)`` is its key): a Lua call may only touch keys
+        of one slot on a cluster."""
+        groups = {}
+        for item in items:
+            groups.setdefault(slot_of(key(item)), []).append(item)
+        return list(groups.values())
+
     def script(self, name, keys, args):
         return self._route(slot_of(keys[0]), lambda c: c.script(name, keys, args), name)
 
@@ -243,7 +255,7 @@ class ClusterClient:
 
     def _any(self):
         for c in self.nodes.values():
-            if c._conn() is not None:
+            if c.connected:
                 return c
         return next(iter(self.nodes.values()))
 
@@ -393,14 +405,14 @@ class ClusterClient:
         if soon and self._read_at is not None and now - self._read_at < MIN_REFRESH:
             return
         self._read_at = now
-        asked = [(a, c) for a, c in self.nodes.items() if c._conn() is not None]
+        asked = [(a, c) for a, c in self.nodes.items() if c.connected]
         if not asked:
             # no primary answers (the start, or every one is down): ask the
             # seeds and the replicas last seen, on reading-only connections
             for address in self._others:
                 if address not in self._readers:
                     self._readers[address] = self.make_client(
-                        self._node_target(address), library=False).connect()
+                        self._node_target(address), writes=False).connect()
             asked = list(self._readers.items()) + list(self.nodes.items())
         calls = [c.call(b"CLUSTER", b"SLOTS").addCallback(lambda r, a=a: (a, r))
                  for a, c in asked]

@@ -44,7 +44,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
-from chatd.redis.client import encode_command
+from chatd.redis.resp import encode_command
 
 
 class SentinelError(Exception):

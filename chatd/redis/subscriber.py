@@ -1,32 +1,15 @@
 """
-The subscriber connection: how a node hears about its bound devices from
-the other nodes of the service.
+The subscriber connection: a node's sharded pub/sub (``SSUBSCRIBE``), the
+way it hears from the other nodes of the service.
 
-Every device ``D`` has a sharded pub/sub channel ``chatd:{D}:notify``
-(``SSUBSCRIBE``/``SPUBLISH``; the hash tag puts it in D's slot, so the same
-code runs on Redis Cluster). A node subscribes to the channel of each
-device bound on it, on a connection of its own (a subscribed connection can
-do nothing else). Payloads, ASCII:
-
-``m <push line>``
-    A message was accepted for D: the push line is the inbox entry (its id
-    inside). Published by ``send.lua``, in the step that stores the message,
-    only when D's presence names another node. It is a hint: the inbox is
-    the truth, and a node that sees a gap before that id reads the inbox.
-``k <epoch> <node id>``
-    D was bound (register or reconnect) on that node with that epoch
-    (``claim.lua``): a node holding D with a lower epoch sends
-    ``session_replaced`` and closes.
-``revoked``
-    The operator revoked D's tokens (``chatd-admin revoke D`` sets
-    ``chatd:{D}:token`` to ``revoked`` first, then publishes this): the node
-    holding D sends the error ``revoked`` and closes.
-
-Anything else is logged and ignored (a newer node's payload).
+Generic over channel names (bytes): what the channels are called and what
+their payloads mean is the store's business (:mod:`chatd.store.notify`,
+:mod:`chatd.store.layout`). A subscribed connection can do nothing else, so
+it is a connection of its own.
 
 A notification can be lost (the connection drops, the store restarts); so
-on every (re)connection, once it has subscribed again, the node reads the
-inbox of every device bound on it (:meth:`Presence.resubscribed`). The
+on every (re)connection, once every channel is subscribed again, the
+listener is told (``resubscribed``) and catches up from the store. The
 connection is watched like Synapse's (``synapse/replication/tcp/redis.py``):
 it PINGs every few seconds and is cut and reconnected when the answer is
 later than the deadline (``--redis-timeout``), so a half-open connection is
@@ -35,69 +18,26 @@ noticed within seconds.
 
 import collections
 
-import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.redis.client import ConnectionFactory, start_factory, stop_factory
+from chatd.redis import adapter
+from chatd.redis.cluster import slot_of
 
 #: seconds between PINGs on an idle subscriber connection
 PING_EVERY = 3.0
-
-
-def channel(device):
-    return b"chatd:{%s}:notify" % device.encode("ascii")
-
-
-def device_of(chan):
-    """The device of a notify channel name (bytes), or None."""
-    if chan.startswith(b"chatd:{") and chan.endswith(b"}:notify"):
-        return chan[7:-8].decode("ascii", "replace")
-    return None
-
-
-def parse(payload):
-    """A payload as ``(kind, value)``: ``("m", entry)``, ``("k", (epoch,
-    node))``, ``("revoked", None)``; None if it is none of these."""
-    if payload == b"revoked":
-        return "revoked", None
-    kind, _, rest = payload.partition(b" ")
-    if kind == b"m" and rest:
-        return "m", rest
-    if kind == b"k":
-        epoch, _, node = rest.partition(b" ")
-        if epoch.isdigit():
-            return "k", (int(epoch), node.decode("ascii", "replace"))
-    return None
-
-
-class _Protocol(txredisapi.SubscriberProtocol):
-    """txredisapi does AUTH and SELECT; after that every reply is a pub/sub
-    event for the :class:`Subscriber` (txredisapi knows only the unsharded
-    ``message``/``subscribe``)."""
-
-    def replyReceived(self, reply):
-        if not self._ready:
-            return super().replyReceived(reply)
-        self.factory.owner._reply(self, reply)
-
-    def connectionLost(self, why):
-        super().connectionLost(why)
-        self.factory.owner._lost(self)
-
-
-class _Factory(ConnectionFactory):
-    protocol = _Protocol
 
 
 class Subscriber:
     """One subscribed connection that follows the set of channels it is told
     to hold, across reconnections.
 
-    ``listener`` gets ``notified(device, payload)`` for each message and
+    ``listener`` gets ``notified(channel, payload)`` for each message,
     ``resubscribed()`` after a reconnection (once every channel is
-    subscribed again: what was published meanwhile is lost)."""
+    subscribed again: what was published meanwhile is lost), and
+    ``moved(channel)`` when the store drops a channel unasked (its slot
+    left that node of a cluster)."""
 
     log = Logger()
 
@@ -106,7 +46,7 @@ class Subscriber:
         self.timeout = timeout
         self.reactor = reactor
         self.listener = listener
-        self.count = collections.Counter()  # device -> holders on this node
+        self.count = collections.Counter()  # channel -> holders on this node
         # SSUBSCRIBEs written and confirmed per channel on this connection, and
         # who waits for which: [[confirmations needed, Deferred]]
         self._sent = collections.Counter()
@@ -121,7 +61,7 @@ class Subscriber:
     # -- lifecycle ---------------------------------------------------------------
 
     def connect(self):
-        self._factory = start_factory(_Factory, self.target, self.timeout, self.reactor,
+        self._factory = adapter.start_factory(adapter.SubscriberFactory, self.target, self.timeout, self.reactor,
                                       owner=self)
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = self.reactor
@@ -139,7 +79,7 @@ class Subscriber:
                     d.errback(ConnectionError("the subscriber is closing"))
         if factory is None:
             return defer.succeed(None)
-        return stop_factory(factory)
+        return adapter.stop_factory(factory)
 
     @property
     def connected(self):
@@ -147,14 +87,13 @@ class Subscriber:
 
     # -- channels ----------------------------------------------------------------
 
-    def subscribe(self, device, holds=1):
-        """Hold D's channel; Deferred that fires once the store confirms it
+    def subscribe(self, chan, holds=1):
+        """Hold a channel; Deferred that fires once the store confirms it
         (at once if already held), or fails after the deadline (the caller
         may go on: the catch-up after the next reconnection covers it)."""
-        chan = channel(device)
-        self.count[device] += holds
+        self.count[chan] += holds
         if self._conn is not None:
-            if self.count[device] == holds:
+            if self.count[chan] == holds:
                 self._write(b"SSUBSCRIBE", chan)
                 self._sent[chan] += 1
             elif self._got[chan] >= self._sent[chan]:
@@ -164,29 +103,29 @@ class Subscriber:
         d.addTimeout(self.timeout, self.reactor)
         return d
 
-    def unsubscribe(self, device):
-        """Drop one hold on D's channel (unsubscribed when none is left)."""
-        n = self.count[device] - 1
+    def unsubscribe(self, chan):
+        """Drop one hold on a channel (unsubscribed when none is left)."""
+        n = self.count[chan] - 1
         if n > 0:
-            self.count[device] = n
+            self.count[chan] = n
             return
-        self.count.pop(device, None)
+        self.count.pop(chan, None)
         if self._conn is not None:
-            self._write(b"SUNSUBSCRIBE", channel(device))
+            self._write(b"SUNSUBSCRIBE", chan)
 
-    def forget(self, device):
-        """Drop every hold on D's channel (it moves to another shard's
+    def forget(self, chan):
+        """Drop every hold on a channel (it moves to another shard's
         subscriber): how many there were, and the Deferreds still waiting
         for its confirmation (the new shard's confirmation fires them)."""
-        n = self.count.pop(device, 0)
+        n = self.count.pop(chan, 0)
         if n and self._conn is not None:
-            self._write(b"SUNSUBSCRIBE", channel(device))
-        return n, [d for _, d in self._waiters.pop(channel(device), [])]
+            self._write(b"SUNSUBSCRIBE", chan)
+        return n, [d for _, d in self._waiters.pop(chan, [])]
 
     # -- the connection ----------------------------------------------------------
 
     def _write(self, *args):
-        self._conn.transport.write(self._conn._build_command(*args))
+        adapter.write(self._conn, *args)
 
     def _connected(self, conn):
         self._conn = conn
@@ -199,13 +138,11 @@ class Subscriber:
         self._got.clear()
         # one command per channel: on Redis Cluster the channels of one
         # SSUBSCRIBE must share a slot
-        for device in self.count:
-            chan = channel(device)
+        for chan in self.count:
             self._write(b"SSUBSCRIBE", chan)
             self._sent[chan] = 1
-        held = {channel(device) for device in self.count}
         for chan in list(self._waiters):
-            if chan not in held:
+            if chan not in self.count:
                 del self._waiters[chan]  # given up on (unbound) meanwhile
                 continue
             for w in self._waiters[chan]:
@@ -231,9 +168,7 @@ class Subscriber:
             return
         kind = reply[0].lower()
         if kind == b"smessage" and len(reply) >= 3:
-            device = device_of(reply[1])
-            if device is not None:
-                self.listener.notified(device, reply[2])
+            self.listener.notified(reply[1], reply[2])
         elif kind == b"ssubscribe":
             chan = reply[1]
             self._got[chan] += 1
@@ -249,9 +184,8 @@ class Subscriber:
         elif kind == b"sunsubscribe" and len(reply) >= 2:
             # unasked for: the channel's slot left this node (Redis Cluster
             # tells shard-channel subscribers so); the listener re-routes it
-            device = device_of(reply[1])
-            if device in self.count and hasattr(self.listener, "moved"):
-                self.listener.moved(device)
+            if reply[1] in self.count:
+                self.listener.moved(reply[1])
         elif kind == b"pong":
             self._ping_sent = None
             if len(reply) > 1 and reply[1] == b"resubscribed":
@@ -269,7 +203,7 @@ class Subscriber:
                 self.log.warn("the store has not answered the subscriber's PING for "
                               "{t}s; reconnecting", t=self.timeout)
                 self._ping_sent = None
-                conn.transport.abortConnection()
+                adapter.cut(conn)
             return
         self._ping_sent = now
         self._write(b"PING")
@@ -301,7 +235,7 @@ class ClusterSubscriber:
         self.reactor = reactor
         self.listener = listener
         self.shards = {}   # (host, port) of a primary -> Subscriber
-        self.where = {}    # device -> (host, port) of the shard holding it
+        self.where = {}    # channel -> (host, port) of the shard holding it
         self._closed = False
 
     def connect(self):
@@ -328,9 +262,8 @@ class ClusterSubscriber:
             out.update(s.count)
         return out
 
-    def _shard(self, device):
-        from chatd.redis.cluster import slot_of
-        address = self.client.owner(slot_of(channel(device)))
+    def _shard(self, chan):
+        address = self.client.owner(slot_of(chan))
         if address is None:
             return None, None
         return address, self._open(address)
@@ -342,29 +275,29 @@ class ClusterSubscriber:
                 self.client.node_target(address), self.timeout, self.reactor, self).connect()
         return shard
 
-    def subscribe(self, device):
-        address, shard = self._shard(device)
+    def subscribe(self, chan):
+        address, shard = self._shard(chan)
         if shard is None:
             return defer.fail(ConnectionError("no primary of the cluster is known yet"))
-        held = self.where.get(device)
+        held = self.where.get(chan)
         if held is not None and held != address:
-            self._move(device, address, shard)
-        self.where[device] = address
-        return shard.subscribe(device)
+            self._move(chan, address, shard)
+        self.where[chan] = address
+        return shard.subscribe(chan)
 
-    def unsubscribe(self, device):
-        address = self.where.get(device)
+    def unsubscribe(self, chan):
+        address = self.where.get(chan)
         shard = self.shards.get(address)
         if shard is None:
             return
-        shard.unsubscribe(device)
-        if device not in shard.count:
-            del self.where[device]
+        shard.unsubscribe(chan)
+        if chan not in shard.count:
+            del self.where[chan]
 
-    def _move(self, device, address, shard):
-        old = self.shards.get(self.where.get(device))
-        holds, waiting = old.forget(device) if old is not None else (0, [])
-        self.where[device] = address
+    def _move(self, chan, address, shard):
+        old = self.shards.get(self.where.get(chan))
+        holds, waiting = old.forget(chan) if old is not None else (0, [])
+        self.where[chan] = address
         if not holds:
             return None
 
@@ -373,7 +306,7 @@ class ClusterSubscriber:
                 if not d.called:
                     d.errback(result) if isinstance(result, Failure) else d.callback(None)
             return result
-        return shard.subscribe(device, holds).addBoth(settle)
+        return shard.subscribe(chan, holds).addBoth(settle)
 
     def _topology_changed(self):
         """Move every channel whose slot has a new owner; catch up once they
@@ -381,10 +314,10 @@ class ClusterSubscriber:
         moved = []
         for address in list(self.client.nodes):
             self._open(address)
-        for device, held in list(self.where.items()):
-            address, shard = self._shard(device)
+        for chan, held in list(self.where.items()):
+            address, shard = self._shard(chan)
             if shard is not None and address != held:
-                d = self._move(device, address, shard)
+                d = self._move(chan, address, shard)
                 if d is not None:
                     moved.append(d)
         for address in list(self.shards):  # a former primary's, holding nothing now
@@ -397,12 +330,12 @@ class ClusterSubscriber:
 
     # -- each shard's listener -------------------------------------------------------
 
-    def notified(self, device, payload):
-        self.listener.notified(device, payload)
+    def notified(self, chan, payload):
+        self.listener.notified(chan, payload)
 
     def resubscribed(self):
         self.listener.resubscribed()
 
-    def moved(self, device):
-        """A node dropped D's channel (its slot left): read the topology."""
+    def moved(self, chan):
+        """A node dropped a channel (its slot left): read the topology."""
         self.client.refresh(soon=True)

@@ -1,45 +1,10 @@
 """
-Every Redis operation of chatd, and the layout of its keys.
-
-Per destinationId ``D`` (every key carries the hash tag ``{D}``, so that all
-of one receiver's data sits in one Redis Cluster slot and each Lua step
-touches one slot):
-
-``chatd:{D}:token``
-    SHA-256 of D's current token. Exists = D is registered. Register
-    overwrites it, which revokes every older token. Never expires.
-``chatd:{D}:seq``
-    D's id counter. Never expires, so ids keep increasing for the life of the
-    store, across restarts and after the inbox empties.
-``chatd:{D}:inbox``
-    A list of D's waiting messages, oldest first, each stored as its push line
-    (see :func:`chatd.wire.packets.push_line`), so that a push is a copy, never a
-    re-encoding. A list rather than a stream: reading it back through
-    txredisapi is about 3x faster (flat replies), and ids are kept by the
-    counter instead. Only the head is ever removed (acks, expiry), so the
-    ids in it are consecutive and the scripts find an id by arithmetic.
-``chatd:{D}:proof:<hash of a proof ticket>``
-    Marks a registration ticket as used, until it expires (a ticket is good
-    for one register).
-``chatd:{D}:dedup:<hash of text>``
-    Marks a text accepted for D within the dedup window (``SET PX``).
-``chatd:{D}:ref:<hash of sender and ref>``
-    The first reply to a (sender, ref) sent to D, for ``--ref-ttl``.
-    Scoped to the receiver (the hash tag): a ref reused for another receiver
-    is a new send.
-``chatd:{D}:node``
-    Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
-    with a lease (``PX``) that node keeps renewing (:mod:`chatd.hub.presence`);
-    a dead node's records run out on their own.
-``chatd:{D}:epoch``
-    D's bind counter: every register/reconnect takes the next epoch; the
-    highest one holds D. Never expires (like ``seq``).
-``chatd:{D}:notify``
-    Not a key: D's sharded pub/sub channel (:mod:`chatd.redis.subscriber` has the
-    payloads).
+The store steps: every operation of chatd on its store, each one atomic Lua
+function of the library (:mod:`chatd.store.library`), with the keys of
+:mod:`chatd.store.layout`. The store knows no sessions: it is asked by the
+hub and answers with results or :mod:`chatd.errors`.
 """
 
-import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,13 +12,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatd.wire import packets
-from chatd.redis.client import StoreUnavailable
-
-
-def _keys(device):
-    """The prefix of D's keys, ``chatd:{D}:``, as bytes."""
-    return b"chatd:{%s}:" % device.encode("ascii")
+from chatd.errors import StoreUnavailable
+from chatd.store import layout
+from chatd.store.layout import prefix as _keys
 
 
 @dataclass(slots=True)
@@ -130,15 +91,14 @@ class Store:
         D is registered and not revoked) or ``"used"`` (the proof ``ticket``,
         remembered for ``ticket_ms``, was used before)."""
         prefix = _keys(device)
-        used = prefix + b"proof:" + (hashlib.sha256(ticket.encode("utf-8")).hexdigest().encode()
-                                     if ticket else b"-")
-        d = self.client.script("register", [prefix + b"token", used], [
+        used = layout.proof_key(device, ticket) if ticket else prefix + layout.PROOF + b"-"
+        d = self.client.script("register", [prefix + layout.TOKEN, used], [
             token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0)])
         return d.addCallback(lambda status: status.decode("ascii"))
 
     def token_hash(self, device):
         """D's stored token hash, or None if D never registered."""
-        return self.client.call(b"GET", _keys(device) + b"token")
+        return self.client.call(b"GET", _keys(device) + layout.TOKEN)
 
     def fetch(self, device, after, count, max_bytes=0):
         """D's waiting messages with ids after ``after`` (an int), at most
@@ -146,7 +106,7 @@ class Store:
         ``(pending, last_id, entries)`` where pending counts all stored
         messages and last_id is D's id counter."""
         prefix = _keys(device)
-        d = self.client.script("fetch", [prefix + b"inbox", prefix + b"seq"],
+        d = self.client.script("fetch", [prefix + layout.INBOX, prefix + layout.SEQ],
                                [after, count, self._now_ms(), self._ttl_ms, max_bytes,
                                 self._fence])
         return d.addCallback(lambda r: (int(r[0]), int(r[1]), r[2:]))
@@ -156,8 +116,8 @@ class Store:
     def claim(self, device, lease_ms):
         """Bind D to this node: Deferred of its new epoch (an int)."""
         prefix = _keys(device)
-        d = self.client.script("claim", [prefix + b"node", prefix + b"epoch",
-                                          prefix + b"notify"], [self.node_id, lease_ms])
+        d = self.client.script("claim", [prefix + layout.NODE, prefix + layout.EPOCH,
+                                          layout.channel(device)], [self.node_id, lease_ms])
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):
@@ -177,7 +137,7 @@ class Store:
         keys, args = [], [lease_ms]
         for device, epoch in held:
             prefix = _keys(device)
-            keys += [prefix + b"node", prefix + b"epoch"]
+            keys += [prefix + layout.NODE, prefix + layout.EPOCH]
             args.append(self.presence_value(epoch))
         d = self.client.script("renew", keys, args)
         return d.addCallback(lambda r: ([held[int(i) - 1] for i in r if int(i) > 0],
@@ -185,7 +145,7 @@ class Store:
 
     def release(self, device, epoch):
         """Drop D's presence record if it is still this node's."""
-        return self.client.script("release", [_keys(device) + b"node"],
+        return self.client.script("release", [_keys(device) + layout.NODE],
                                   [self.presence_value(epoch)])
 
     def presence_value(self, epoch):
@@ -193,7 +153,7 @@ class Store:
 
     def presence(self, device):
         """D's presence record as stored (bytes), or None."""
-        return self.client.call(b"GET", _keys(device) + b"node")
+        return self.client.call(b"GET", _keys(device) + layout.NODE)
 
     # -- batched calls ---------------------------------------------------------------
 
@@ -204,16 +164,13 @@ class Store:
         callable, not a Deferred: one per message was a tenth of chatd's
         time under load."""
         prefix = _keys(receiver)
-        keys = [prefix + b"token", prefix + b"seq", prefix + b"inbox",
-                prefix + b"dedup:" + hashlib.blake2b(
-                    raw or text.encode("utf-8"), digest_size=16).hexdigest().encode()]
-        if ref is None:
-            keys.append(prefix + b"ref:-")
-        else:
-            keys.append(prefix + b"ref:" + hashlib.blake2b(
-                ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest().encode())
-        keys.append(prefix + b"node")
-        self._sends.append((keys, ref is not None, packets.push_tail(sender, receiver, text),
+        # the six keys of send.lua, in its order (TOKEN .. NODE)
+        keys = [prefix + layout.TOKEN, prefix + layout.SEQ, prefix + layout.INBOX,
+                layout.dedup_key(receiver, raw or text.encode("utf-8")),
+                prefix + layout.REF + b"-" if ref is None
+                else layout.ref_key(receiver, sender, ref),
+                prefix + layout.NODE]
+        self._sends.append((keys, ref is not None, layout.push_tail(sender, receiver, text),
                             done))
         self._queued(len(self._sends))
 
@@ -221,7 +178,7 @@ class Store:
         """Remove D's messages with ids up to ``upto`` (an int); acks of one
         device in one batch are folded into the highest. ``done(None)`` or
         ``done(failure)`` is called once (a plain callable, as for sends)."""
-        key = _keys(device) + b"inbox"
+        key = _keys(device) + layout.INBOX
         pending = self._acks.get(key)
         if pending is None:
             pending = self._acks[key] = [upto, [done]]
@@ -258,13 +215,7 @@ class Store:
         keys of one slot there. Pipelined on each primary's connection, a
         batch per slot costs one call per slot instead of one per batch (see
         README "Stores")."""
-        slot_of = getattr(self.client, "slot_of", None)
-        if slot_of is None:
-            return [items]
-        groups = {}
-        for item in items:
-            groups.setdefault(slot_of(key(item)), []).append(item)
-        return list(groups.values())
+        return self.client.split(items, key)
 
     def _send_batch(self, sends):
         for group in self._by_slot(sends, lambda s: s[0][0]):
@@ -280,18 +231,16 @@ class Store:
         d = self.client.script("send", keys, [
             b"%d" % now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
             self.node_id, *tails])
-        d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
+        d.addCallbacks(self._sent, self._failed, (sends,), None, (sends,))
 
-    def _sent(self, reply, sends, now):
+    def _sent(self, reply, sends):
         self._done(len(sends))
         if reply == [b"late"]:
             return self._failed(None, sends)
         for i, (_, _, tail, done) in enumerate(sends):
             code, server_id = reply[2 * i], reply[2 * i + 1]
-            if code == b"a":
-                server_id = server_id.decode("ascii")
-                result = SendResult("accepted", server_id,
-                                    packets.push_line(server_id, now, tail))
+            if code == b"a":  # the stored message, as send.lua built it
+                result = SendResult("accepted", layout.entry_id_text(server_id), server_id)
             elif code == b"ra":
                 result = SendResult("accepted", server_id.decode("ascii"))
             else:

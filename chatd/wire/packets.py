@@ -469,33 +469,3 @@ def error_from(exc):
 def format_id(n):
     """int -> the server id string (fixed width: sorts as text and as a number)."""
     return "%0*d" % (ID_WIDTH, n)
-
-
-#: a stored message is its push line without the newline; the store's Lua
-#: scripts build it from these pieces (see chatd/lua/send.lua) and read the id
-#: back at a fixed offset
-PUSH_HEAD = '{"type":"message","id":"'
-PUSH_MID = '","sent_at":'
-
-
-def push_tail(sender, receiver, text):
-    """The part of a stored message that follows its sent_at value, as bytes.
-    (Ids are validated against :data:`ID_RE`, whose characters need no JSON
-    escaping.)"""
-    return (',"sender":"%s","receiver":"%s","message":%s}' % (
-        sender, receiver, _dumps(text))).encode("utf-8")
-
-
-_HEAD = PUSH_HEAD.encode("ascii")
-_MID = PUSH_MID.encode("ascii")
-
-
-def push_line(server_id, sent_at, tail):
-    """The stored form of a message (see :func:`push_tail`), as bytes."""
-    return b"%s%s%s%d%s" % (_HEAD, server_id.encode("ascii"), _MID, sent_at, tail)
-
-
-def entry_id(entry):
-    """The server id (int) of a stored message."""
-    start = len(PUSH_HEAD)
-    return int(entry[start:start + ID_WIDTH])

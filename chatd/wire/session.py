@@ -28,7 +28,7 @@ from chatd.wire import ratelimit
 from chatd.wire import timers
 from chatd.wire.output import Outbox, write_now
 from chatd.wire.packets import PacketError
-from chatd.redis.client import StoreFull, StoreUnavailable
+from chatd.errors import StoreFull, StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
 CLOSE_GRACE = 5.0

@@ -1,7 +1,7 @@
 -- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
 -- Bind a device to this node (register or reconnect): the presence record
 -- names this node with a new epoch, under a lease; whoever held it before is
--- told to let go (a kick on the device's notify channel, see chatd/notify.py).
+-- told to let go (a kick on the device's notify channel, see chatd/store/layout.py).
 --
 -- KEYS[1] presence ("<node id> <epoch>", with a lease), KEYS[2] epoch
 --   counter (never expires), KEYS[3] the device's notify channel

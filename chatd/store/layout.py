@@ -1,0 +1,181 @@
+"""
+The store's layout, in one place: key names, the notify channel and its
+payloads, and the stored form of a message. chatd's store steps
+(:mod:`chatd.store.steps`), its Lua (through the constants that
+:func:`lua_constants` writes into the library's prelude), ``chatd-admin``
+and the tests all read it from here.
+
+Per destinationId ``D`` (every key carries the hash tag ``{D}``, so that all
+of one device's data sits in one Redis Cluster slot and each Lua step
+touches one slot):
+
+``chatd:{D}:token``
+    SHA-256 of D's current token. Exists = D is registered. Register
+    overwrites it, which revokes every older token; ``chatd-admin revoke``
+    sets it to ``revoked``. Never expires.
+``chatd:{D}:seq``
+    D's id counter. Never expires, so ids keep increasing for the life of the
+    store, across restarts and after the inbox empties.
+``chatd:{D}:inbox``
+    A list of D's waiting messages, oldest first, each stored as its push line
+    (:func:`push_tail`, built by ``send.lua``), so that a push is a copy,
+    never a re-encoding. A list rather than a stream: reading it back through
+    txredisapi is about 3x faster (flat replies), and ids are kept by the
+    counter instead. Only the head is ever removed (acks, expiry), so the
+    ids in it are consecutive and the scripts find an id by arithmetic.
+``chatd:{D}:proof:<hash of a proof ticket>``
+    Marks a registration ticket as used, until it expires (a ticket is good
+    for one register).
+``chatd:{D}:dedup:<hash of text>``
+    Marks a text accepted for D within the dedup window (``SET PX``).
+``chatd:{D}:ref:<hash of sender and ref>``
+    The first reply to a (sender, ref) sent to D, for ``--ref-ttl``.
+    Scoped to the receiver (the hash tag): a ref reused for another receiver
+    is a new send.
+``chatd:{D}:node``
+    Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
+    with a lease (``PX``) that node keeps renewing (:mod:`chatd.hub.presence`);
+    a dead node's records run out on their own.
+``chatd:{D}:epoch``
+    D's bind counter: every register/reconnect takes the next epoch; the
+    highest one holds D. Never expires (like ``seq``).
+``chatd:{D}:notify``
+    Not a key: D's sharded pub/sub channel. Its payloads, ASCII:
+
+    ``m <push line>``
+        A message was accepted for D (published by ``send.lua``, in the step
+        that stores it, only when D's presence names another node). A hint:
+        the inbox is the truth.
+    ``k <epoch> <node id>``
+        D was bound on that node with that epoch (``claim.lua``): a node
+        holding D with a lower epoch closes its connection.
+    ``revoked``
+        The operator revoked D's tokens (``chatd-admin revoke``/``purge``).
+"""
+
+import hashlib
+import json
+
+from chatd.wire.packets import ID_WIDTH
+
+#: key suffixes (after ``chatd:{D}:``)
+TOKEN = b"token"
+SEQ = b"seq"
+INBOX = b"inbox"
+PROOF = b"proof:"
+DEDUP = b"dedup:"
+REF = b"ref:"
+NODE = b"node"
+EPOCH = b"epoch"
+NOTIFY = b"notify"
+#: the token value that ``chatd-admin revoke`` writes: no token matches it
+REVOKED = b"revoked"
+
+
+def prefix(device):
+    """The prefix of D's keys, ``chatd:{D}:``, as bytes."""
+    return b"chatd:{%s}:" % device.encode("ascii")
+
+
+def key(device, suffix):
+    return prefix(device) + suffix
+
+
+def device_of(name, suffix):
+    """``chatd:{D}:<suffix>`` (bytes) -> D, or None if it is not of that form."""
+    head, tail = b"chatd:{", b"}:" + suffix
+    if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+        return name[len(head):-len(tail)].decode("ascii", "replace")
+    return None
+
+
+def pattern(suffix):
+    """A SCAN pattern for one kind of key of every device."""
+    return "chatd:{*}:" + suffix.decode("ascii")
+
+
+def channel(device):
+    """D's notify channel."""
+    return prefix(device) + NOTIFY
+
+
+def proof_key(device, ticket):
+    return prefix(device) + PROOF + hashlib.sha256(ticket.encode("utf-8")).hexdigest().encode()
+
+
+def dedup_key(device, text_bytes):
+    return prefix(device) + DEDUP + hashlib.blake2b(
+        text_bytes, digest_size=16).hexdigest().encode()
+
+
+def ref_key(device, sender, ref):
+    return prefix(device) + REF + hashlib.blake2b(
+        ("%s\0%r" % (sender, ref)).encode("utf-8"), digest_size=16).hexdigest().encode()
+
+
+# -- notify payloads --------------------------------------------------------------
+
+def parse_notice(payload):
+    """A payload as ``(kind, value)``: ``("m", entry)``, ``("k", (epoch,
+    node))``, ``("revoked", None)``; None if it is none of these (a newer
+    node's payload: logged and ignored)."""
+    if payload == REVOKED:
+        return "revoked", None
+    kind, _, rest = payload.partition(b" ")
+    if kind == b"m" and rest:
+        return "m", rest
+    if kind == b"k":
+        epoch, _, node = rest.partition(b" ")
+        if epoch.isdigit():
+            return "k", (int(epoch), node.decode("ascii", "replace"))
+    return None
+
+
+# -- the stored message ----------------------------------------------------------
+
+#: a stored message is its push line without the newline:
+#: ENTRY_HEAD <id> ENTRY_MID <sent_at> <tail>. ``send.lua`` builds it and
+#: returns it; the Lua reads the id back at a fixed offset.
+ENTRY_HEAD = b'{"type":"message","id":"'
+ENTRY_MID = b'","sent_at":'
+#: where the id is in a stored message (0-based, end excluded)
+ID_START = len(ENTRY_HEAD)
+ID_END = ID_START + ID_WIDTH
+SENT_AT_START = ID_END + len(ENTRY_MID)
+
+_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def push_tail(sender, receiver, text):
+    """The part of a stored message that follows its sent_at value, as bytes.
+    (Ids are destinationIds, whose characters need no JSON escaping.)"""
+    return (',"sender":"%s","receiver":"%s","message":%s}' % (
+        sender, receiver, _text(text))).encode("utf-8")
+
+
+def entry_id(entry):
+    """The server id (int) of a stored message."""
+    return int(entry[ID_START:ID_END])
+
+
+def entry_id_text(entry):
+    """The server id (str) of a stored message."""
+    return entry[ID_START:ID_END].decode("ascii")
+
+
+def entry_sent_at(entry):
+    """When a stored message was accepted (ms since the epoch), or None."""
+    digits = entry[SENT_AT_START:SENT_AT_START + 20].split(b",", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def lua_constants():
+    """The constants above that the Lua needs, as Lua source: written at
+    the top of the library's prelude (:mod:`chatd.store.library`)."""
+    def s(b):
+        return '"%s"' % b.decode("ascii").replace("\\", "\\\\").replace('"', '\\"')
+    return ("-- from chatd/store/layout.py\n"
+            "local ENTRY_HEAD, ENTRY_MID = %s, %s\n"
+            "local ID_FIRST, ID_LAST, SENT_AT_FIRST = %d, %d, %d\n"
+            "local NOTIFY = %s\n" % (s(ENTRY_HEAD), s(ENTRY_MID), ID_START + 1, ID_END,
+                                     SENT_AT_START + 1, s(NOTIFY))).encode("ascii")
