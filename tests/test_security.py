@@ -470,7 +470,8 @@ def test_the_data_dir_is_private(tmp_path):
     other users can enter or that another user owns, saying what to do."""
     import os
     import stat
-    from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
+    from chatd.redis.embedded import EmbeddedStore
+    from chatd.redis.embedded_dir import EmbeddedStoreError
     from tests.helpers import server_binary
     fresh = tmp_path / "fresh" / "data"
     old = os.umask(0)

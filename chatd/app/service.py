@@ -230,7 +230,8 @@ def build(settings):
     """The root service of a chatd node."""
     root = SequentialMultiService()
     if settings.redis is None:
-        from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
+        from chatd.redis.embedded import EmbeddedStore
+        from chatd.redis.embedded_dir import EmbeddedStoreError
         store = EmbeddedStore(settings.data_dir, max_memory=settings.store_max_memory)
         try:
             store.claim()
