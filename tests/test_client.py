@@ -24,7 +24,10 @@ from twisted.internet import defer, error, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from chatd.client import cli
+from chatd.client import cli, formatting
+from chatd.client.connection import Session, id_order
+from chatd.client.tokens import TokenFile, default_state_dir
+from chatd.client.ui import Command, parse_command
 from tests.helpers import DEADLINE, registered, wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
@@ -37,15 +40,15 @@ def test_format_push_today_and_older():
     push = {"type": "message", "id": "0000000000000001", "sender": "bob",
             "receiver": "alice", "message": "hi alice", "sent_at": int(now * 1000)}
     expected = "[%s] bob: hi alice" % time.strftime("%H:%M:%S", time.localtime(now))
-    assert cli.format_push(push, now=now) == expected
+    assert formatting.format_push(push, now=now) == expected
     old = dict(push, sent_at=int((now - 3 * 86400) * 1000))
     assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] bob: hi alice",
-                        cli.format_push(old, now=now))
+                        formatting.format_push(old, now=now))
 
 
 def test_format_push_is_safe_for_a_terminal():
     push = {"sender": "bob", "message": "a\x1b[2Jb\tc\nsecond line", "sent_at": 0}
-    line = cli.format_push(push, now=0)
+    line = formatting.format_push(push, now=0)
     assert "\x1b" not in line and "\\x1b[2Jb    c" in line
     first, second = line.split("\n")
     # the second line of a text starts under the first one's text
@@ -56,53 +59,53 @@ def test_colours_only_on_a_terminal_without_no_color():
     class Tty:
         def isatty(self):
             return True
-    assert cli.Style.for_stream(Tty(), {}).colour
-    assert not cli.Style.for_stream(Tty(), {"NO_COLOR": "1"}).colour
-    assert not cli.Style.for_stream(open(os.devnull), {}).colour
-    painted = cli.format_push({"sender": "bob", "message": "hi", "sent_at": 0},
-                              cli.Style(True), now=0)
+    assert formatting.Style.for_stream(Tty(), {}).colour
+    assert not formatting.Style.for_stream(Tty(), {"NO_COLOR": "1"}).colour
+    assert not formatting.Style.for_stream(open(os.devnull), {}).colour
+    painted = formatting.format_push({"sender": "bob", "message": "hi", "sent_at": 0},
+                                     formatting.Style(True), now=0)
     assert "\x1b[" in painted and painted.endswith(" hi")
 
 
 def test_replies_in_words():
-    assert cli.describe_reply("bob", {"type": "accepted", "id": "1"}) == ("ok", "sent to bob")
-    kind, words = cli.describe_reply("bob", {"type": "duplicate", "receiver": "bob"})
+    assert formatting.describe_reply("bob", {"type": "accepted", "id": "1"}) == ("ok", "sent to bob")
+    kind, words = formatting.describe_reply("bob", {"type": "duplicate", "receiver": "bob"})
     assert kind == "warn" and words.startswith("not sent: bob got the same text")
     assert words.endswith("(duplicate)")
-    assert cli.describe_reply("bob", {
+    assert formatting.describe_reply("bob", {
         "type": "error", "code": "unknown_receiver", "reason": "bob has never registered",
     }) == ("error", "error: bob has never registered (unknown_receiver)")
-    assert cli.describe_error({"code": "inbox_full"}) == "inbox full (inbox_full)"
+    assert formatting.describe_error({"code": "inbox_full"}) == "inbox full (inbox_full)"
 
 
 def test_connection_failures_in_words():
-    assert cli.failure_words(error.ConnectionRefusedError()) == "connection refused"
-    assert cli.failure_words(error.DNSLookupError("x")) == "no such host"
-    assert cli.failure_words(error.TimeoutError()) == "timed out"
+    assert formatting.failure_words(error.ConnectionRefusedError()) == "connection refused"
+    assert formatting.failure_words(error.DNSLookupError("x")) == "no such host"
+    assert formatting.failure_words(error.TimeoutError()) == "timed out"
 
 
 def test_server_ids_sort_as_numbers():
     ids = ["0000000000000010", "0000000000000009", "11", "9"]
-    assert sorted(ids, key=cli.id_order) == ["9", "11", "0000000000000009", "0000000000000010"]
+    assert sorted(ids, key=id_order) == ["9", "11", "0000000000000009", "0000000000000010"]
 
 
 # -- what is typed -----------------------------------------------------------------
 
 @pytest.mark.parametrize("line, command", [
-    ("hello", cli.Command("send", text="hello")),
-    ("  spaced  ", cli.Command("send", text="  spaced  ")),
-    ("//not a command", cli.Command("send", text="/not a command")),
-    ("", cli.Command("nothing")),
-    ("   ", cli.Command("nothing")),
-    ("/to bob", cli.Command("to", peer="bob")),
-    ("/to  0011001100  ", cli.Command("to", peer="0011001100")),
-    ("/to bob hi there", cli.Command("to", peer="bob", text="hi there")),
-    ("/help", cli.Command("help")),
-    ("/quit", cli.Command("quit")),
-    ("/QUIT", cli.Command("quit")),
+    ("hello", Command("send", text="hello")),
+    ("  spaced  ", Command("send", text="  spaced  ")),
+    ("//not a command", Command("send", text="/not a command")),
+    ("", Command("nothing")),
+    ("   ", Command("nothing")),
+    ("/to bob", Command("to", peer="bob")),
+    ("/to  0011001100  ", Command("to", peer="0011001100")),
+    ("/to bob hi there", Command("to", peer="bob", text="hi there")),
+    ("/help", Command("help")),
+    ("/quit", Command("quit")),
+    ("/QUIT", Command("quit")),
 ])
 def test_parse_command(line, command):
-    assert cli.parse_command(line) == command
+    assert parse_command(line) == command
 
 
 @pytest.mark.parametrize("line, words", [
@@ -111,7 +114,7 @@ def test_parse_command(line, command):
     ("/frobnicate", "unknown command /frobnicate"),
 ])
 def test_parse_command_mistakes(line, words):
-    command = cli.parse_command(line)
+    command = parse_command(line)
     assert command.kind == "bad" and words in command.text
 
 
@@ -144,17 +147,17 @@ def test_command_line_mistakes(argv, capsys):
 # -- where the token lives -----------------------------------------------------------
 
 def test_state_dir_follows_xdg(tmp_path):
-    assert cli.default_state_dir({"XDG_STATE_HOME": str(tmp_path)}) == \
+    assert default_state_dir({"XDG_STATE_HOME": str(tmp_path)}) == \
         str(tmp_path / "chatd-client")
     home = os.path.expanduser("~")
     for environ in ({}, {"XDG_STATE_HOME": "relative/is/ignored"}):
-        assert cli.default_state_dir(environ) == os.path.join(
+        assert default_state_dir(environ) == os.path.join(
             home, ".local", "state", "chatd-client")
 
 
 def test_token_file(tmp_path):
     directory = tmp_path / "state" / "chatd-client"
-    tokens = cli.TokenFile(str(directory), "::1", 5000, "0011001100")
+    tokens = TokenFile(str(directory), "::1", 5000, "0011001100")
     assert tokens.load() is None
     tokens.save("secret-1")
     assert tokens.load() == "secret-1"
@@ -164,8 +167,8 @@ def test_token_file(tmp_path):
     assert tokens.load() == "secret-2"
     assert os.listdir(directory) == [os.path.basename(tokens.path)]  # no temp file left
     # one file per server and id
-    assert cli.TokenFile(str(directory), "::1", 5001, "0011001100").load() is None
-    assert cli.TokenFile(str(directory), "::1", 5000, "0011001101").load() is None
+    assert TokenFile(str(directory), "::1", 5001, "0011001100").load() is None
+    assert TokenFile(str(directory), "::1", 5000, "0011001101").load() is None
     with open(tokens.path, "w") as f:
         f.write("{not json")
     assert tokens.load() is None
@@ -229,11 +232,11 @@ def push(n, text):
 
 
 def make_session(tmp_path, token=None, **kw):
-    tokens = cli.TokenFile(str(tmp_path), "h", 1, "alice")
+    tokens = TokenFile(str(tmp_path), "h", 1, "alice")
     if token:
         tokens.save(token)
     server, ui, clock = FakeServer(), RecordingUi(), task.Clock()
-    session = cli.Session("alice", tokens, ui, server.connect, clock, "h:1", **kw)
+    session = Session("alice", tokens, ui, server.connect, clock, "h:1", **kw)
     return session, server, ui, clock, tokens
 
 
@@ -252,7 +255,7 @@ def test_session_registers_then_reconnects_with_the_saved_token(tmp_path):
 
 
 def test_register_option_forces_a_new_token(tmp_path):
-    cli.TokenFile(str(tmp_path), "h", 1, "alice").save("old")
+    TokenFile(str(tmp_path), "h", 1, "alice").save("old")
     session, server, ui, clock, tokens = make_session(tmp_path, new_token=True)
     session.start()
     assert server.written() == [{"register": "true", "sender": "alice"}]

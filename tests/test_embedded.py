@@ -14,7 +14,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError, find_server_binary
+from chatd.redis.embedded import EmbeddedStore, find_server_binary
+from chatd.redis.embedded_dir import EmbeddedStoreError
 
 WAIT = 10  # deadline of every wait (s)
 

@@ -239,14 +239,15 @@ async def test_the_terminal_client_gets_every_send_through_the_limit(chatd, tmp_
     written after it (their refs make a resend of an accepted one harmless)."""
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from chatd.client import cli
+    from chatd.client.connection import Session
+    from chatd.client.tokens import TokenFile
     from tests.helpers import with_deadline
     from tests.test_client import RecordingUi
     # a window of 32 sends in flight against bursts of 20
     node = await chatd(rate_limit=20.0, rate_burst=20)
     ui = RecordingUi()
-    session = cli.Session(
-        "pasting", cli.TokenFile(str(tmp_path), "h", 1, "pasting"), ui,
+    session = Session(
+        "pasting", TokenFile(str(tmp_path), "h", 1, "pasting"), ui,
         lambda proto: connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", node.port),
                                       proto), reactor, "chatd")
     session.start()
@@ -469,7 +470,8 @@ def test_the_data_dir_is_private(tmp_path):
     other users can enter or that another user owns, saying what to do."""
     import os
     import stat
-    from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
+    from chatd.redis.embedded import EmbeddedStore
+    from chatd.redis.embedded_dir import EmbeddedStoreError
     from tests.helpers import server_binary
     fresh = tmp_path / "fresh" / "data"
     old = os.umask(0)

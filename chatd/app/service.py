@@ -26,7 +26,8 @@ from chatd.hub.router import Hub
 from chatd.ops.metrics import MetricsService
 from chatd.redis.client import RedisClient
 from chatd.redis.cluster import ClusterClient, ClusterError
-from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
+from chatd.redis.embedded import EmbeddedStore
+from chatd.redis.embedded_dir import EmbeddedStoreError
 from chatd.redis.sentinel import SentinelEndpoint, SentinelError, UnknownMaster
 from chatd.redis.target import RedisTarget
 from chatd.store.library import Library
