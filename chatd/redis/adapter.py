@@ -22,6 +22,7 @@ Errors of txredisapi are turned into chatd's here too (:func:`is_error_reply`,
 import dataclasses
 
 import txredisapi
+from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
@@ -38,7 +39,48 @@ ConnectionLost = txredisapi.ConnectionError
 _log = Logger(namespace="chatd.redis")
 
 
-class _Protocol(txredisapi.RedisProtocol):
+#: seconds between connection attempts while the store refuses chatd's
+#: credentials (an operator's mistake: retried slowly, with a critical log)
+REFUSED_RETRY = 2.0
+REFUSED_RETRY_MAX = 15.0
+
+
+class _Handshake:
+    """AUTH and SELECT, as txredisapi does them, except for what a failure
+    means. txredisapi stops reconnecting for good after any failure during
+    AUTH, a connection lost in the middle (a network blip, a TLS failure)
+    included, which left a node without its store until it was restarted.
+    Here only an error reply of the store (``-WRONGPASS``, ``-NOAUTH``, a bad
+    database) is a refusal, and even that is retried, slowly
+    (:meth:`ConnectionFactory.refused`); a lost connection is an outage like
+    any other, retried at once."""
+
+    @defer.inlineCallbacks
+    def connectionMade(self):
+        try:
+            if self.password is not None:
+                reply = yield self.auth(self.password, self.username)
+                if isinstance(reply, ErrorReply):
+                    raise reply
+            if self.dbid is not None:
+                reply = yield self.select(self.dbid)
+                if isinstance(reply, ErrorReply):
+                    raise reply
+        except ErrorReply as e:
+            self.factory.refused(str(e))
+            self.transport.loseConnection()
+            return
+        except Exception:
+            self.transport.loseConnection()  # lost: the slot reconnects
+            return
+        self.factory.accepted()
+        self._ready = True
+        waiting, self._waiting_for_connect = self._waiting_for_connect, []
+        for d in waiting:
+            d.callback(self)
+
+
+class _Protocol(_Handshake, txredisapi.RedisProtocol):
     """txredisapi's protocol (hiredis-backed when hiredis is installed) with
     :func:`encode_command` as its encoder."""
 
@@ -71,7 +113,7 @@ class _Protocol(txredisapi.RedisProtocol):
         return self.replyQueue.get().addCallback(self.handle_reply)
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+class _SubscriberProtocol(_Handshake, txredisapi.SubscriberProtocol):
     """txredisapi does AUTH and SELECT; after that every reply is a pub/sub
     event for the factory's owner (txredisapi knows only the unsharded
     ``message``/``subscribe``)."""
@@ -94,6 +136,28 @@ class ConnectionFactory(txredisapi.RedisFactory):
     # reconnect soon after the store is back
     initialDelay = 0.2
     maxDelay = 2
+    _refused_logged = None
+
+    def refused(self, why):
+        """The store refused the credentials (or the database): say so,
+        critically (once a minute at most), and retry slowly: an operator
+        may fix the store's password without restarting chatd."""
+        self.initialDelay, self.maxDelay = REFUSED_RETRY, REFUSED_RETRY_MAX
+        now = self.clock.seconds()
+        if self._refused_logged is None or now - self._refused_logged >= 60:
+            self._refused_logged = now
+            _log.critical(
+                "the store {store} refused chatd's credentials or database ({why}); "
+                "retrying every {delay:g}s or so: fix the password "
+                "(--redis-password-file) or the store", store=self.uuid, why=why,
+                delay=REFUSED_RETRY)
+
+    def accepted(self):
+        """Connected and authenticated: reconnect soon again after a loss."""
+        if self._refused_logged is not None:
+            _log.info("the store {store} accepted chatd's credentials", store=self.uuid)
+            self._refused_logged = None
+        self.initialDelay, self.maxDelay = type(self).initialDelay, type(self).maxDelay
 
     def addConnection(self, conn):
         super().addConnection(conn)
@@ -113,14 +177,13 @@ def start_factory(factory_class, target, timeout, reactor, **attributes):
     t = target
     factory = factory_class(t.describe(), t.db or None, 1, True, txredisapi.ConnectionHandler,
                             None, t.password, None, False, t.username)
+    factory.clock = reactor
     for name, value in attributes.items():
         setattr(factory, name, value)
     endpoint = endpoint_for(t, timeout, reactor)
-    # txredisapi fails this Deferred when AUTH is refused (and stops
-    # retrying); the owner says so plainly (the store client does), or it is
-    # dropped here rather than left as an unhandled error
-    factory.deferred.addErrback(getattr(attributes.get("owner"), "_auth_failed",
-                                        lambda f: None))
+    # txredisapi would fail this Deferred on a refused AUTH; _Handshake
+    # never does, but an unhandled error must not be left behind
+    factory.deferred.addErrback(lambda f: None)
     factory.startConnecting(endpoint)
     factory.endpoint = endpoint
     return factory

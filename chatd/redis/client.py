@@ -96,12 +96,6 @@ class RedisClient:
         self._watchdog.start(min(self.timeout / 4, 0.25), now=False)
         return self
 
-    def _auth_failed(self, failure):
-        self.log.error("the store {store} refused chatd's credentials ({why}); chatd "
-                       "will not try again: fix the password (--redis-password-file) "
-                       "and restart", store=self.target.describe(),
-                       why=failure.getErrorMessage())
-
     def when_connected(self, timeout):
         """Deferred that fires once connected, or after ``timeout`` regardless
         (with False), so that a node can start while its store is down."""
