@@ -200,9 +200,11 @@ async def test_a_start_with_the_store_down_listens_and_recovers(chatd, clients, 
 
 @pytest.mark.slow
 def test_a_start_that_fails_exits_and_says_why(tmp_short):
-    """``twistd -n chatd`` on a port that is taken: it says so and exits,
-    and stops the embedded store it had started (nothing left running).
-    (Broken: the failure logged, but the reactor not stopped.)"""
+    """``twistd -n chatd`` on a port that is taken: it says so and exits
+    with a non-zero status (systemd and scripts read it), and stops the
+    embedded store it had started (nothing left running).
+    (Broken: the failure logged, but the reactor not stopped; or the exit
+    status 0, twistd's after reactor.stop.)"""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
@@ -212,10 +214,11 @@ def test_a_start_that_fails_exits_and_says_why(tmp_short):
     try:
         proc.start()
         try:
-            proc.wait(30)  # (its exit code is 0: twistd's, after reactor.stop)
+            status = proc.wait(30)
         except Exception:
             raise AssertionError("chatd did not exit:\n" + proc.log()[-3000:]) from None
         log = proc.log()
+        assert status == 1, (status, log)
         assert "chatd: could not start" in log and "Address already in use" in log, log
         assert "chatd listening" not in log, log
         wait_for(lambda: not group_members(proc.pid), DEADLINE, "the embedded store stopping")

@@ -184,7 +184,11 @@ class ChatService(service.Service):
         self._starting.addBoth(lambda r: (d.callback(None), r)[1])
         return d
 
+    #: why the node could not start (None: it started, or is starting)
+    start_error = None
+
     def _failed(self, failure):
+        self.start_error = failure.getErrorMessage() or failure.type.__name__
         if failure.check(ClusterError):  # the operator's to fix: no traceback
             self.log.error("chatd could not start: {e}", e=failure.getErrorMessage())
         else:
@@ -251,6 +255,7 @@ def build(settings):
     else:
         ready, target = None, settings.redis
     chat = ChatService(settings, target, ready)
+    root.chat = chat
     if settings.metrics:
         # before the chat service: it stops after it (/health says "shutting down")
         MetricsService(settings.metrics, chat).setServiceParent(root)

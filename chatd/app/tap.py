@@ -3,8 +3,11 @@ twistd glue: the ``chatd`` command line (:class:`Options`) and the service
 tree it starts (:func:`makeService`).
 """
 
+import atexit
 import dataclasses
 import functools
+import os
+import sys
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -253,4 +256,17 @@ def makeService(options):
         log.warn("{warning}", warning=warning)
     root = build(options.settings)
     tune_gc()  # this process is twistd's, serving chatd
+    atexit.register(_exit_status, root.chat)
     return root
+
+
+def _exit_status(chat):
+    """twistd exits 0 once its reactor has stopped, whatever stopped it;
+    systemd, Kubernetes and scripts read the status, so a node that could
+    not start makes the process exit 1 (after twistd has cleaned up: this
+    runs at the interpreter's exit). The one-line reason is on stderr
+    already (:meth:`chatd.app.service.ChatService._failed`)."""
+    if chat.start_error is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -57,6 +57,8 @@ def main():
 
     stdio.StandardIO(_Lifeline(parent_gone), stdout=os.open(os.devnull, os.O_WRONLY))
     reactor.run()
+    if chat.start_error is not None:
+        sys.exit(1)  # the pool logs it and starts the worker again
 
 
 if __name__ == "__main__":
