@@ -86,22 +86,42 @@ def worker_pids(proc):
     return out
 
 
+def listen_backlogs(port):
+    """The backlog of every socket listening on 127.0.0.1:port (``ss``
+    shows it as the Send-Q of a listening socket)."""
+    import subprocess
+    out = subprocess.run(["ss", "-ltnH", "sport", "=", ":%d" % port], capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(int(line.split()[2]) for line in out.splitlines() if line.strip())
+
+
 @pytest.mark.slow
 @ensure
 async def test_workers_share_the_port_and_a_killed_worker_loses_nothing(tmp_short):
     """``--workers 2`` on the embedded store: connections to the one port
-    land on both processes (two node ids hold devices); SIGKILL of the
-    worker loses nothing (its devices reconnect to the same port and get
-    every message) and it is started again; SIGTERM stops everything."""
+    land on both processes (two node ids hold devices); the --websocket
+    listener is shared too (it used to fail in the worker with "Address
+    already in use", and restart forever), and every shared port listens
+    with a backlog of 1024 (it was 50); SIGKILL of the worker loses nothing
+    (its devices reconnect to the same port and get every message) and it is
+    started again; SIGTERM stops everything."""
+    import re
+
     from tests.helpers import redis_command
     data = os.path.join(tmp_short, "data")
     proc = ChatdProcess(tmp_short, ["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
+                                    "--websocket", "tcp:0:interface=127.0.0.1",
                                     "--data-dir", data, "--presence-lease", "2s"])
     conns = []
     try:
         port = await proc.start().await_listening()
-        await wait_until(lambda: "chatd worker 1 listening" in proc.log(), 30,
+        await wait_until(lambda: "chatd worker 1 listening" in proc.log()
+                         and "chatd worker 1 web page on" in proc.log(), 30,
                          "the worker listening")
+        web = int(re.search(r"chatd web page on http://[\d.]+:(\d+)/", proc.log()).group(1))
+        assert listen_backlogs(port) == [1024, 1024]
+        assert listen_backlogs(web) == [1024, 1024]
+        assert "ended" not in proc.log(), proc.log()[-3000:]
         store = lambda *a: redis_command(os.path.join(data, "valkey.sock"), *a)
         tokens = {}
         for i in range(40):

@@ -121,15 +121,11 @@ class ChatService(service.Service):
         self.presence.start(hub)
         self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
-        for i, description in enumerate((self.settings.port,) + tuple(self.settings.listen)):
-            if self.shared:  # --workers: one port, several processes
-                if self.given_ports is not None and description.startswith("unix:"):
-                    continue  # the parent's alone
-                port = yield listen_shared(self.reactor, description, self.factory,
-                                            self.given_ports and self.given_ports[i])
-            else:
-                endpoint = endpoints.serverFromString(self.reactor, with_backlog(description))
-                port = yield endpoint.listen(self.factory)
+        chat = (self.settings.port,) + tuple(self.settings.listen)
+        for i, description in enumerate(chat):
+            port = yield self._listen(description, self.factory, i)
+            if port is None:
+                continue
             self.ports.append(port)
             host = port.getHost()
             where = getattr(host, "name", None) or "%s:%s" % (host.host, host.port)
@@ -146,13 +142,31 @@ class ChatService(service.Service):
 
         if self.settings.websocket:
             web = site(self.factory)
-        for description in self.settings.websocket:
-            port = yield endpoints.serverFromString(self.reactor, description).listen(web)
+        for i, description in enumerate(self.settings.websocket):
+            port = yield self._listen(description, web, len(chat) + i)
+            if port is None:
+                continue
             self.web_ports.append(port)
             host = port.getHost()
             scheme = "https" if description.startswith("ssl:") else "http"
             where = getattr(host, "name", None) or "%s://%s:%s/" % (scheme, host.host, host.port)
-            self.log.info("chatd web page on {where} (WebSocket at /ws)", where=where)
+            self.log.info("{role} web page on {where} (WebSocket at /ws)", role=self.role,
+                          where=where)
+
+    def _listen(self, description, factory, index):
+        """Listen on one endpoint (a backlog of 1024 unless it says otherwise):
+        Deferred of the port, or of None for a worker's unix socket (the
+        parent's alone). With --workers every process listens on the same
+        TCP/TLS port (``SO_REUSEPORT``); a worker is given the parent's port
+        numbers (``given_ports``: the chat listeners, then the web ones), so
+        that a port 0 resolves to the same port everywhere."""
+        description = with_backlog(description)
+        if not self.shared:
+            return endpoints.serverFromString(self.reactor, description).listen(factory)
+        if self.given_ports is not None and description.startswith("unix:"):
+            return defer.succeed(None)
+        given = self.given_ports[index] if self.given_ports is not None else None
+        return listen_shared(self.reactor, description, factory, given)
 
     @defer.inlineCallbacks
     def _check_sentinels(self):

@@ -47,7 +47,8 @@ class WorkerSpec:
     index: int
     settings: object   # chatd.app.config.Settings, with workers=1
     target: object     # chatd.redis.target.RedisTarget of the shared store
-    ports: list        # the port number each listener of settings got (0 resolved)
+    ports: list        # the port number each listener got (0 resolved): the chat
+    #                    listeners of settings, then the --websocket ones
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -82,7 +83,8 @@ class WorkerPool(service.Service):
 
     def spec(self, index):
         return WorkerSpec(index, replace(self.settings, workers=1), self.target,
-                          [getattr(p.getHost(), "port", None) for p in self.chat.ports])
+                          [getattr(p.getHost(), "port", None)
+                           for p in self.chat.ports + self.chat.web_ports])
 
     def startService(self):
         service.Service.startService(self)
