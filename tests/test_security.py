@@ -644,6 +644,49 @@ def test_a_store_password_is_never_printed(tmp_path):
         assert "hunter2" not in text, text
 
 
+#: passwords that broke the old redaction (it stopped at the first / or @)
+AWKWARD_PASSWORDS = ("Pa/ssWord99", "Pa@ssWord99", "Pa%40ssWord99", "Pa:ss:Word99",
+                     "Pa/ss@Wo:rd99")
+#: every URL form, each with one of its errors (so that it is echoed)
+URL_FORMS = ("redis://:{pw}@h:99999999/0", "rediss://u:{pw}@h:6379/x",
+             "redis+sentinel://:{pw}@h:26379/", "redis+cluster://u:{pw}@h:1,bad/0",
+             "redis://:{pw}@/0")
+
+
+@pytest.mark.parametrize("password", AWKWARD_PASSWORDS)
+def test_no_form_of_store_url_prints_its_password(password):
+    """A password with / @ %40 or : in it: nothing of it is printed by an
+    error about the URL (twistd's option, chatd-admin), whatever its form;
+    a good URL with it parses to the password as typed (%40 decoded)."""
+    from twisted.python import usage
+    secret = password.replace("%40", "@")
+    pieces = [p for p in secret.replace("@", "/").replace(":", "/").split("/") if len(p) >= 4]
+    for form in URL_FORMS:
+        url = form.format(pw=password)
+        with pytest.raises(usage.UsageError) as e:
+            _parse("--redis", url)
+        for text in (str(e.value), _admin_error(url)):
+            assert "***" in text, text
+            assert not [p for p in pieces if p in text], (url, text)
+    target = _parse("--redis", "redis://user:%s@10.0.0.5:6380/1" % password).settings.redis
+    assert (target.username, target.password, target.host, target.port, target.db) == (
+        "user", secret, "10.0.0.5", 6380, 1)
+    target = _parse("--redis", "redis+cluster://:%s@h1:7000,h2:7001" % password).settings.redis
+    assert target.password == secret and target.seeds == (("h1", 7000), ("h2", 7001))
+    target = _parse("--redis", "redis+sentinel://:%s@s1:26379/mymaster/2" % password).settings.redis
+    assert (target.password, target.master, target.db) == (secret, "mymaster", 2)
+
+
+def _admin_error(url):
+    """What chatd-admin says about a bad --redis URL (its stderr)."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "chatd.ops.admin", "--redis", url, "stats"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    return p.stdout + p.stderr
+
+
 @ensure
 async def test_the_store_password_from_a_file(own_redis, tmp_path):
     """--redis-password-file: chatd authenticates with it, and neither the

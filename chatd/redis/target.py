@@ -52,14 +52,14 @@ _URL_FORMS = ("expected redis://[:password@]host:port/db, rediss://host:port/db,
               "or redis+cluster://host:port[,host:port...]")
 
 
-def _parse_sentinel_url(text, u, name):
+def _parse_sentinel_url(text, u, name, user, password):
     """``redis+sentinel://[[user]:password@]h:p[,h:p...]/<master>[/<db>]``
     (``rediss+sentinel`` for TLS to the primary). The password is the
     primary's; the sentinels are asked without one."""
     def refuse(problem):
         raise ValueError("--%s: %r: %s (%s)" % (name, redact_url(text), problem, _URL_FORMS))
 
-    userinfo, _, hosts = u.netloc.rpartition("@")
+    hosts = u.netloc
     sentinels = []
     for item in hosts.split(","):
         host, sep, port = item.strip().rpartition(":")
@@ -74,13 +74,10 @@ def _parse_sentinel_url(text, u, name):
         refuse("no master name (the name the sentinels monitor, e.g. /mymaster/0)")
     if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
         refuse("expected /<master>/<db> after the sentinels")
-    user, _, password = userinfo.partition(":")
     return RedisTarget(
         kind="sentinel", sentinels=tuple(sentinels), master=parts[0],
         db=int(parts[1]) if len(parts) == 2 and parts[1] else 0,
-        username=unquote(user) if user else None,
-        password=unquote(password) if password else None,
-        tls=u.scheme.startswith("rediss"))
+        username=user, password=password, tls=u.scheme.startswith("rediss"))
 
 
 def parse_redis_url(text, name="redis"):
@@ -90,12 +87,13 @@ def parse_redis_url(text, name="redis"):
     ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (or
     ``rediss+cluster://``)."""
     text = str(text).strip()
-    u = urlsplit(text)
+    bare, user, password = _userinfo(text)
+    u = urlsplit(bare)
     problem = None
     if u.scheme in ("redis+sentinel", "rediss+sentinel"):
-        return _parse_sentinel_url(text, u, name)
+        return _parse_sentinel_url(text, u, name, user, password)
     if u.scheme in ("redis+cluster", "rediss+cluster"):
-        return _cluster_target(u, text, name)
+        return _cluster_target(u, text, name, user, password)
     if u.scheme in ("redis", "rediss"):
         if not u.hostname:
             problem = "no host"
@@ -120,20 +118,18 @@ def parse_redis_url(text, name="redis"):
     if problem:
         raise ValueError(
             "--%s: %r: %s (%s)" % (name, redact_url(text), problem, _URL_FORMS))
-    password = unquote(u.password) if u.password else None
     if u.scheme == "unix":
         q = parse_qs(u.query)
         password = q.get("password", [password])[0]
     return RedisTarget(
         host=host, port=port, path=path, db=int(db_text),
-        username=unquote(u.username) if u.username else None,
-        password=password, tls=(u.scheme == "rediss"))
+        username=user, password=password, tls=(u.scheme == "rediss"))
 
 
-def _cluster_target(u, text, name):
+def _cluster_target(u, text, name, user, password):
     """A cluster URL: seeds host:port separated by commas (urlsplit cannot
     parse several ports, so the host part is split here), database 0 only."""
-    netloc = u.netloc.rpartition("@")[2]
+    netloc = u.netloc
     seeds, problem = [], None
     for part in netloc.split(","):
         host, _, port = part.strip().rpartition(":")
@@ -148,18 +144,33 @@ def _cluster_target(u, text, name):
         raise ValueError(
             "--%s: %r: %s (expected redis+cluster://host:port[,host:port...])"
             % (name, redact_url(text), problem))
-    userinfo = u.netloc.rpartition("@")[0]
-    user, _, password = userinfo.partition(":")
     return RedisTarget(host=seeds[0][0], port=seeds[0][1],
-                       username=unquote(user) if user else None,
-                       password=unquote(password) if password else None,
+                       username=user, password=password,
                        tls=u.scheme.startswith("rediss"), kind="cluster", seeds=tuple(seeds))
 
 
-_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
 
 
+def _userinfo(text):
+    """``(the URL without its user info, user, password)``. The user info is
+    everything between ``://`` and the *last* ``@``, so a password may hold
+    ``/``, ``@`` or ``:`` as typed (urlsplit ends it at the first ``/``);
+    ``%XX`` escapes are decoded. User and password are None when absent."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or "@" not in rest:
+        return text, None, None
+    userinfo, _, hosts = rest.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return (scheme + "://" + hosts, unquote(user) or None, unquote(password) or None)
+
+
 def redact_url(text):
-    """A store URL fit to print: its password replaced by ``***``."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", str(text)))
+    """A store URL fit to print: everything between ``://`` and the last
+    ``@`` (user and password), and a ``password=`` query value, replaced
+    by ``***``."""
+    text = str(text)
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        text = scheme + "://***@" + rest.rpartition("@")[2]
+    return _QUERY_PASSWORD.sub(r"\1***", text)
