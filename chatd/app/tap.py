@@ -48,6 +48,8 @@ class Options(usage.Options):
         ["redis-password-file", None, None, "File holding the store's password "
          "(instead of a password in --redis, which every user can read in the "
          "process list)."],
+        ["sentinel-password-file", None, None, "File holding the sentinels' own "
+         "password (their requirepass), for a redis+sentinel:// --redis."],
         ["redis-ca-file", None, None, "PEM file of the CA(s) that sign the "
          "rediss:// server's certificate (default: the system's trusted CAs)."],
         ["data-dir", None, "chatd-data", "Directory of the embedded store (AOF data, "
@@ -232,6 +234,12 @@ class Options(usage.Options):
                 raise usage.UsageError("--redis-password-file needs --redis")
             extra["password"] = self._secret("redis-password-file", minimum=1).decode(
                 "utf-8", "surrogateescape")
+        if self["sentinel-password-file"]:
+            if target is None or not target.sentinels:
+                raise usage.UsageError("--sentinel-password-file needs a redis+sentinel:// "
+                                       "--redis")
+            extra["sentinel_password"] = self._secret(
+                "sentinel-password-file", minimum=1).decode("utf-8", "surrogateescape")
         if self["redis-ca-file"] or self["redis-tls-insecure"]:
             if target is None or not target.tls:
                 raise usage.UsageError(

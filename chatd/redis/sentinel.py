@@ -34,8 +34,12 @@ writable for seconds before the sentinels make it a replica; without this,
 chatd's writes there would be lost on its resync (or, with --store-acks,
 answered ``unavailable`` all that time).
 
-Sentinels without a password only (``requirepass`` on the sentinels is not
-supported); TLS (``rediss+sentinel://``) applies to the primary's connection.
+Sentinels with a password (their own ``requirepass``) are asked after an
+``AUTH`` with ``--sentinel-password-file``'s password. The data nodes'
+password (``--redis-password-file`` or the URL's) goes to whatever primary
+the sentinels name: whoever controls the sentinels can learn it, so run
+them where only the operator can. TLS (``rediss+sentinel://``) applies to
+the primary's connection.
 """
 
 import hiredis
@@ -55,21 +59,33 @@ class UnknownMaster(SentinelError):
     """Every sentinel that answered does not monitor a master of that name."""
 
 
-class _Ask(protocol.Protocol):
-    """Send one command, fire ``self.done`` with its one reply, hang up."""
+def _auth(password):
+    """The AUTH that goes first on a sentinel's connection (--sentinel-password-file)."""
+    return encode_command(b"AUTH", password) if password else b""
 
-    def __init__(self, args):
+
+class _Ask(protocol.Protocol):
+    """Send one command (after an AUTH when the sentinels have a password),
+    fire ``self.done`` with its one reply (or a refused AUTH's), hang up."""
+
+    def __init__(self, args, password=None):
         self.args = args
+        self.password = password
         self.done = defer.Deferred()
         self._reader = hiredis.Reader()
+        self._auth_reply = bool(password)  # the next reply is the AUTH's
 
     def connectionMade(self):
-        self.transport.write(encode_command(*self.args))
+        self.transport.write(_auth(self.password) + encode_command(*self.args))
 
     def dataReceived(self, data):
         self._reader.feed(data)
         reply = self._reader.gets()
-        if reply is not False and not self.done.called:
+        while reply is not False and not self.done.called:
+            if self._auth_reply and not isinstance(reply, hiredis.ReplyError):
+                self._auth_reply = False  # accepted: the command's reply is next
+                reply = self._reader.gets()
+                continue
             self.done.callback(reply)
             self.transport.loseConnection()
 
@@ -79,11 +95,11 @@ class _Ask(protocol.Protocol):
 
 
 @defer.inlineCallbacks
-def ask(reactor, host, port, timeout, *args):
+def ask(reactor, host, port, timeout, *args, password=None):
     """One command to ``host:port`` on a connection of its own; its reply
     (an error reply comes back as a ``hiredis.ReplyError`` value)."""
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    factory = protocol.Factory.forProtocol(lambda: _Ask(args))
+    factory = protocol.Factory.forProtocol(lambda: _Ask(args, password))
     factory.noisy = False  # one per question: not worth two log lines each
     conn = yield endpoint.connect(factory).addTimeout(timeout, reactor)
     try:
@@ -107,7 +123,8 @@ class _Watch(protocol.Protocol):
         self._reader = hiredis.Reader()
 
     def connectionMade(self):
-        self.transport.write(encode_command(b"SUBSCRIBE", b"+switch-master"))
+        self.transport.write(_auth(self.endpoint.target.sentinel_password)
+                             + encode_command(b"SUBSCRIBE", b"+switch-master"))
 
     def dataReceived(self, data):
         self._reader.feed(data)
@@ -153,7 +170,8 @@ class SentinelEndpoint:
         Following a stale answer there would store and read messages on a
         server about to be wiped by its resync."""
         name = self.target.master
-        asked = [ask(self.reactor, h, p, self.timeout, b"SENTINEL", b"MASTER", name)
+        asked = [ask(self.reactor, h, p, self.timeout, b"SENTINEL", b"MASTER", name,
+                     password=self.target.sentinel_password)
                  for h, p in self.target.sentinels]
         replies = yield defer.DeferredList(asked, consumeErrors=True)
         problems, unknown, best = [], 0, None

@@ -31,6 +31,8 @@ class RedisTarget:
     # host/port are then unset (the primary is whatever the sentinels say)
     sentinels: tuple = ()
     master: Optional[str] = None
+    # the sentinels' own password (--sentinel-password-file), never printed
+    sentinel_password: Optional[str] = field(default=None, repr=False)
 
     def describe(self):
         """A printable form without the password."""
