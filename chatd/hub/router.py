@@ -20,7 +20,6 @@ from chatd.wire import packets
 from chatd.hub import tokens
 from chatd.hub.delivery import Delivery
 from chatd.wire.packets import PacketError
-from chatd.ops.stats import Stats
 
 
 class Connection:
@@ -86,7 +85,6 @@ class Hub:
         # ChatProtocol.sendLine_: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery
-        self.stats = Stats()  # bumped by the connections, read by chatd.ops.metrics
 
     # -- binding -----------------------------------------------------------------
 

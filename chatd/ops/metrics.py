@@ -4,7 +4,8 @@ The operator's window into a running node: ``--metrics ENDPOINT`` serves
 resource) and ``/health`` (a load balancer's or an orchestrator's probe).
 
 The numbers are not counted here. The hot path bumps plain integers
-(:mod:`chatd.ops.stats`) and :class:`ChatdCollector` turns them into metric
+(:mod:`chatd.wire.stats` on the connections' factory, :mod:`chatd.ops.stats`
+on the store client) and :class:`ChatdCollector` turns them into metric
 families when Prometheus scrapes, in a thread of the reactor's pool (that is
 how ``prometheus_client.twisted.MetricsResource`` runs the exposition); it
 only copies what it reads. ``/health`` instead runs in the reactor, because
@@ -28,7 +29,8 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from chatd.ops.stats import LATENCY_BUCKETS, Stats
+from chatd.ops.stats import LATENCY_BUCKETS
+from chatd.wire.stats import Stats
 
 #: message results and error codes always exported (0 until they happen),
 #: so that rate() and alerts work from the first scrape
@@ -70,7 +72,7 @@ class ChatdCollector:
         factory = chat.factory
         hub = factory.hub if factory is not None else None
         client = chat.client
-        stats = hub.stats if hub is not None else Stats()
+        stats = factory.stats if factory is not None else Stats()
         messages = dict(stats.messages)
         errors = dict(stats.errors)
         for code in _RESULT_ERRORS:

@@ -1,6 +1,8 @@
 """
-Plain counters that the hot path bumps, read by :mod:`chatd.ops.metrics` when
-Prometheus scrapes.
+The store client's counters (a latency histogram per script, failures),
+plain numbers that the hot path bumps, read by :mod:`chatd.ops.metrics` when
+Prometheus scrapes. The connections' counters are
+:class:`chatd.wire.stats.Stats`.
 
 Why not prometheus_client's ``Counter.labels(...).inc()`` at each message:
 it takes a lock and looks the child up by its labels every time, about 1.6 us
@@ -15,24 +17,10 @@ Nothing here imports anything of chatd: every layer may hold one.
 """
 
 import bisect
-import collections
 
 #: upper bounds (seconds) of the store latency histogram buckets
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class Stats:
-    """What one node's connections did (kept on the hub, bumped by the
-    protocol): message results, errors sent, pushes, acks."""
-
-    __slots__ = ("messages", "errors", "pushes", "acks")
-
-    def __init__(self):
-        self.messages = collections.defaultdict(int)  # result -> count
-        self.errors = collections.defaultdict(int)    # error code -> count
-        self.pushes = 0  # messages written to devices
-        self.acks = 0    # ack packets taken (valid ones)
 
 
 class StoreStats:

@@ -28,6 +28,7 @@ from chatd.wire import ratelimit
 from chatd.wire import timers
 from chatd.wire.output import Outbox, write_now
 from chatd.wire.packets import PacketError
+from chatd.wire.stats import Stats
 from chatd.redis.client import StoreFull, StoreUnavailable
 
 #: how long a closing connection may take to flush before it is cut
@@ -85,7 +86,7 @@ class ChatProtocol:
         self.settings = s = f.settings
         self.hub = f.hub
         self.store = f.hub.store
-        self.stats = f.hub.stats
+        self.stats = f.stats
         self.clock = f.clock
         now = self.clock.seconds()
         self._rate = ratelimit.limit(s.rate_limit, s.rate_burst, now)
@@ -157,7 +158,7 @@ class ChatProtocol:
         except PacketError as e:
             if self._rate_ok(e.ref):
                 self._touch()
-                self.stats.errors[e.code] += 1
+                self.stats.count(error=e.code)
                 self._reply(packets.error_from(e))
             return
         if packet is None:
@@ -176,14 +177,12 @@ class ChatProtocol:
         try:
             handler(packet)
         except PacketError as e:
-            self.stats.errors[e.code] += 1
-            if packet.kind == "message":
-                self.stats.messages[e.code] += 1
+            self.stats.count(error=e.code, message=e.code if packet.kind == "message" else None)
             self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
         except Exception:
             # a bug must not cost the client its connection (or an answer)
             self.log.failure("internal error on a {kind} packet", kind=packet.kind)
-            self.stats.errors["unavailable"] += 1
+            self.stats.count(error="unavailable")
             self._reply(packets.error("unavailable", "internal error; retry later",
                                       packet.ref))
 
@@ -216,7 +215,7 @@ class ChatProtocol:
             self.close("rate_limited", "more than %g packets a second, and still "
                        "sending after rate_limited; closing" % rate)
         elif verdict is ratelimit.TELL:
-            self.stats.errors["rate_limited"] += 1
+            self.stats.count(error="rate_limited")
             self._reply(packets.error(
                 "rate_limited", "more than %g packets a second; slow down (nothing "
                 "was done with this one, nor will be with the next ones until "
@@ -262,7 +261,7 @@ class ChatProtocol:
 
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
-        self.stats.acks += 1
+        self.stats.count(acks=1)
 
     def handle_ping(self, packet):
         self.sendLine_(packets.reply({"type": "pong", "ping": packet.ping}))
@@ -276,7 +275,7 @@ class ChatProtocol:
             self._done()
 
     def _answer(self, result, packet):
-        self.stats.messages[result.status] += 1
+        self.stats.count(message=result.status)
         if result.status == "accepted":
             return packets.accepted(result.id, packet.receiver, packet.ref)
         if result.status == "duplicate":
@@ -344,13 +343,13 @@ class ChatProtocol:
             if slot is None:
                 self._reply(data)
             else:
-                self.stats.messages[f.value.code if f.check(PacketError) else "unavailable"] += 1
+                self.stats.count(message=f.value.code if f.check(PacketError) else "unavailable")
                 self._fill(slot, data)
         finally:
             self._done()
 
     def _answer_failure(self, f, ref):
-        self.stats.errors[f.value.code if f.check(PacketError) else "unavailable"] += 1
+        self.stats.count(error=f.value.code if f.check(PacketError) else "unavailable")
         if f.check(PacketError):
             e = f.value
             return packets.error(e.code, e.reason, ref, e.field)
@@ -377,14 +376,14 @@ class ChatProtocol:
                                       "pending": pending}))
 
     def push(self, entries):
-        self.stats.pushes += len(entries)
+        self.stats.count(pushes=len(entries))
         self.sendLine_(b"\n".join(entries) + b"\n")
 
     def kick(self, code, reason):
         self.close(code, reason)
 
     def report(self, code, reason):
-        self.stats.errors[code] += 1
+        self.stats.count(error=code)
         self.sendLine_(packets.error(code, reason))
 
     @property
@@ -475,7 +474,7 @@ class ChatProtocol:
         the error line could be lost with it."""
         if self._closing:
             return
-        self.stats.errors[code] += 1
+        self.stats.count(error=code)
         if self._out:
             self._flush_out()  # what was said before comes first
             if self._closing:
@@ -681,6 +680,7 @@ class ChatFactory(protocol.Factory):
         self.wheel = timers.TimerWheel(clock, timers.tick_for(
             settings.auth_timeout, settings.keepalive, settings.idle_timeout))
         self.outbox = Outbox(clock)
+        self.stats = Stats()  # bumped by the sessions, read by chatd.ops.metrics
         self.max_connections = settings.max_connections or max(
             1, _files_limit() - FILES_HEADROOM)
         self._per_ip = collections.Counter()  # address -> connections admitted
