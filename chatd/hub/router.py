@@ -1,6 +1,7 @@
 """
-Who is connected, as whom; what each bound connection has been pushed; where
-an accepted message goes.
+Who is connected, as whom (:class:`Hub`, with the :class:`Connection` it
+is handed); where an accepted message goes. What each bound connection has
+been pushed is its :class:`chatd.hub.delivery.Delivery`.
 
 The hub knows no sockets and no Redis commands. It is handed connections (any
 object with the methods of :class:`Connection`) and a
@@ -23,9 +24,17 @@ from chatd.wire.packets import PacketError
 
 
 class Connection:
-    """What the hub needs of a client connection (the protocol implements it)."""
+    """What the hub needs of a client connection (the wire's session
+    implements it)."""
 
-    device = None  # the bound destinationId, set by the hub
+    #: the connection's Delivery while it is bound: set and cleared by the
+    #: hub alone, the one record of the binding on the connection's side
+    delivery = None
+
+    @property
+    def device(self):
+        """The bound destinationId, or None (from ``delivery``)."""
+        return self.delivery.device if self.delivery is not None else None
 
     def registered(self, device, token):
         """Send the ``registered`` reply."""
@@ -82,9 +91,9 @@ class Hub:
         self.batch = settings.drain_batch
         # a drain batch is one write; half the output limit leaves room for
         # the replies written while the client reads it (see
-        # ChatProtocol.sendLine_: the write that fills its buffer counts)
+        # chatd.wire.output.Output: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
-        self.sessions = {}  # destinationId -> Delivery
+        self.sessions = {}  # destinationId -> Delivery (its .conn has it as .delivery)
 
     # -- binding -----------------------------------------------------------------
 
@@ -101,40 +110,38 @@ class Hub:
                        "%s connected again elsewhere; this connection is closed" % device)
         delivery = Delivery(self, device, conn, token_hash, epoch)
         self.sessions[device] = delivery
-        conn.device = device
+        conn.delivery = delivery
         return delivery
 
     def _drop(self, delivery, code, reason):
         """Unbind a delivery's connection, then close it with an error."""
-        delivery.close()
-        if self.sessions.get(delivery.device) is delivery:
-            del self.sessions[delivery.device]
-        delivery.conn.device = None
-        self.remote.release(delivery.device, delivery.epoch)
+        self._unbound(delivery)
         delivery.conn.kick(code, reason)
 
     def unbind(self, conn):
         """The connection is gone (or failed to finish binding)."""
-        device, conn.device = conn.device, None
-        delivery = self.sessions.get(device)
-        if delivery is not None and delivery.conn is conn:
-            delivery.close()
-            del self.sessions[device]
-            self.remote.release(device, delivery.epoch)
+        if conn.delivery is not None:
+            self._unbound(conn.delivery)
 
-    def delivery(self, conn):
+    def _unbound(self, delivery):
+        """The one way a binding ends: the delivery stops, the connection
+        forgets it, the device is free here and in the store."""
+        delivery.close()
+        delivery.conn.delivery = None
+        if self.sessions.get(delivery.device) is delivery:
+            del self.sessions[delivery.device]
+        self.remote.release(delivery.device, delivery.epoch)
+
+    @staticmethod
+    def delivery(conn):
         """The Delivery of a bound connection, or None."""
-        if conn.device is None:
-            return None
-        delivery = self.sessions.get(conn.device)
-        if delivery is None or delivery.conn is not conn:
-            return None
-        return delivery
+        return conn.delivery
 
     def _check_rebind(self, conn, device):
-        if conn.device is not None and conn.device != device:
+        bound = conn.device
+        if bound is not None and bound != device:
             raise PacketError("forbidden", "this connection is bound to %s; open "
-                              "another connection for %s" % (conn.device, device))
+                              "another connection for %s" % (bound, device))
 
     # -- packets -----------------------------------------------------------------
 
@@ -217,29 +224,37 @@ class Hub:
             raise
 
     def send(self, conn, packet, done):
-        """Accept one message packet: ``done(result, None)`` with a
-        :class:`chatd.store.steps.SendResult`, or ``done(None, failure)``, is
-        called once (a PacketError about the packet itself is raised at
-        once instead).
+        """Accept one message packet. Every outcome goes to ``done(result,
+        failure)``, called once: ``done(result, None)`` with a
+        :class:`chatd.store.steps.SendResult`, or ``done(None, failure)`` (a
+        PacketError about the packet itself, possibly at once, or the
+        store's failure). A newly accepted message is routed to its receiver
+        right after ``done`` has answered the sender.
 
         The hot path of chatd (a bound sender: no store call but the send
         itself), so it passes plain callables rather than Deferreds."""
-        delivery = self.delivery(conn)
-        if delivery is not None:
-            sender = delivery.device
-            if packet.sender is not None and packet.sender != sender:
-                raise PacketError("forbidden", "this connection sends as %s, not %s"
-                                  % (sender, packet.sender), field="sender")
-            if packet.token is not None and not tokens.token_matches(
-                    packet.token, delivery.token_hash):
-                raise PacketError("bad_token", "the token is wrong or revoked", field="token")
-            self._store_send(sender, packet, done)
+        delivery = conn.delivery
+        try:
+            if delivery is not None:
+                sender = delivery.device
+                if packet.sender is not None and packet.sender != sender:
+                    raise PacketError("forbidden", "this connection sends as %s, not %s"
+                                      % (sender, packet.sender), field="sender")
+                if packet.token is not None and not tokens.token_matches(
+                        packet.token, delivery.token_hash):
+                    raise PacketError("bad_token", "the token is wrong or revoked",
+                                      field="token")
+            elif packet.sender is None or packet.token is None:
+                raise PacketError("not_registered", "register or reconnect first, or "
+                                  "give sender and token with the message")
+        except PacketError:
+            done(None, Failure())
             return
-        if packet.sender is None or packet.token is None:
-            raise PacketError("not_registered", "register or reconnect first, or "
-                              "give sender and token with the message")
-        self.store.token_hash(packet.sender).addCallbacks(
-            self._one_shot, lambda f: done(None, f), (packet, done))
+        if delivery is not None:
+            self._store_send(sender, packet, done)
+        else:
+            self.store.token_hash(packet.sender).addCallbacks(
+                self._one_shot, lambda f: done(None, f), (packet, done))
 
     def _one_shot(self, stored, packet, done):
         if not tokens.token_matches(packet.token, stored):
@@ -252,14 +267,20 @@ class Hub:
         receiver = packet.receiver
 
         def sent(result, failure):
-            if result is not None and result.entry is not None:
-                try:
-                    self.route(receiver, int(result.id), result.entry)
-                except Exception:
-                    self.log.failure("pushing a message to {receiver}", receiver=receiver)
-            done(result, failure)
+            # two steps: the sender's answer, then the receiver's push
+            try:
+                done(result, failure)
+            finally:
+                if result is not None and result.entry is not None:
+                    self._accepted(receiver, result)
 
         self.store.send_then(sent, sender, receiver, packet.text, packet.ref, packet.raw)
+
+    def _accepted(self, receiver, result):
+        try:
+            self.route(receiver, int(result.id), result.entry)
+        except Exception:
+            self.log.failure("pushing a message to {receiver}", receiver=receiver)
 
     def route(self, receiver, server_id, entry):
         """Push a just-accepted message to its receiver, wherever it is bound."""
@@ -315,7 +336,7 @@ class Hub:
             delivery.poke()
 
     def ack(self, conn, server_id):
-        delivery = self.delivery(conn)
+        delivery = conn.delivery
         if delivery is None:
             raise PacketError("not_registered", "ack needs a registered connection")
         delivery.ack(server_id)

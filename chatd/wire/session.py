@@ -21,6 +21,7 @@ import collections
 from twisted.internet import abstract, defer, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd.wire import packets
@@ -62,7 +63,7 @@ class ChatProtocol:
 
     log = Logger()
 
-    device = None  # set by the hub while bound
+    delivery = None  # the hub's Delivery while bound (set by the hub alone)
     paused = False  # reading stopped (see _pause)
     _feeding = False
     _closing = False
@@ -80,6 +81,12 @@ class ChatProtocol:
     _auth_at = None    # the auth deadline, while unbound
     _live_at = None    # the next keepalive/idle check
     _abort_at = None   # when a closing connection is cut
+
+    @property
+    def device(self):
+        """The bound destinationId, or None."""
+        delivery = self.delivery
+        return delivery.device if delivery is not None else None
 
     def connectionMade(self):
         f = self.factory
@@ -177,7 +184,7 @@ class ChatProtocol:
         try:
             handler(packet)
         except PacketError as e:
-            self.stats.count(error=e.code, message=e.code if packet.kind == "message" else None)
+            self.stats.count(error=e.code)
             self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
         except Exception:
             # a bug must not cost the client its connection (or an answer)
@@ -197,7 +204,7 @@ class ChatProtocol:
     def _acks_progress(self, server_id):
         """An ack of something newly pushed here is free: there can only be as
         many of those as the server pushed. Any other ack costs rate budget."""
-        delivery = self.hub.delivery(self)
+        delivery = self.delivery
         return (delivery is not None and delivery.last_pushed is not None
                 and delivery.acked < server_id <= delivery.last_pushed)
 
@@ -242,7 +249,8 @@ class ChatProtocol:
             else:
                 self._failed(failure, packet.ref, slot)
 
-        # the slot first: the answer may come at once (a store that is down)
+        # the slot first: the answer may come at once (a bad packet, a store
+        # that is down), and it keeps this packet's place in the reply order
         replies = self._replies
         if replies is None:
             replies = self._replies = collections.deque()
@@ -250,12 +258,9 @@ class ChatProtocol:
         self._inflight += 1
         try:
             self.hub.send(self, packet, done)
-        except BaseException:  # a PacketError: answered in turn, by lineReceived
-            replies.pop()
-            if not replies:
-                self._replies = None
-            self._inflight -= 1
-            raise
+        except Exception:
+            if slot[0] is None:  # a bug in the hub: still one answer, in turn
+                done(None, Failure())
         if self._inflight >= MAX_INFLIGHT:
             self._pause("inflight")
 
