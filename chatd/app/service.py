@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from chatd.app.config import RedisTarget, with_backlog
 from chatd.hub.router import Hub
 from chatd.hub.presence import Presence, new_node_id
-from chatd.wire.session import ChatFactory
+from chatd.wire.factory import ChatFactory
 from chatd.redis.client import RedisClient
 from chatd.store.steps import Store
 

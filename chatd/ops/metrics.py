@@ -41,7 +41,7 @@ ERROR_CODES = (
     "message_too_long", "inbox_full", "rate_limited", "bad_ack", "unavailable",
     "session_replaced", "auth_timeout", "idle_timeout", "slow_consumer",
     "shutdown", "revoked")
-#: results of a message packet that are also error replies (the protocol
+#: results of a message packet that are also error replies (the session
 #: counts them once, as results; the collector adds them to the errors)
 _RESULT_ERRORS = ("unknown_receiver", "inbox_full")
 
