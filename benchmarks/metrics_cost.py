@@ -1,5 +1,5 @@
 """
-What counting costs the hot path: the plain counters of ``chatd.ops.stats``
+What counting costs the hot path: the plain counters of ``chatd.wire.stats``
 (bumped per message, read at scrape time) against prometheus_client's own
 ``Counter.labels(...).inc()`` and a child bound in advance, and the store
 latency histogram (``StoreStats.observe``, once per store call, i.e. per
@@ -14,8 +14,8 @@ import timeit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from chatd.ops.stats import Stats
 from chatd.redis.stats import StoreStats
+from chatd.wire.stats import Stats
 
 N = 1_000_000
 

@@ -1,5 +1,5 @@
 """
-The TCP framing (``chatd.wire.session.LineProtocol``): a chunk read is split
+The TCP framing (``chatd.wire.lines.LineFraming``): a chunk read is split
 into lines in one pass, and every line, empty ones included, reaches the
 session, in order, however the lines are cut into chunks.
 """
@@ -17,7 +17,7 @@ def framing(node):
     session only records the lines it is handed."""
     proto = node.factory.buildProtocol(None)
     lines = []
-    proto.lineReceived = lines.append
+    proto.session.packet_received = lines.append
     proto.makeConnection(StringTransport())
     return proto, lines
 
@@ -44,13 +44,13 @@ async def test_a_stream_of_newlines_reaches_the_session_line_by_line(chatd, clie
     await c.register("newlines")
     [conn] = node.factory.connections
     count = [0]
-    session_line = conn.lineReceived
+    session_line = conn.packet_received
 
     def counted(line):
         count[0] += 1
         session_line(line)
 
-    conn.lineReceived = counted
+    conn.packet_received = counted
     c.send(b"\n" * (1 << 18) + b'{"ping":"after"}\n')
     await c.expect("pong", ping="after")
     assert count[0] == (1 << 18) + 1

@@ -169,7 +169,7 @@ def test_the_connection_cap_follows_the_open_files_limit():
     some headroom, and no per-address cap (carrier NAT)."""
     import resource
     from chatd.app.config import Settings
-    from chatd.wire.session import FILES_HEADROOM, ChatFactory
+    from chatd.wire.factory import FILES_HEADROOM, ChatFactory
     factory = ChatFactory(Settings(), None, None)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert factory.max_connections == soft - FILES_HEADROOM

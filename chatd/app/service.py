@@ -33,7 +33,7 @@ from chatd.redis.target import RedisTarget
 from chatd.store.library import Library
 from chatd.store.notify import Notifications
 from chatd.store.steps import Store
-from chatd.wire.session import ChatFactory
+from chatd.wire.factory import ChatFactory
 from chatd.wire.websocket import site
 
 #: allocations between two collections of the youngest generation (Python's

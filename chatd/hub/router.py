@@ -1,6 +1,7 @@
 """
-Who is connected, as whom; what each bound connection has been pushed; where
-an accepted message goes.
+Who is connected, as whom (:class:`Hub`, with the :class:`Connection` it
+is handed); where an accepted message goes. What each bound connection has
+been pushed is its :class:`chatd.hub.delivery.Delivery`.
 
 The hub knows no sockets and no Redis commands. It is handed connections (any
 object with the methods of :class:`Connection`) and a
@@ -17,17 +18,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd.store import layout
-from chatd.wire import packets
 from chatd.hub import tokens
+from chatd.hub.delivery import Delivery
 from chatd.wire.packets import PacketError
-from chatd.errors import StoreUnavailable
-from chatd.ops.stats import Stats
 
 
 class Connection:
-    """What the hub needs of a client connection (the protocol implements it)."""
+    """What the hub needs of a client connection (the wire's session
+    implements it)."""
 
-    device = None  # the bound destinationId, set by the hub
+    #: the connection's Delivery while it is bound: set and cleared by the
+    #: hub alone, the one record of the binding on the connection's side
+    delivery = None
+
+    @property
+    def device(self):
+        """The bound destinationId, or None (from ``delivery``)."""
+        return self.delivery.device if self.delivery is not None else None
 
     def registered(self, device, token):
         """Send the ``registered`` reply."""
@@ -71,183 +78,6 @@ class NoRemote:
         pass
 
 
-class Delivery:
-    """The push state of one bound connection.
-
-    Ids pushed on one connection only ever increase (``last_id``), so nothing
-    is pushed twice on it. A live message is written at once only if it is the
-    very next id; anything else (a gap, or a message that arrives while the
-    inbox is being read) is left to :meth:`_drain`, which reads the inbox after
-    ``last_id`` until it has caught up. So waiting messages go out oldest
-    first, before any newer one, however the replies interleave.
-    """
-
-    log = Logger()
-
-    def __init__(self, hub, device, conn, token_hash, epoch=0):
-        self.hub = hub
-        self.device = device
-        self.epoch = epoch  # of this bind (see chatd.hub.presence)
-        self.conn = conn
-        self.token_hash = token_hash
-        self.last_id = 0          # every id up to here is pushed here or gone
-        self.first_pushed = None  # the ids pushed on this connection:
-        self.last_pushed = None   # first_pushed..last_pushed
-        self.acked = 0            # highest id acked on this connection
-        self.closed = False
-        self._draining = False
-        self._more = False
-        self._retry = None
-        self._retry_delay = 0.5
-        self._ack_sent = 0        # highest ack handed to the store
-        self._ack_busy = False
-
-    # -- pushing ---------------------------------------------------------------
-
-    def start(self, announce):
-        """Read the inbox for the first time: ``announce(pending)`` sends the
-        register/reconnect reply, then the first batch is pushed and the
-        rest follows. The Deferred fires after the first batch; it fails with
-        StoreUnavailable if the inbox cannot be read (nothing was sent)."""
-        self._draining = True
-        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch,
-                                 self.hub.batch_bytes)
-
-        def first(result):
-            pending, last, entries = result
-            if self.closed:
-                return
-            announce(pending)
-            if self._take(entries, last) and not self._more:
-                self._draining = False
-            else:
-                self._drain()
-
-        def failed(f):
-            self._draining = False
-            return f
-
-        return d.addCallbacks(first, failed)
-
-    def offer(self, server_id, entry):
-        """A message for this device was just accepted (id as int)."""
-        if self.closed or server_id <= self.last_id:
-            return
-        if self._draining or self._retry is not None or server_id != self.last_id + 1:
-            self._more = True
-            if not self._draining and self._retry is None:
-                self._drain()
-            return
-        self.last_id = server_id
-        self._pushed(server_id, server_id)
-        self.conn.push((entry,))
-
-    def poke(self):
-        """Messages may have come without a word (a lost notification): read
-        the inbox after ``last_id``."""
-        if self.closed:
-            return
-        self._more = True
-        if not self._draining and self._retry is None:
-            self._drain()
-
-    def _take(self, entries, last):
-        """Push what a fetch returned; True when the inbox is caught up."""
-        fresh = [e for e in entries if layout.entry_id(e) > self.last_id]
-        if fresh:
-            first, high = layout.entry_id(fresh[0]), layout.entry_id(fresh[-1])
-            self.last_id = high
-            self._pushed(first, high)
-            self.conn.push(fresh)
-        if entries and layout.entry_id(entries[-1]) < last:
-            return False  # a batch cut by its count or size: more to read
-        # the fetch saw the whole inbox: every id up to `last` is pushed or gone
-        self.last_id = max(self.last_id, last)
-        return True
-
-    def _pushed(self, first, high):
-        if self.first_pushed is None:
-            self.first_pushed = first
-        self.last_pushed = high
-
-    @defer.inlineCallbacks
-    def _drain(self):
-        self._draining = True
-        try:
-            while not self.closed:
-                self._more = False
-                yield self.conn.wait_writable()
-                if self.closed:
-                    return
-                try:
-                    _, last, entries = yield self.hub.store.fetch(
-                        self.device, self.last_id, self.hub.batch, self.hub.batch_bytes)
-                except StoreUnavailable as e:
-                    self._retry_later(e)
-                    return
-                if self.closed:
-                    return
-                self._retry_delay = 0.5
-                if self._take(entries, last) and not self._more:
-                    return
-        finally:
-            self._draining = False
-
-    def _retry_later(self, why):
-        """The inbox could not be read: try again, backing off, while bound."""
-        self.log.warn("cannot read the inbox of {device}: {why}; retrying in {delay}s",
-                      device=self.device, why=why, delay=self._retry_delay)
-
-        def again():
-            self._retry = None
-            self._drain()
-
-        self._retry = self.hub.clock.callLater(self._retry_delay, again)
-        self._retry_delay = min(self._retry_delay * 2, 5.0)
-
-    # -- acks ------------------------------------------------------------------
-
-    def ack(self, server_id):
-        """A cumulative ack from the device; PacketError bad_ack if that id was
-        not pushed on this connection."""
-        if self.first_pushed is None or not self.first_pushed <= server_id <= self.last_pushed:
-            raise PacketError("bad_ack", "id %s was not pushed on this connection"
-                              % packets.format_id(max(server_id, 0)), field="ack")
-        if server_id > self.acked:
-            self.acked = server_id
-        self._send_ack()
-
-    def _send_ack(self):
-        """One ack at a time per connection; acks that arrive meanwhile are
-        folded into the next one (they are cumulative)."""
-        if self._ack_busy or self.acked <= self._ack_sent:
-            return
-        self._ack_busy = True
-        upto = self.acked
-
-        def done(failure):
-            self._ack_busy = False
-            if failure is None:
-                self._ack_sent = max(self._ack_sent, upto)
-                if not self.closed:
-                    self._send_ack()
-                return
-            if not failure.check(StoreUnavailable):
-                self.log.failure("storing an ack of {device}", failure, device=self.device)
-            elif not self.closed:
-                self.conn.report("unavailable", "the ack of %s could not be stored "
-                                 "(%s); ack again later" % (packets.format_id(upto),
-                                                            failure.value))
-
-        self.hub.store.ack_then(done, self.device, upto)
-
-    def close(self):
-        self.closed = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-
-
 class Hub:
     """The session registry and router of one node."""
 
@@ -261,10 +91,9 @@ class Hub:
         self.batch = settings.drain_batch
         # a drain batch is one write; half the output limit leaves room for
         # the replies written while the client reads it (see
-        # ChatProtocol.sendLine_: the write that fills its buffer counts)
+        # chatd.wire.output.Output: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
-        self.sessions = {}  # destinationId -> Delivery
-        self.stats = Stats()  # bumped by the connections, read by chatd.ops.metrics
+        self.sessions = {}  # destinationId -> Delivery (its .conn has it as .delivery)
 
     # -- binding -----------------------------------------------------------------
 
@@ -281,40 +110,38 @@ class Hub:
                        "%s connected again elsewhere; this connection is closed" % device)
         delivery = Delivery(self, device, conn, token_hash, epoch)
         self.sessions[device] = delivery
-        conn.device = device
+        conn.delivery = delivery
         return delivery
 
     def _drop(self, delivery, code, reason):
         """Unbind a delivery's connection, then close it with an error."""
-        delivery.close()
-        if self.sessions.get(delivery.device) is delivery:
-            del self.sessions[delivery.device]
-        delivery.conn.device = None
-        self.remote.release(delivery.device, delivery.epoch)
+        self._unbound(delivery)
         delivery.conn.kick(code, reason)
 
     def unbind(self, conn):
         """The connection is gone (or failed to finish binding)."""
-        device, conn.device = conn.device, None
-        delivery = self.sessions.get(device)
-        if delivery is not None and delivery.conn is conn:
-            delivery.close()
-            del self.sessions[device]
-            self.remote.release(device, delivery.epoch)
+        if conn.delivery is not None:
+            self._unbound(conn.delivery)
 
-    def delivery(self, conn):
+    def _unbound(self, delivery):
+        """The one way a binding ends: the delivery stops, the connection
+        forgets it, the device is free here and in the store."""
+        delivery.close()
+        delivery.conn.delivery = None
+        if self.sessions.get(delivery.device) is delivery:
+            del self.sessions[delivery.device]
+        self.remote.release(delivery.device, delivery.epoch)
+
+    @staticmethod
+    def delivery(conn):
         """The Delivery of a bound connection, or None."""
-        if conn.device is None:
-            return None
-        delivery = self.sessions.get(conn.device)
-        if delivery is None or delivery.conn is not conn:
-            return None
-        return delivery
+        return conn.delivery
 
     def _check_rebind(self, conn, device):
-        if conn.device is not None and conn.device != device:
+        bound = conn.device
+        if bound is not None and bound != device:
             raise PacketError("forbidden", "this connection is bound to %s; open "
-                              "another connection for %s" % (conn.device, device))
+                              "another connection for %s" % (bound, device))
 
     # -- packets -----------------------------------------------------------------
 
@@ -397,29 +224,37 @@ class Hub:
             raise
 
     def send(self, conn, packet, done):
-        """Accept one message packet: ``done(result, None)`` with a
-        :class:`chatd.store.steps.SendResult`, or ``done(None, failure)``, is
-        called once (a PacketError about the packet itself is raised at
-        once instead).
+        """Accept one message packet. Every outcome goes to ``done(result,
+        failure)``, called once: ``done(result, None)`` with a
+        :class:`chatd.store.steps.SendResult`, or ``done(None, failure)`` (a
+        PacketError about the packet itself, possibly at once, or the
+        store's failure). A newly accepted message is routed to its receiver
+        right after ``done`` has answered the sender.
 
         The hot path of chatd (a bound sender: no store call but the send
         itself), so it passes plain callables rather than Deferreds."""
-        delivery = self.delivery(conn)
-        if delivery is not None:
-            sender = delivery.device
-            if packet.sender is not None and packet.sender != sender:
-                raise PacketError("forbidden", "this connection sends as %s, not %s"
-                                  % (sender, packet.sender), field="sender")
-            if packet.token is not None and not tokens.token_matches(
-                    packet.token, delivery.token_hash):
-                raise PacketError("bad_token", "the token is wrong or revoked", field="token")
-            self._store_send(sender, packet, done)
+        delivery = conn.delivery
+        try:
+            if delivery is not None:
+                sender = delivery.device
+                if packet.sender is not None and packet.sender != sender:
+                    raise PacketError("forbidden", "this connection sends as %s, not %s"
+                                      % (sender, packet.sender), field="sender")
+                if packet.token is not None and not tokens.token_matches(
+                        packet.token, delivery.token_hash):
+                    raise PacketError("bad_token", "the token is wrong or revoked",
+                                      field="token")
+            elif packet.sender is None or packet.token is None:
+                raise PacketError("not_registered", "register or reconnect first, or "
+                                  "give sender and token with the message")
+        except PacketError:
+            done(None, Failure())
             return
-        if packet.sender is None or packet.token is None:
-            raise PacketError("not_registered", "register or reconnect first, or "
-                              "give sender and token with the message")
-        self.store.token_hash(packet.sender).addCallbacks(
-            self._one_shot, lambda f: done(None, f), (packet, done))
+        if delivery is not None:
+            self._store_send(sender, packet, done)
+        else:
+            self.store.token_hash(packet.sender).addCallbacks(
+                self._one_shot, lambda f: done(None, f), (packet, done))
 
     def _one_shot(self, stored, packet, done):
         if not tokens.token_matches(packet.token, stored):
@@ -432,14 +267,20 @@ class Hub:
         receiver = packet.receiver
 
         def sent(result, failure):
-            if result is not None and result.entry is not None:
-                try:
-                    self.route(receiver, int(result.id), result.entry)
-                except Exception:
-                    self.log.failure("pushing a message to {receiver}", receiver=receiver)
-            done(result, failure)
+            # two steps: the sender's answer, then the receiver's push
+            try:
+                done(result, failure)
+            finally:
+                if result is not None and result.entry is not None:
+                    self._accepted(receiver, result)
 
         self.store.send_then(sent, sender, receiver, packet.text, packet.ref, packet.raw)
+
+    def _accepted(self, receiver, result):
+        try:
+            self.route(receiver, int(result.id), result.entry)
+        except Exception:
+            self.log.failure("pushing a message to {receiver}", receiver=receiver)
 
     def route(self, receiver, server_id, entry):
         """Push a just-accepted message to its receiver, wherever it is bound."""
@@ -495,7 +336,7 @@ class Hub:
             delivery.poke()
 
     def ack(self, conn, server_id):
-        delivery = self.delivery(conn)
+        delivery = conn.delivery
         if delivery is None:
             raise PacketError("not_registered", "ack needs a registered connection")
         delivery.ack(server_id)

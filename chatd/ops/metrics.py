@@ -4,7 +4,8 @@ The operator's window into a running node: ``--metrics ENDPOINT`` serves
 resource) and ``/health`` (a load balancer's or an orchestrator's probe).
 
 The numbers are not counted here. The hot path bumps plain integers
-(:mod:`chatd.ops.stats`) and :class:`ChatdCollector` turns them into metric
+(:mod:`chatd.wire.stats` on the connections' factory, :mod:`chatd.redis.stats`
+on the store client) and :class:`ChatdCollector` turns them into metric
 families when Prometheus scrapes, in a thread of the reactor's pool (that is
 how ``prometheus_client.twisted.MetricsResource`` runs the exposition); it
 only copies what it reads. ``/health`` instead runs in the reactor, because
@@ -28,8 +29,8 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from chatd.ops.stats import Stats
 from chatd.redis.stats import LATENCY_BUCKETS
+from chatd.wire.stats import Stats
 
 #: message results and error codes always exported (0 until they happen),
 #: so that rate() and alerts work from the first scrape
@@ -40,7 +41,7 @@ ERROR_CODES = (
     "message_too_long", "inbox_full", "rate_limited", "bad_ack", "unavailable",
     "session_replaced", "auth_timeout", "idle_timeout", "slow_consumer",
     "shutdown", "revoked")
-#: results of a message packet that are also error replies (the protocol
+#: results of a message packet that are also error replies (the session
 #: counts them once, as results; the collector adds them to the errors)
 _RESULT_ERRORS = ("unknown_receiver", "inbox_full")
 
@@ -71,7 +72,7 @@ class ChatdCollector:
         factory = chat.factory
         hub = factory.hub if factory is not None else None
         client = chat.client
-        stats = hub.stats if hub is not None else Stats()
+        stats = factory.stats if factory is not None else Stats()
         messages = dict(stats.messages)
         errors = dict(stats.errors)
         for code in _RESULT_ERRORS:
@@ -107,7 +108,7 @@ class ChatdCollector:
         store = hub.store if hub is not None else None
         yield _one(GaugeMetricFamily, "chatd_store_queue",
                    "Sends and acks queued for the store or in flight",
-                   node, store._load if store is not None else 0)
+                   node, store.load if store is not None else 0)
 
         store_stats = client.stats if client is not None else None
         yield _one(CounterMetricFamily, "chatd_store_unavailable",

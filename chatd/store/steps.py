@@ -291,6 +291,11 @@ class Store:
             for d in waiting:
                 d.callback(None)
 
+    @property
+    def load(self):
+        """Sends and acks queued for the store or in flight."""
+        return self._load
+
     def when_unsaturated(self):
         """Deferred that fires once the store has room again."""
         if not self.saturated:

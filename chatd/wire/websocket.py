@@ -3,9 +3,9 @@ The ``--websocket`` listener: a twisted.web site that speaks the chat
 protocol at ``/ws`` and serves the chat page (``chatd/page/``) at ``/``.
 
 It exists so that browsers, and networks that pass only HTTP(S), reach the
-same service as TCP clients. :class:`WebSocketChatProtocol` is the
-WebSocket framing of the one session class,
-:class:`chatd.wire.session.ChatProtocol`: one packet per text frame in, one
+same service as TCP clients. :class:`WebSocketFraming` is the WebSocket
+framing (:mod:`chatd.wire.framing`) of the one session class,
+:class:`chatd.wire.session.Session`: one packet per text frame in, one
 server line per text frame out; everything else (hub, limits, timers, rate
 limit, flow control, errors, shutdown) is the session's. The WebSocket
 itself is Twisted's own (:mod:`twisted.web.websocket`, on wsproto).
@@ -21,7 +21,8 @@ from twisted.web.websocket import WebSocketResource
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError
 
-from chatd.wire.session import ChatProtocol
+from chatd.wire.framing import Framing
+from chatd.wire.session import Session, too_long_reason
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
 
@@ -34,16 +35,17 @@ CLOSE_CODES = {
 }
 
 
-class WebSocketChatProtocol(ChatProtocol):
-    """The WebSocket framing of a session (a Twisted ``WebSocketProtocol``).
+class WebSocketFraming(Framing):
+    """The WebSocket framing of a session (a Twisted ``WebSocketProtocol``):
+    one text frame in is one packet, one server line out is one text frame.
 
-    ``transport`` (what the session pauses, half-closes and aborts) is the
-    TCP/TLS stream under the WebSocket; ``ws`` is the WebSocket on it."""
+    ``transport`` (what is paused, half-closed and aborted) is the TCP/TLS
+    stream under the WebSocket; ``ws`` is the WebSocket on it."""
 
     ws = None
 
     def __init__(self, factory, request):
-        self.factory = factory
+        self.session = Session(factory, self)
         self._channel = request.channel
         self._received = 0  # bytes read since the last whole message
 
@@ -56,23 +58,26 @@ class WebSocketChatProtocol(ChatProtocol):
         channel = self._channel
         self.transport = channel.transport
         channel.setTimeout(None)  # the HTTP idle timer; the session has its own
-        self.transport.unregisterProducer()  # the HTTP channel's: ours follows
+        self.transport.unregisterProducer()  # the HTTP channel's: the session's follows
         # every byte read passes here first (Twisted points the channel's
         # dataReceived at the WebSocket when it upgrades): it is activity,
         # ping and pong frames included, and it is counted, so that a message
         # past the limit is refused before it is buffered whole
         frames_in = channel.dataReceived
         channel.dataReceived = lambda data: self._stream_in(data, frames_in)
-        self.connectionMade()
+        self.session.connectionMade()
+
+    def connectionLost(self, reason):
+        self.session.connectionLost(reason)
 
     def textMessageReceived(self, text):
         self._received = 0
-        self._feed((text.encode("utf-8"),))
+        self.session.feed((text.encode("utf-8"),))
 
     def bytesMessageReceived(self, data):
         self._received = 0
-        self._feed((lambda: self.close(
-            "bad_packet", "a binary frame; chatd reads one JSON packet per text frame"),))
+        self.session.close_in_turn(
+            "bad_packet", "a binary frame; chatd reads one JSON packet per text frame")
 
     def pongReceived(self, payload):
         self._received = 0
@@ -80,44 +85,48 @@ class WebSocketChatProtocol(ChatProtocol):
     # -- framing ---------------------------------------------------------------------
 
     def _stream_in(self, data, frames_in):
-        if self._closing:
+        session = self.session
+        if session.closed:
             # keep reading frames (the client's close frame ends the closing
             # handshake), a line's worth at most
-            self._drop(len(data))
+            self.discard(len(data))
         else:
-            self.last_seen = self.clock.seconds()
-            self._pinged = False
+            session.touch()
             self._received += len(data)
         frames_in(data)
         # bytes of one message still incomplete: frame headers and control
         # frames count too, so allow as much again before cutting
-        if self._received > 2 * self.settings.max_line and not self._closing:
+        max_line = session.settings.max_line
+        if self._received > 2 * max_line and not session.closed:
             self._received = 0
-            self._feed((lambda: self.lineLengthExceeded(None),))
+            session.close_in_turn("line_too_long", too_long_reason(max_line))
 
-    def lineReceived(self, line):
-        if line.__class__ is bytes:
-            ChatProtocol.lineReceived(self, line)
-        else:
-            line()  # a close queued by the framing, in order with the packets
-
-    def _write(self, data):
+    def write(self, out):
+        """One text frame per server line: the session hands them over one by
+        one, or as a batch of push lines."""
+        written = 0
         try:
-            for line in data.decode("utf-8").split("\n")[:-1]:
-                self.ws.sendTextMessage(line)
+            for item in out:
+                if item.__class__ is bytes:
+                    self.ws.sendTextMessage(item[:-1].decode("utf-8"))
+                    written += len(item)
+                else:
+                    for line in item:
+                        self.ws.sendTextMessage(line.decode("utf-8"))
+                        written += len(line) + 1
         except LocalProtocolError:
             pass  # the client has sent its close frame: it reads nothing more
+        return written
 
-    def _write_closing(self, data, code):
-        self._write(data)
+    def write_closing(self, data, code):
+        self.write((data,))
         # written on the stream, not through the WebSocket (whose close would
         # shut the socket at once, with the client's unread input in it: the
         # kernel would reset the connection, and the error might be lost)
         self.transport.write(bytes(FrameProtocol(False, []).close(
             CLOSE_CODES.get(code, 1000), code)))
 
-    def _keepalive(self):
-        ChatProtocol._keepalive(self)
+    def keepalive(self):
         try:
             self.ws.ping(b"")  # a browser answers by itself: that is activity too
         except LocalProtocolError:
@@ -131,7 +140,7 @@ class _Sessions:
         self.chat_factory = chat_factory
 
     def buildProtocol(self, request):
-        return WebSocketChatProtocol(self.chat_factory, request)
+        return WebSocketFraming(self.chat_factory, request)
 
 
 def site(chat_factory):

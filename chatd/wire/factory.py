@@ -1,0 +1,103 @@
+"""
+The factory of client connections: what every session of a node shares
+(settings, the hub, the clock, the timer wheel, the outbox of this turn's
+writes, the connection statistics), the admission caps, and the graceful
+shutdown.
+"""
+
+import collections
+
+from twisted.internet import defer, protocol
+
+from chatd.wire import timers
+from chatd.wire.lines import LineFraming
+from chatd.wire.output import Outbox
+from chatd.wire.session import CLOSE_GRACE, Session
+from chatd.wire.stats import Stats
+
+#: files a node needs besides its client connections (listeners, the store,
+#: logs, the embedded store's pipes)
+FILES_HEADROOM = 100
+
+
+class ChatFactory(protocol.Factory):
+    """Holds what every connection shares: settings, the hub, the clock, and
+    the set of live sessions (for a graceful shutdown). Builds the TCP
+    framing; the WebSocket one is built by :mod:`chatd.wire.websocket`."""
+
+    noisy = False
+
+    def __init__(self, settings, hub, clock):
+        self.settings = settings
+        self.hub = hub
+        self.clock = clock
+        self.connections = set()  # the sessions admitted
+        self.stats = Stats()  # bumped by the sessions, read by chatd.ops.metrics
+        self.wheel = timers.TimerWheel(clock, timers.tick_for(
+            settings.auth_timeout, settings.keepalive, settings.idle_timeout))
+        self.outbox = Outbox(clock)
+        self.max_connections = settings.max_connections or max(
+            1, _files_limit() - FILES_HEADROOM)
+        self._per_ip = collections.Counter()  # address -> connections admitted
+
+    def buildProtocol(self, addr):
+        return LineFraming(Session, self)
+
+    def admit(self, conn):
+        """Count a new session in; the reason it is refused, if over a cap
+        (--max-connections, --max-connections-per-ip)."""
+        if len(self.connections) >= self.max_connections:
+            return ("the server has its most connections (%d); try again later"
+                    % self.max_connections)
+        per_ip = self.settings.max_connections_per_ip
+        ip = getattr(conn.framing.transport.getPeer(), "host", None)
+        if per_ip and ip is not None:
+            if self._per_ip[ip] >= per_ip:
+                return ("%d connections from %s already; close one, or try again later"
+                        % (per_ip, ip))
+            self._per_ip[ip] += 1
+            conn._ip = ip
+        self.connections.add(conn)
+        return None
+
+    def release(self, conn):
+        """A session is gone (admitted or not)."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            ip = getattr(conn, "_ip", None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
+
+    @defer.inlineCallbacks
+    def shutdown(self, grace=CLOSE_GRACE):
+        """Stop reading, let every packet read so far get its reply, then send
+        ``shutdown`` to everyone and close; cut whoever is left after grace."""
+        conns = list(self.connections)
+        for c in conns:
+            c._pause("shutdown")
+        idle = defer.DeferredList([c.when_idle() for c in conns], consumeErrors=True)
+        yield _within(idle, self.settings.redis_timeout + 1, self.clock)
+        gone = []
+        for c in list(self.connections):
+            gone.append(c.when_closed())
+            c.close("shutdown", "the server is stopping; reconnect later")
+        yield _within(defer.DeferredList(gone, consumeErrors=True), grace, self.clock)
+        for c in list(self.connections):
+            c.framing.abort()
+
+
+def _files_limit():
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _within(d, seconds, clock):
+    """Wait for d, at most ``seconds``; never fails."""
+    d.addTimeout(seconds, clock)
+    return d.addErrback(lambda f: None)
