@@ -116,14 +116,54 @@ async def clients():
         await c.close()
 
 
-def pytest_collection_modifyitems(items):
-    # the slow ones last, so a quick failure shows early
-    items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run the chaos tests in their long form (%d s, %d clients "
+                          "each) instead of the short one" % (LONG_CHAOS["duration"],
+                                                             LONG_CHAOS["clients"]))
+
+
+#: module-scoped fixtures of real replicated stores (started once per module)
+SHARED_STORES = {"cluster"}
+
+#: the chaos tests' long form (``--long``), as docs/testing.rst runs it by hand
+LONG_CHAOS = {"duration": 600, "clients": 200}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # in parallel (pytest-xdist) the slow ones first: each worker takes
+        # the next test when it is free, so the long ones overlap each other
+        # and the short ones fill the gaps at the end
+        items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+    else:
+        # one at a time, the slow ones last, so a quick failure shows early
+        items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+    for item in items:
+        if SHARED_STORES & set(getattr(item, "fixturenames", ())):
+            # the tests of a module's shared cluster or sentinel set run on
+            # one worker (--dist loadgroup), which starts it once
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if config.getoption("--long") and item.get_closest_marker("chaos"):
+            item.add_marker(pytest.mark.timeout(LONG_CHAOS["duration"] + 300), append=False)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "chaos: a chaos run (its long form with --long)")
     os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
+
+
+@pytest.fixture
+def chaos_form(request):
+    """``chaos_form(**short)``: the chaos run's settings, in its short form,
+    or with ``--long`` its long form."""
+    def form(**short):
+        if request.config.getoption("--long"):
+            return dict(short, **LONG_CHAOS)
+        return short
+    return form
 
 
 @pytest.fixture

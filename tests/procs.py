@@ -31,18 +31,42 @@ LISTENING = re.compile(r"chatd listening on (tcp|ssl) [\d.]+:(\d+)")
 BAD_LOG = re.compile(r"Traceback|Unhandled")
 
 
-def fixed_port():
-    """A free TCP port on 127.0.0.1 below the ephemeral range, so that a
-    restarted server can listen on it again (no outgoing connection of this
-    machine is ever given it as its local port)."""
+#: ports fixed_port has handed out in this process (two random picks could
+#: meet before either server listens)
+_given = set()
+
+
+def port_range():
+    """[low, high) of the ports :func:`fixed_port` picks from: below the
+    ephemeral range, and under pytest-xdist this worker's own slice of it
+    (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``), so that
+    two workers can never pick the same port."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    low = min(low, 32768)
+    high = min(low, 32768)
+    low = max(10000, high - 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        span = (high - low) // max(1, count)
+        low += int(worker[2:]) * span
+        high = low + span
+    return low, high
+
+
+def fixed_port():
+    """A free TCP port on 127.0.0.1 below the ephemeral range, so that a
+    restarted server can listen on it again (no outgoing connection of this
+    machine is ever given it as its local port); never one this process
+    was given before, nor one another xdist worker can be given."""
+    low, high = port_range()
     for _ in range(200):
-        port = random.randrange(max(10000, low - 12000), low)
+        port = random.randrange(low, high)
+        if port in _given:
+            continue
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", port))
@@ -50,8 +74,9 @@ def fixed_port():
             continue
         finally:
             s.close()
+        _given.add(port)
         return port
-    raise RuntimeError("no free port below %d" % low)
+    raise RuntimeError("no free port in [%d, %d)" % (low, high))
 
 
 def _proc_stats():

@@ -26,19 +26,6 @@ def slot_ranges(n):
 
 
 
-_given = set()
-
-
-def _new_port():
-    """A free fixed port not handed to another node of this process (two
-    random picks could meet before either node listens)."""
-    port = fixed_port()
-    while port in _given:
-        port = fixed_port()
-    _given.add(port)
-    return port
-
-
 class ClusterNode(_Process):
     """One ``valkey-server --cluster-enabled yes`` in a directory of its own
     (``cluster=False``: a plain one on TCP, the baseline of the stores
@@ -48,8 +35,8 @@ class ClusterNode(_Process):
         os.makedirs(directory, exist_ok=True)
         super().__init__(os.path.join(directory, "valkey.log"))
         self.directory = directory
-        self.port = _new_port()
-        self.bus_port = _new_port()
+        self.port = fixed_port()
+        self.bus_port = fixed_port()
         self.node_timeout_ms = node_timeout_ms
         self.cluster = cluster
         self.id = None

@@ -6,7 +6,8 @@ and between a send and its reply, and clients stop reading. Nothing accepted
 may be lost, nothing pushed twice on one connection, every unanswered send
 must come through on retry with its ref.
 
-The long form is run by hand: ``python -m tests.chaos --help`` (docs/testing.rst).
+``pytest --long`` runs each in its long form (600 s, 200 clients); other
+forms by hand: ``python -m tests.chaos --help`` (docs/testing.rst).
 """
 
 import json
@@ -37,27 +38,29 @@ def check(report, cfg):
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(150)
 @ensure
-async def test_chaos_embedded_store():
+async def test_chaos_embedded_store(chaos_form):
     """chatd on its embedded store, SIGKILLed (its store child survives as
     an orphan and the next chatd stops it cleanly) and SIGTERMed."""
-    cfg = chaos.Config(mode="embedded", duration=22, clients=30, rate=2.0,
+    cfg = chaos.Config(mode="embedded", **chaos_form(duration=22, clients=30), rate=2.0,
                        fault_every=1.0, settle=60)
     report = await chaos.run(cfg)
     check(report, cfg)
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(150)
 @ensure
-async def test_chaos_external_redis():
+async def test_chaos_external_redis(chaos_form):
     """chatd on a valkey-server of the harness (appendonly yes). Redis is
     restarted with SIGTERM and also SIGKILLed, so it runs with appendfsync
     always for this run (with everysec a SIGKILLed store may lose its last
     second of acknowledged writes)."""
-    cfg = chaos.Config(mode="redis", redis_sigkill=True, duration=24, clients=30, rate=2.0,
-                       fault_every=1.0, redis_down_max=3.5, settle=60)
+    cfg = chaos.Config(mode="redis", redis_sigkill=True, **chaos_form(duration=24, clients=30),
+                       rate=2.0, fault_every=1.0, redis_down_max=3.5, settle=60)
     report = await chaos.run(cfg)
     assert report.appendfsync == "always"
     check(report, cfg)
@@ -67,15 +70,16 @@ async def test_chaos_external_redis():
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(150)
 @ensure
-async def test_chaos_sentinel_failovers():
+async def test_chaos_sentinel_failovers(chaos_form):
     """Two nodes with --store-acks 1 on a Sentinel-managed primary and
     replica: the primary SIGKILLed (restarted, it becomes the replica) and
     failed over by hand (each waits until the sentinels settle, so only a
     few fit in a short run; node kills and client faults are covered by the
     other modes): the same checks."""
-    cfg = chaos.Config(mode="sentinel", nodes=2, duration=25, clients=30, rate=2.0,
+    cfg = chaos.Config(mode="sentinel", nodes=2, **chaos_form(duration=25, clients=30), rate=2.0,
                        fault_every=1.0, settle=60, faults=("primary_sigkill", "failover"))
     report = await chaos.run(cfg)
     check(report, cfg)
@@ -83,27 +87,30 @@ async def test_chaos_sentinel_failovers():
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(150)
 @ensure
-async def test_chaos_cluster_failovers():
+async def test_chaos_cluster_failovers(chaos_form):
     """Two nodes with --store-acks 1 on a Valkey Cluster 3x2: random
     primaries SIGKILLed (their replicas take over; restarted, they rejoin as
     replicas) and replicas taking over by hand: the same checks."""
-    cfg = chaos.Config(mode="cluster", nodes=2, duration=20, clients=30, rate=2.0,
+    cfg = chaos.Config(mode="cluster", nodes=2, **chaos_form(duration=20, clients=30), rate=2.0,
                        fault_every=1.0, settle=60, faults=("primary_sigkill", "failover"))
     report = await chaos.run(cfg)
     check(report, cfg)
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(150)
 @ensure
-async def test_chaos_three_nodes():
+async def test_chaos_three_nodes(chaos_form):
     """Three chatd nodes on one valkey-server (appendfsync always), clients
     on random nodes (a reconnect lands anywhere), nodes SIGKILLed and
     SIGTERMed, the store stopped and killed: the same checks, cluster-wide."""
-    cfg = chaos.Config(mode="nodes", nodes=3, redis_sigkill=True, duration=20, clients=30,
-                       rate=2.0, fault_every=1.0, redis_down_max=2.5, settle=60)
+    cfg = chaos.Config(mode="nodes", nodes=3, redis_sigkill=True,
+                       **chaos_form(duration=20, clients=30), rate=2.0, fault_every=1.0,
+                       redis_down_max=2.5, settle=60)
     report = await chaos.run(cfg)
     check(report, cfg)
 
