@@ -9,7 +9,7 @@ import pytest_twisted
 
 from tests.helpers import with_deadline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLACEHOLDER = re.compile(r"<([a-zA-Z0-9-]+)>")
 
 

@@ -15,7 +15,7 @@ import json
 import pytest
 import pytest_twisted
 
-from tests import chaos
+from tests.system import chaos
 from tests.helpers import with_deadline
 
 ensure = pytest_twisted.ensureDeferred

@@ -17,7 +17,7 @@ import pytest
 
 from tests.procs import ChatdProcess, alive
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Client:

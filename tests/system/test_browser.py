@@ -33,7 +33,7 @@ from tests.helpers import wait_until
 from tests.wsclient import ws_port
 
 ensure = pytest_twisted.ensureDeferred
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCREENSHOT = os.path.join(ROOT, "docs", "browser.png")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
