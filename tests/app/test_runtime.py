@@ -17,9 +17,12 @@ import pytest
 import pytest_twisted
 
 from chatd.app.config import DEFAULT_BACKLOG, parse_redis_url
-from tests.helpers import (DEADLINE, LineClient, _client_protocol, pair, pass_time,
-                           wait_until, with_deadline)
-from tests.procs import ChatdProcess, ValkeyProcess, group_members, wait_for
+from tests.clients import _client_protocol, LineClient
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.process import wait_for
+from tests.fixtures.procfs import group_members
+from tests.fixtures.valkey import ValkeyServer
+from tests.helpers import DEADLINE, pair, pass_time, wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -123,7 +126,7 @@ async def test_redis_database_number_is_used(chatd, clients, redis):
 async def test_redis_password_is_used(chatd, clients, tmp_short):
     """A store with requirepass: chatd authenticates with the password of
     ``--redis`` (here ``unix:///...?password=``). (Broken: no AUTH sent.)"""
-    store = ValkeyProcess(tmp_short, appendfsync=None, password="s3cret pw")
+    store = ValkeyServer(tmp_short, password="s3cret pw")
     try:
         store.start().wait_ready()
         target = parse_redis_url("unix://%s?password=s3cret%%20pw" % store.path)
@@ -142,7 +145,7 @@ def tls_proxy(key_path, cert_path, unix_path):
     from twisted.internet import endpoints, reactor
     from twisted.protocols import portforward
 
-    from tests.test_tls import ssl_port
+    from tests.helpers import ssl_port
 
     class ToUnix(portforward.ProxyServer):
         def connectionMade(self):
@@ -162,7 +165,7 @@ def tls_proxy(key_path, cert_path, unix_path):
 async def test_rediss_speaks_tls_to_the_store(chatd, clients, redis, tmp_path):
     """``--redis rediss://host:port/db`` talks TLS to the store (behind a TLS
     proxy that speaks nothing else). (Broken: a plain TCP connection.)"""
-    from tests.test_tls import make_certificate
+    from tests.helpers import make_certificate
     key_path, cert_path = make_certificate(str(tmp_path))
     port = await tls_proxy(key_path, cert_path, redis.path)
     try:

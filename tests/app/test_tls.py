@@ -5,55 +5,18 @@ verify it, and as ``twistd chatd --port ssl:...`` with Python's ``ssl``
 module, beside a plain TCP ``--listen``.
 """
 
-import datetime
-import ipaddress
 import json
 import os
 import socket
 import ssl
 
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from tests.helpers import DEADLINE, LineClient, _client_protocol, with_deadline
-from tests.procs import ChatdProcess
+from tests.clients import _client_protocol, LineClient
+from tests.fixtures.nodes import ChatdProcess
+from tests.helpers import DEADLINE, make_certificate, ssl_port, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
-
-
-def make_certificate(directory, name="localhost"):
-    """A self-signed certificate for ``name`` and 127.0.0.1; the paths of
-    key.pem and cert.pem."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_path = os.path.join(directory, "key.pem")
-    cert_path = os.path.join(directory, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
-def ssl_port(key_path, cert_path):
-    return "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (key_path, cert_path)
 
 
 async def connect_tls(port, cert_path, hostname="localhost"):
@@ -158,7 +121,7 @@ def test_twistd_ssl_port_beside_plain_tcp(tmp_short):
     try:
         proc.start()
         proc.wait_listening()
-        from tests.procs import wait_for
+        from tests.fixtures.process import wait_for
         ports = wait_for(lambda: len(proc.listening_ports()) == 2 and proc.listening_ports(),
                          DEADLINE, "both listeners")
         assert "chatd listening on ssl" in proc.log()

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.procs import ChatdProcess, alive
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.procfs import alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -25,6 +25,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from chatd.client import cli
+from tests.clients import RecordingUi
 from tests.helpers import DEADLINE, registered, wait_until, with_deadline
 
 ensure = pytest_twisted.ensureDeferred
@@ -201,26 +202,6 @@ class FakeServer:
 
     def drop(self):
         self.proto.connectionLost(Failure(error.ConnectionLost()))
-
-
-class RecordingUi:
-    def __init__(self):
-        self.notices, self.problems, self.shown, self.answers, self.fatals = [], [], [], [], []
-
-    def notice(self, text):
-        self.notices.append(text)
-
-    def problem(self, text):
-        self.problems.append(text)
-
-    def incoming(self, push, raw):
-        self.shown.append(push["message"])
-
-    def answered(self, entry, reply):
-        self.answers.append((entry.text, reply["type"]))
-
-    def fatal(self, status, text):
-        self.fatals.append((status, text))
 
 
 def push(n, text):

@@ -2,7 +2,7 @@
 Several nodes, one service (contract 1.1, "Several nodes and stores"): three
 chatd nodes on one store, in this process (each with its own store client
 and subscriber connection, exactly as separate processes have them).
-tests/test_nodes_procs.py has the ones that need real processes (SIGKILL).
+tests/system/test_nodes_procs.py has the ones that need real processes (SIGKILL).
 """
 
 import json

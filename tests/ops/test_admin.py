@@ -8,15 +8,14 @@ frozen store), each with its documented exit code.
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from chatd.ops import admin
-from tests.blocking import LineClient
-from tests.helpers import redis_command
-from tests.procs import ChatdProcess, ROOT
+from tests.clients import BlockingLineClient
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.valkey import redis_command
+from tests.helpers import run_admin
 
 
 @pytest.fixture
@@ -34,19 +33,6 @@ def node(tmp_short):
         proc.cleanup()
 
 
-def run_admin(*args, data_dir=None, script=False):
-    """(exit code, stdout, stderr) of ``chatd-admin`` (``python -m chatd.ops.admin``,
-    or the installed console script)."""
-    where = ["--data-dir", data_dir] if data_dir else []
-    if script:
-        argv = [os.path.join(os.path.dirname(sys.executable), "chatd-admin")]
-    else:
-        argv = [sys.executable, "-m", "chatd.ops.admin"]
-    p = subprocess.run(argv + where + list(args), cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
-    return p.returncode, p.stdout, p.stderr
-
-
 def store(proc, *args):
     return redis_command(os.path.join(proc.data, "valkey.sock"), *args)
 
@@ -58,12 +44,12 @@ def keys_of(proc, device):
 def with_waiting(proc, texts=("first secret text", "second secret text")):
     """alice, bob and carol registered; alice sent ``texts`` to carol, who
     is offline: (alice's client, carol's token)."""
-    carol = LineClient(proc.port)
+    carol = BlockingLineClient(proc.port)
     carol_token = carol.register("carol")
     carol.close()
-    alice = LineClient(proc.port)
+    alice = BlockingLineClient(proc.port)
     alice.register("alice")
-    LineClient(proc.port).register("bob")
+    BlockingLineClient(proc.port).register("bob")
     for i, text in enumerate(texts):
         assert alice.message("carol", text, "r%d" % i)["type"] == "accepted"
     return alice, carol_token
@@ -124,7 +110,7 @@ def test_admin_revoke_invalidates_tokens_and_keeps_messages(node):
     assert "carol: every token revoked" in out
     assert store(node, "GET", "chatd:{carol}:token") == b"revoked"
     assert store(node, "LLEN", "chatd:{carol}:inbox") == 2
-    c = LineClient(node.port)
+    c = BlockingLineClient(node.port)
     c.send({"reconnect": "true", "sender": "carol", "token": carol_token})
     assert c.expect("error")["code"] == "bad_token"
     # still registered: messages to it are stored, and it can register again
@@ -185,7 +171,7 @@ def test_admin_errors_have_their_exit_codes(node, tmp_short):
 
 @pytest.mark.parametrize("command", ["revoke", "purge"])
 def test_admin_closes_the_live_connection_with_revoked(node, command):
-    bob = LineClient(node.port)
+    bob = BlockingLineClient(node.port)
     bob.register("bob")
     code, out, err = run_admin(command, "bob", data_dir=node.data)
     assert code == admin.OK, err
@@ -207,7 +193,7 @@ def test_admin_purge_keeps_a_registration_made_during_it(node):
                            socket_timeout=10)
     client.where = "the test store"
     scan = client.scan_iter
-    carol = LineClient(node.port)
+    carol = BlockingLineClient(node.port)
 
     def scan_iter(**kw):
         for i, key in enumerate(scan(**kw)):

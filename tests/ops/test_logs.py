@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from tests.blocking import LineClient
-from tests.procs import ChatdProcess
+from tests.clients import BlockingLineClient
+from tests.fixtures.nodes import ChatdProcess
 
 TEXT = "the-secret-text-4f1c"
 
@@ -19,7 +19,7 @@ def traffic(port):
     """Everything that might be tempted to log a text or a token: register,
     messages (accepted, duplicate, to nobody, too long, malformed), a
     reconnect, a bad token, a one-shot send, a line too long. The tokens."""
-    alice, bob = LineClient(port), LineClient(port)
+    alice, bob = BlockingLineClient(port), BlockingLineClient(port)
     tokens = [alice.register("alice"), bob.register("bob")]
     assert alice.message("bob", TEXT, "r1")["type"] == "accepted"
     assert alice.message("bob", TEXT)["type"] == "duplicate"
@@ -28,7 +28,7 @@ def traffic(port):
     alice.sock.sendall(b'{"message": "%s", "receiver": \n' % TEXT.encode())
     assert alice.expect("error")["code"] == "bad_packet"
     assert bob.expect("message")["message"] == TEXT
-    c = LineClient(port)
+    c = BlockingLineClient(port)
     c.send({"reconnect": "true", "sender": "alice", "token": tokens[1]})
     assert c.expect("error")["code"] == "bad_token"
     c.send({"message": TEXT + "-2", "sender": "alice", "token": tokens[0], "receiver": "bob"})

@@ -15,8 +15,9 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.blocking import LineClient, http_get
-from tests.procs import ChatdProcess, fixed_port, wait_for
+from tests.clients import BlockingLineClient, http_get
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.process import fixed_port, wait_for
 
 
 def scrape(base):
@@ -63,7 +64,7 @@ def node(tmp_short):
 
 def test_metrics_count_known_traffic(node):
     proc, base = node
-    alice, bob = LineClient(proc.port), LineClient(proc.port)
+    alice, bob = BlockingLineClient(proc.port), BlockingLineClient(proc.port)
     try:
         alice.register("alice")
         bob.register("bob")
@@ -121,7 +122,7 @@ def test_health_turns_503_while_the_store_is_frozen_and_200_after(node):
     health = json.loads(body)
     assert health["status"] == "ok" and health["node"] == node_id(proc)
     (store_pid,) = proc.store_pids()
-    alice = LineClient(proc.port)
+    alice = BlockingLineClient(proc.port)
     try:
         alice.register("alice")
         os.kill(store_pid, signal.SIGSTOP)

@@ -1,24 +1,22 @@
 """
 chatd on a real Valkey Cluster (3 primaries, one replica each; see
-tests/stores.py): slot routing, sharded pub/sub per primary, a slot
+tests/fixtures/cluster.py): slot routing, sharded pub/sub per primary, a slot
 migrated under traffic, a primary killed, and the start error of a cluster
 that leaves slots uncovered. One cluster for the module (starting one takes
 a few seconds); every test uses device names of its own.
 """
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 
 import pytest
 import pytest_twisted
 
 from chatd.redis.cluster import slot_of
+from tests.fixtures.cluster import ValkeyCluster, wait_replicated
+from tests.fixtures.nodes import ChatdNodes, ChatdProcess
 from tests.helpers import wait_until
-from tests.procs import ChatdNodes, ChatdProcess
-from tests.stores import ValkeyCluster, wait_replicated
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -40,18 +38,6 @@ def test_cluster_urls():
         with pytest.raises(ValueError) as e:
             parse_redis_url(bad)
         assert str(e.value).startswith("--redis: ") and why in str(e.value), str(e.value)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    tmp = tempfile.mkdtemp(prefix="chatd-cl-")
-    c = ValkeyCluster(tmp)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -174,7 +160,7 @@ async def test_a_slot_migrated_under_traffic_loses_nothing(cluster, opened):
     were accepted."""
     from twisted.internet import defer, threads
 
-    from tests.helpers import start_node
+    from tests.fixtures.nodes import start_node
     a = await start_node(cluster.target, redis_timeout=5.0, presence_lease=LEASE)
     b = await start_node(cluster.target, redis_timeout=5.0, presence_lease=LEASE)
     try:
@@ -194,7 +180,7 @@ async def test_a_slot_migrated_under_traffic_loses_nothing(cluster, opened):
         await wait_until(lambda: len(progress) > 30, what="traffic flowing")
 
         def asked():  # (a thread's wait) the sender met an ASK
-            from tests.procs import wait_for
+            from tests.fixtures.process import wait_for
             wait_for(lambda: stats.redirects.get("ASK"), 30, "an ASK redirection")
 
         await threads.deferToThread(cluster.migrate_slot, slot, source, dest, asked)
@@ -229,7 +215,7 @@ async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
     from twisted.internet import reactor, task, threads
 
     from chatd.redis.cluster import ClusterClient
-    from tests.procs import wait_for
+    from tests.fixtures.process import wait_for
     client = ClusterClient(cluster.target, 10.0, reactor).connect()
     try:
         assert await client.when_connected(10)
@@ -266,12 +252,12 @@ async def test_calls_of_one_slot_keep_their_order_through_a_migration(cluster):
 def test_a_cluster_with_uncovered_slots_is_a_clean_start_error(tmp_short):
     """A cluster node that owns only some slots: chatd refuses to start with
     one line that names --redis and the slots, and no traceback."""
-    from tests.stores import ClusterNode
-    node = ClusterNode(os.path.join(tmp_short, "lone"), 2000).start()
+    from tests.fixtures.valkey import ValkeyServer
+    node = ValkeyServer(os.path.join(tmp_short, "lone"), cluster=True, node_timeout_ms=2000).start()
     proc = ChatdProcess(tmp_short, ["--port", "tcp:0:interface=127.0.0.1", "--redis",
                                     "redis+cluster://127.0.0.1:%d" % node.port])
     try:
-        from tests.procs import wait_for
+        from tests.fixtures.process import wait_for
         wait_for(node.answers, 30, "the cluster node answering", 0.05)
         node.command("CLUSTER", "ADDSLOTSRANGE", 0, 9999)
         proc.start()
@@ -297,7 +283,7 @@ def failover(cluster):
     until ``take_over()`` (CLUSTER FAILOVER TAKEOVER on that replica; it is
     returned). Afterwards the killed node is started again (it comes back as
     a replica) and given its role back, so the module's cluster is as it was."""
-    from tests.procs import wait_for
+    from tests.fixtures.process import wait_for
     done = []
 
     class Failover:
@@ -422,7 +408,7 @@ async def test_chatd_admin_on_a_cluster(cluster, nodes, opened):
     import subprocess
     import sys
 
-    from tests.procs import ROOT
+    from tests.fixtures.nodes import ROOT
     [a] = await nodes(1)
     names = [d for per in cluster.devices_on_each_primary("adm", 1) for d in per]
     conns = {}

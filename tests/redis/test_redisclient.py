@@ -121,7 +121,7 @@ async def test_a_primary_turned_replica_is_left_for_a_new_connection(client, own
     """A write refused with READONLY (a failover demoted the primary under
     an open connection) is 'unavailable', and the connection is cut so that
     the next one finds the primary again (through the sentinels, if any)."""
-    from tests.procs import fixed_port
+    from tests.fixtures.process import fixed_port
     before = await client.call(b"CLIENT", b"ID")
     own_redis.command("REPLICAOF", "127.0.0.1", str(fixed_port()))  # nobody there
     try:
@@ -138,7 +138,7 @@ async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds
     from twisted.internet import defer, reactor
 
     from chatd.app.config import RedisTarget
-    from tests.sentinels import info
+    from tests.fixtures.valkey import info
     primary, replica = replicated
     c = RedisClient(RedisTarget(host="127.0.0.1", port=primary.port), 1.0, reactor,
                     acks=1).connect()
@@ -179,7 +179,7 @@ async def test_store_acks_waits_once_per_batch_and_refuses_what_no_replica_holds
 
 
 def info_link_up(server):
-    from tests.sentinels import info
+    from tests.fixtures.valkey import info
     try:
         return info(server.port, "replication").get("master_link_status") == "up"
     except (OSError, ConnectionError):

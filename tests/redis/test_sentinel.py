@@ -1,6 +1,6 @@
 """
 chatd on a Sentinel-managed store (``--redis redis+sentinel://...``): real
-valkey-servers and sentinels (tests/sentinels.py), real chatd processes.
+valkey-servers and sentinels (tests/fixtures/sentinel.py), real chatd processes.
 
 A SIGKILL of the primary with ``--store-acks 1``: senders see
 ``unavailable`` while there is no primary (and while the new one has no
@@ -10,7 +10,6 @@ connection follows the failover too).
 """
 
 import json
-import os
 import re
 import signal
 import time
@@ -18,9 +17,10 @@ import time
 import pytest
 import pytest_twisted
 
-from tests.helpers import connect, wait_until
-from tests.procs import ChatdNodes, ChatdProcess
-from tests.sentinels import SentinelSet, info
+from tests.clients import connect
+from tests.fixtures.nodes import ChatdNodes, ChatdProcess
+from tests.fixtures.valkey import info
+from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -50,15 +50,6 @@ def test_sentinel_url_forms():
     assert "pw" not in repr(t)
     t = parse_redis_url("redis+sentinel://a:1/m")
     assert (t.db, t.tls, t.password) == (0, False, None)
-
-
-@pytest.fixture
-def sentinels(tmp_short):
-    s = SentinelSet(os.path.join(tmp_short, "stores"))
-    try:
-        yield s.start()
-    finally:
-        s.cleanup()
 
 
 @pytest.fixture
@@ -194,7 +185,7 @@ async def test_a_demoted_primary_is_left_and_nothing_accepted_is_lost(sentinels,
         assert [e["id"] for e in inbox] == accepted
         assert old.command("ROLE")[0] == b"slave"
         # the operator's command reaches the same primary through the sentinels
-        from tests.test_admin import run_admin
+        from tests.helpers import run_admin
         code, out, err = run_admin("--redis", sentinels.url(), "--json", "inbox", "bob")
         assert code == 0, err
         assert json.loads(out)["pending"] == i

@@ -4,13 +4,13 @@ chatd`` subprocesses) while faults are injected, then everything is checked.
 
 Run by hand (from the repository root, in the venv)::
 
-    python -m tests.chaos --duration 600 --clients 200 --mode embedded
-    python -m tests.chaos --duration 600 --clients 200 --mode redis --redis-sigkill
-    python -m tests.chaos --duration 600 --clients 200 --mode nodes --nodes 3
-    python -m tests.chaos --duration 600 --clients 200 --mode sentinel
-    python -m tests.chaos --duration 600 --clients 200 --mode cluster
+    python -m tests.system.chaos --duration 600 --clients 200 --mode embedded
+    python -m tests.system.chaos --duration 600 --clients 200 --mode redis --redis-sigkill
+    python -m tests.system.chaos --duration 600 --clients 200 --mode nodes --nodes 3
+    python -m tests.system.chaos --duration 600 --clients 200 --mode sentinel
+    python -m tests.system.chaos --duration 600 --clients 200 --mode cluster
 
-``tests/test_chaos.py`` runs a short form of it in CI.
+``tests/system/test_chaos.py`` runs a short form of it in CI.
 
 Modes:
 
@@ -28,13 +28,13 @@ Modes:
     a chatd bug).
 ``sentinel``
     Two chatd nodes (``--nodes``) with ``--store-acks 1`` on a primary, a
-    replica and three sentinels (tests/sentinels.py). Besides the chatd
+    replica and three sentinels (tests/fixtures/sentinel.py). Besides the chatd
     faults: the primary SIGKILLed (the replica takes over; the old primary is
     started again and becomes its replica) and a manual ``SENTINEL
     FAILOVER``; each waits until the sentinels have settled again.
 ``cluster``
     Two chatd nodes (``--nodes``) with ``--store-acks 1`` on a Valkey Cluster
-    of 3 primaries with a replica each (tests/stores.py). Besides the chatd
+    of 3 primaries with a replica each (tests/fixtures/cluster.py). Besides the chatd
     faults: a random primary SIGKILLed (its replica takes over after
     cluster-node-timeout; the old one is started again and rejoins as a
     replica) and a replica taking over by hand (``CLUSTER FAILOVER``); each
@@ -90,8 +90,10 @@ from dataclasses import dataclass, field
 
 from twisted.protocols.basic import LineReceiver
 
-from tests.helpers import redis_command
-from tests.procs import ChatdProcess, ValkeyProcess, fixed_port
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.process import fixed_port
+from tests.fixtures.valkey import redis_command
+from tests.fixtures.valkey import ValkeyServer
 
 CLIENT_FAULTS = ("cut_before_ack", "cut_inflight", "slow_reader")
 #: error codes after which a send is retried with the same ref
@@ -179,7 +181,7 @@ class Sent:
 
 class Tracker:
     """Records what the clients saw; :meth:`report` checks it. No I/O, so the
-    checks themselves are tested with made-up events (tests/test_chaos.py)."""
+    checks themselves are tested with made-up events (tests/system/test_chaos.py)."""
 
     def __init__(self):
         self.sents = []
@@ -803,18 +805,19 @@ class Servers:
         self.sentinels = None
         self.cluster = None
         if cfg.mode == "cluster":
-            from tests.stores import ValkeyCluster
+            from tests.fixtures.cluster import ValkeyCluster
             self.cluster = ValkeyCluster(os.path.join(workdir, "stores"))
             args += ["--redis", self.cluster.url, "--store-acks", "1"]
         elif cfg.mode == "sentinel":
-            from tests.sentinels import SentinelSet
+            from tests.fixtures.sentinel import SentinelSet
             self.sentinels = SentinelSet(os.path.join(workdir, "stores"))
             args += ["--redis", self.sentinels.url(), "--store-acks", "1",
                      "--redis-timeout", "1s"]
         elif cfg.mode in ("redis", "nodes"):
             vdir = os.path.join(workdir, "redis")
             os.makedirs(vdir, exist_ok=True)
-            self.valkey = ValkeyProcess(vdir, "always" if cfg.redis_sigkill else "everysec")
+            self.valkey = ValkeyServer(vdir, appendfsync="always" if cfg.redis_sigkill
+                                       else "everysec")
             args += ["--redis", self.valkey.url]
             self.store_socket = self.valkey.path
         else:
@@ -1200,7 +1203,8 @@ async def run(cfg, log=None):
 # -- by hand ----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tests.system.chaos",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="embedded")
     p.add_argument("--nodes", type=int, default=3, help="nodes and sentinel mode: chatd processes (default 3)")

@@ -23,8 +23,12 @@ import pytest
 import pytest_twisted
 
 from chatd.hub import tokens as chatd_tokens
-from tests.helpers import redis_command, wait_until
-from tests.procs import ChatdProcess, open_sockets, scan_store, wait_for
+from tests.fixtures.nodes import ChatdProcess
+from tests.fixtures.process import wait_for
+from tests.fixtures.procfs import open_sockets
+from tests.fixtures.valkey import redis_command
+from tests.fixtures.valkey import scan_store
+from tests.helpers import wait_until
 
 DEADLINE = 10.0
 #: round trips of the prober each check looks at (a count, not a duration)

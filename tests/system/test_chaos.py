@@ -1,5 +1,5 @@
 """
-The chaos harness (tests/chaos.py) in a short form: a few dozen clients chat
+The chaos harness (tests/system/chaos.py) in a short form: a few dozen clients chat
 through a twistd chatd while it is SIGKILLed and SIGTERMed, Redis is stopped
 and killed (external mode), connections are cut between a push and its ack
 and between a send and its reply, and clients stop reading. Nothing accepted
@@ -7,7 +7,7 @@ may be lost, nothing pushed twice on one connection, every unanswered send
 must come through on retry with its ref.
 
 ``pytest --long`` runs each in its long form (600 s, 200 clients); other
-forms by hand: ``python -m tests.chaos --help`` (docs/testing.rst).
+forms by hand: ``python -m tests.system.chaos --help`` (docs/testing.rst).
 """
 
 import json
@@ -15,8 +15,8 @@ import json
 import pytest
 import pytest_twisted
 
-from tests.system import chaos
 from tests.helpers import with_deadline
+from tests.system import chaos
 
 ensure = pytest_twisted.ensureDeferred
 

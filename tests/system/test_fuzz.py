@@ -3,7 +3,7 @@ Fuzzing: hypothesis properties of the packet parser (``chatd.wire.packets``), an
 a live fuzz of a running ``twistd chatd`` with well over 100,000 random and
 mutated lines over 50 connections while a healthy client keeps chatting.
 
-tests/test_packets.py already fuzzes plain random bytes and random JSON
+tests/wire/test_packets.py already fuzzes plain random bytes and random JSON
 objects; these properties aim at what a hostile or broken client sends:
 mutations of real packets, deep and mixed nesting, huge numbers, odd Unicode
 and invalid UTF-8, and the seed's Python-literal syntax (checked against
@@ -11,7 +11,7 @@ Python's own ``ast.literal_eval``).
 
 The live fuzz runs chatd with ``--rate-limit 0`` (else the limiter would
 answer most lines with ``rate_limited`` and the parser would see little);
-tests/test_abuse.py checks that the limit works when it is on.
+tests/system/test_abuse.py checks that the limit works when it is on.
 """
 
 import ast
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from chatd.wire import packets
 from chatd.wire.packets import PacketError, parse_line
-from tests.procs import ChatdProcess
+from tests.fixtures.nodes import ChatdProcess
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -561,7 +561,7 @@ def _fuzz_protocol(stats):
 
 async def _healthy(port, stop, rtts, problems):
     """A registered pair that keeps pinging and messaging through the fuzz."""
-    from tests.helpers import connect
+    from tests.clients import connect
     a = await connect(port)
     b = await connect(port)
     try:
@@ -595,7 +595,8 @@ async def test_live_fuzz_of_a_running_server(tmp_short):
     from twisted.internet import defer, reactor, task
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-    from tests.helpers import connect, with_deadline
+    from tests.clients import connect
+    from tests.helpers import with_deadline
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     server = ChatdProcess(tmp_short, [

@@ -9,8 +9,10 @@ import signal
 import pytest
 import pytest_twisted
 
-from tests.helpers import connect, wait_until
-from tests.procs import ChatdNodes, ChatdProcess, children_of
+from tests.clients import connect
+from tests.fixtures.nodes import ChatdNodes, ChatdProcess
+from tests.fixtures.procfs import children_of
+from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -93,7 +95,7 @@ async def test_workers_share_the_port_and_a_killed_worker_loses_nothing(tmp_shor
     land on both processes (two node ids hold devices); SIGKILL of the
     worker loses nothing (its devices reconnect to the same port and get
     every message) and it is started again; SIGTERM stops everything."""
-    from tests.helpers import redis_command
+    from tests.fixtures.valkey import redis_command
     data = os.path.join(tmp_short, "data")
     proc = ChatdProcess(tmp_short, ["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                                     "--data-dir", data, "--presence-lease", "2s"])

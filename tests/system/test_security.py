@@ -101,7 +101,8 @@ async def test_the_embedded_store_has_a_memory_limit(tmp_path):
     import os
     from chatd.redis.embedded import EmbeddedStore
     from chatd.app.tap import Options
-    from tests.helpers import redis_command, with_deadline
+    from tests.fixtures.valkey import redis_command
+    from tests.helpers import with_deadline
     o = Options()
     o.parseOptions([])
     assert o.settings.store_max_memory == 1 << 30
@@ -122,7 +123,8 @@ async def test_the_embedded_store_has_a_memory_limit(tmp_path):
 async def _connect_from(port, source):
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from tests.helpers import LineClient, _client_protocol, with_deadline
+    from tests.clients import _client_protocol, LineClient
+    from tests.helpers import with_deadline
     client = LineClient()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
     await with_deadline(connectProtocol(endpoint, _client_protocol(client)), 10, "connection")
@@ -240,8 +242,8 @@ async def test_the_terminal_client_gets_every_send_through_the_limit(chatd, tmp_
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from chatd.client import cli
+    from tests.clients import RecordingUi
     from tests.helpers import with_deadline
-    from tests.test_client import RecordingUi
     # a window of 32 sends in flight against bursts of 20
     node = await chatd(rate_limit=20.0, rate_burst=20)
     ui = RecordingUi()
@@ -415,8 +417,9 @@ async def test_rediss_verifies_the_store_certificate(redis, tmp_path):
     valid for the host name and signed by a trusted CA (--redis-ca-file);
     only --redis-tls-insecure (logged as critical) skips the check."""
     from twisted.internet import endpoints, reactor
-    from tests.helpers import connect, start_node
-    from tests.test_tls import make_certificate
+    from tests.clients import connect
+    from tests.fixtures.nodes import start_node
+    from tests.helpers import make_certificate
     key, cert = make_certificate(str(tmp_path), "localhost")
     (tmp_path / "other").mkdir()
     _, stranger = make_certificate(str(tmp_path / "other"), "localhost")
@@ -470,7 +473,7 @@ def test_the_data_dir_is_private(tmp_path):
     import os
     import stat
     from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError
-    from tests.helpers import server_binary
+    from tests.fixtures.valkey import server_binary
     fresh = tmp_path / "fresh" / "data"
     old = os.umask(0)
     try:
@@ -498,7 +501,7 @@ def test_the_data_dir_is_private(tmp_path):
 def test_twistd_refuses_a_shared_data_dir(tmp_short):
     """The same from the command line: chatd stops at once, with the reason."""
     import os
-    from tests.procs import ChatdProcess
+    from tests.fixtures.nodes import ChatdProcess
     data = os.path.join(tmp_short, "data")
     os.mkdir(data, 0o700)
     os.chmod(data, 0o755)
@@ -647,7 +650,8 @@ async def test_the_store_password_from_a_file(own_redis, tmp_path):
     """--redis-password-file: chatd authenticates with it, and neither the
     password nor a wrong one shows in anything it logs."""
     from twisted.logger import formatEvent
-    from tests.helpers import connect, start_node
+    from tests.clients import connect
+    from tests.fixtures.nodes import start_node
     own_redis.command("CONFIG", "SET", "requirepass", "pw-in-a-file-1234")
     pw = tmp_path / "redis-password"
     pw.write_bytes(b"pw-in-a-file-1234\n")

@@ -180,7 +180,7 @@ async def test_takeover_from_websocket_to_tcp_and_back(web):
 async def test_wss(web, chatd, tmp_path):
     """--websocket ssl:…: the same over TLS, closing included (no half-close there)."""
     from twisted.internet import ssl
-    from tests.test_tls import make_certificate, ssl_port
+    from tests.helpers import make_certificate, ssl_port
     key_path, cert_path = make_certificate(str(tmp_path))
     node = await chatd(websocket=(ssl_port(key_path, cert_path),))
     with open(cert_path, "rb") as f:
