@@ -15,6 +15,8 @@ import pytest_twisted
 from twisted.internet import task
 
 from chatd.redis.embedded import EmbeddedStore, EmbeddedStoreError, find_server_binary
+from tests.fixtures.procfs import alive
+from tests.fixtures.valkey import redis_command
 
 WAIT = 10  # deadline of every wait (s)
 
@@ -39,46 +41,19 @@ async def until(predicate, seconds=WAIT, what="condition"):
         await task.deferLater(reactor, 0.02, lambda: None)
 
 
-# -- a tiny synchronous RESP client -------------------------------------------
+# -- a look at the store (tests/fixtures/valkey.py's client, replies as text) --
 
-def _encode(args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-def _read(f):
-    line = f.readline()
-    if not line:
-        raise ConnectionError("connection closed")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = f.read(n + 2)[:-2]
-        return data.decode()
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read(f) for _ in range(n)]
-    raise ValueError("bad reply %r" % line)
+def _text(reply):
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, list):
+        return [_text(r) for r in reply]
+    return reply
 
 
 def command(path, *args):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        s.sendall(_encode(args))
-        with s.makefile("rb") as f:
-            return _read(f)
+    """One command on a new connection; its reply, bytes decoded."""
+    return _text(redis_command(path, *args))
 
 
 def raw(path, data):
@@ -94,15 +69,6 @@ def raw(path, data):
 def answers(path):
     try:
         return raw(path, b"PING\r\n") == b"+PONG\r\n"
-    except OSError:
-        return False
-
-
-def alive(pid):
-    """Whether pid is a running (not zombie) process."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
