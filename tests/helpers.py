@@ -7,6 +7,7 @@ clients, a self-signed certificate, ``chatd-admin`` as a subprocess.
 import datetime
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +75,22 @@ async def pass_time(seconds):
     await task.deferLater(reactor, seconds, lambda: None)
 
 
+async def connect_sleeper(node, device):
+    """A raw client with a small receive buffer, registered on ``node`` as
+    ``device``, that never reads (a slow consumer to be): its socket, for
+    the test to close."""
+    sleeper = socket.socket()
+    try:
+        sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sleeper.connect(("127.0.0.1", node.port))
+        sleeper.sendall(b'{"register":"true","sender":"%s"}\n' % device.encode())
+        await wait_until(lambda: device in node.hub.sessions)
+    except BaseException:
+        sleeper.close()
+        raise
+    return sleeper
+
+
 async def send_until_cut(sender, node, device):
     """Send big messages to ``device`` (connected, not reading) until chatd
     cuts it as a slow consumer; how many were accepted."""
@@ -139,3 +156,22 @@ def run_admin(*args, data_dir=None, script=False):
     p = subprocess.run(argv + where + list(args), cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     return p.returncode, p.stdout, p.stderr
+
+
+def unix_proxy_factory(unix_path):
+    """A server factory that pipes each connection to a new connection to a
+    unix socket (a TLS end in front of a store that has no TLS of its own)."""
+    from twisted.internet import reactor
+    from twisted.protocols import portforward
+
+    class ToUnix(portforward.ProxyServer):
+        def connectionMade(self):
+            self.transport.pauseProducing()
+            client = self.clientProtocolFactory()
+            client.setServer(self)
+            reactor.connectUNIX(unix_path, client)
+
+    factory = portforward.ProxyFactory(None, None)
+    factory.protocol = ToUnix
+    factory.noisy = False
+    return factory

@@ -143,21 +143,10 @@ def tls_proxy(key_path, cert_path, unix_path):
     test store has no TLS of its own): each TLS connection is piped to a new
     connection to the store. The listening port."""
     from twisted.internet import endpoints, reactor
-    from twisted.protocols import portforward
 
-    from tests.helpers import ssl_port
-
-    class ToUnix(portforward.ProxyServer):
-        def connectionMade(self):
-            self.transport.pauseProducing()
-            client = self.clientProtocolFactory()
-            client.setServer(self)
-            reactor.connectUNIX(unix_path, client)
-
-    factory = portforward.ProxyFactory(None, None)
-    factory.protocol = ToUnix
-    factory.noisy = False
-    return endpoints.serverFromString(reactor, ssl_port(key_path, cert_path)).listen(factory)
+    from tests.helpers import ssl_port, unix_proxy_factory
+    return endpoints.serverFromString(reactor, ssl_port(key_path, cert_path)).listen(
+        unix_proxy_factory(unix_path))
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import json
 import re
 import os
 import signal
-import socket
 
 import pytest
 import pytest_twisted
@@ -167,33 +166,26 @@ async def _metrics_of(node):
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_count_a_slow_consumer(chatd, clients):
-    from tests.helpers import wait_until
+    from tests.helpers import connect_sleeper, send_until_cut
     node = await chatd(output_limit=64 * 1024)
     metrics, port = await _metrics_of(node)
     a = await clients(node)
     await a.register("alice")
-    sleeper = socket.socket()
-    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sleeper.connect(("127.0.0.1", node.port))
     try:
-        sleeper.sendall(b'{"register":"true","sender":"sleeper"}\n')
-        await wait_until(lambda: "sleeper" in node.hub.sessions)
-        n = 0
-        while "sleeper" in node.hub.sessions:
-            assert n < 2000, "the slow consumer was never cut"
-            a.send({"message": "%d %s" % (n, "z" * 16000), "receiver": "sleeper"})
-            await a.expect("accepted")
-            n += 1
-        code, text = await _get(port, b"/metrics", bytes.decode)
-        assert code == 200
-        samples = {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "node")):
-                   s.value for f in text_string_to_metric_families(text) for s in f.samples}
-        assert value(samples, "chatd_slow_consumer_total") == 1
-        assert value(samples, "chatd_errors_total", code="slow_consumer") == 1
-        assert value(samples, "chatd_messages_total", result="accepted") == n
-        assert 1 <= value(samples, "chatd_pushes_total") <= n
+        sleeper = await connect_sleeper(node, "sleeper")
+        try:
+            n = await send_until_cut(a, node, "sleeper")
+            code, text = await _get(port, b"/metrics", bytes.decode)
+            assert code == 200
+            samples = {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "node")):
+                       s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            assert value(samples, "chatd_slow_consumer_total") == 1
+            assert value(samples, "chatd_errors_total", code="slow_consumer") == 1
+            assert value(samples, "chatd_messages_total", result="accepted") == n
+            assert 1 <= value(samples, "chatd_pushes_total") <= n
+        finally:
+            sleeper.close()
     finally:
-        sleeper.close()
         await metrics.stopService()
 
 

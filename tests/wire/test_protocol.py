@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from chatd.hub import tokens
-from tests.helpers import pair, pass_time, send_until_cut, wait_until
+from tests.helpers import connect_sleeper, pair, pass_time, send_until_cut, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -548,12 +548,8 @@ async def test_slow_consumer_is_cut_and_keeps_its_messages(chatd, clients, redis
     node = await chatd(output_limit=64 * 1024)
     a = await clients(node)
     await a.register("alice")
-    sleeper = socket.socket()
-    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sleeper.connect(("127.0.0.1", node.port))
+    sleeper = await connect_sleeper(node, "sleeper")
     try:
-        sleeper.sendall(b'{"register":"true","sender":"sleeper"}\n')
-        await wait_until(lambda: "sleeper" in node.hub.sessions)
         n = await send_until_cut(a, node, "sleeper")
         stored = redis.command("LLEN", "chatd:{sleeper}:inbox")
         assert stored == n  # nothing acked, nothing lost
