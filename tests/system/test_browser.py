@@ -194,9 +194,10 @@ def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir, c
     alice.screenshot(path=screenshot)
 
     # the connection drops: the page says so, writes on, and reconnects by itself
-    cut("alice")
+    reopen = cut("alice")
     alice.locator("#status.offline").wait_for()
     say(alice, "Back in a minute", status="sending")
+    reopen()
     online(alice)
     alice.locator("#log li.out").last.locator("small", has_text="sent").wait_for()
     bob.locator("#log li.in .text", has_text="Back in a minute").wait_for()
@@ -236,9 +237,19 @@ async def test_people_chat_in_chromium_and_a_terminal(chatd, redis, tmp_path):
     url = "http://127.0.0.1:%d/" % ws_port(node)
     screenshot = SCREENSHOT if os.environ.get("CHATD_UPDATE_SCREENSHOT") else str(
         tmp_path / "browser.png")
-    def cut(device):  # from the browser's thread: drop the device's connection
-        conn = threads.blockingCallFromThread(reactor, lambda: node.hub.sessions[device].conn)
-        reactor.callFromThread(conn.transport.abortConnection)
+    def cut(device):
+        """From the browser's thread: drop the device's connection, and hold
+        the page's reconnects (the WebSocket listener stops accepting) until
+        the returned ``reopen()``, so that what it sends meanwhile is seen
+        waiting however slow the machine is."""
+        web = node.service.web_ports[0]
+
+        def close():
+            web.stopReading()
+            node.hub.sessions[device].conn.transport.abortConnection()
+
+        threads.blockingCallFromThread(reactor, close)
+        return lambda: threads.blockingCallFromThread(reactor, web.startReading)
 
     await in_browser(conversation, url, redis.command, screenshot, node.port,
                      str(tmp_path / "client"), cut)
