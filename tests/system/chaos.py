@@ -1072,13 +1072,23 @@ class Harness:
     async def chaos(self, duration):
         from twisted.internet import reactor, task
         end = self.now() + duration
+        # past ``duration`` (by up to as long again, a minute at most) the
+        # run goes on with the kinds of fault that have not happened yet: a
+        # slow or busy machine fits fewer faults in the same time (each
+        # restart takes longer, a cut_before_ack waits for a push), and the
+        # tests want every kind
+        last = end + min(duration, 60)
         order = []
         while True:
             gap = self.rng.uniform(0.3, 1.7) * self.cfg.fault_every
-            if self.now() + gap >= end:
+            missing = [k for k in self.cfg.faults if not self.tracker.faults[k]]
+            if self.now() + gap >= (last if missing else end):
                 break
             await task.deferLater(reactor, gap, lambda: None)
             if not self.cfg.faults:
+                continue
+            if self.now() >= end:
+                await self.fault(self.rng.choice(missing))
                 continue
             if not order:
                 order = list(self.cfg.faults)
