@@ -19,8 +19,8 @@ import tempfile
 import threading
 import time
 
-CLK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from tests.fixtures.procfs import alive, children_of, cpu_seconds, rss_bytes
+
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,59 +29,7 @@ class BenchError(Exception):
     """A run could not be measured (a process died, a deadline passed)."""
 
 
-# -- /proc ---------------------------------------------------------------------
-
-def cpu_seconds(pid):
-    """user + system CPU seconds of a process (None if it is gone)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def rss_bytes(pid):
-    """Resident set size of a process in bytes (None if it is gone)."""
-    try:
-        with open("/proc/%d/statm" % pid) as f:
-            return int(f.read().split()[1]) * PAGE
-    except OSError:
-        return None
-
-
-def open_fds(pid):
-    try:
-        return len(os.listdir("/proc/%d/fd" % pid))
-    except OSError:
-        return None
-
-
-def fd_limit(pid):
-    """The soft RLIMIT_NOFILE of a process."""
-    try:
-        with open("/proc/%d/limits" % pid) as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    return int(line.split()[3])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
+# -- /proc (the rest is tests/fixtures/procfs.py, shared with the tests) ----------
 
 def host_cpu():
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
@@ -104,14 +52,6 @@ def machine():
     import resource
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": sys.version.split()[0],
             "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- a child with its output read by a thread --------------------------------------
@@ -237,7 +177,7 @@ class Server:
                             return pid
                 except OSError:
                     pass
-                todo.extend(children(pid))
+                todo.extend(children_of(pid))
             time.sleep(0.05)
         return None
 
@@ -264,7 +204,7 @@ class Server:
         if self.store_pid:
             out["store"] = self.store_pid
         n = 0
-        for pid in children(self.pid):
+        for pid in children_of(self.pid):
             try:
                 with open("/proc/%d/cmdline" % pid, "rb") as f:
                     if b"chatd.app.worker" in f.read():

@@ -18,6 +18,7 @@ import uuid
 
 from benchmarks import procs
 from benchmarks.procs import BenchError
+from tests.fixtures import procfs
 
 #: a worker above this fraction of a core during the window was (close to)
 #: the bottleneck: the run is flagged
@@ -340,8 +341,8 @@ def memory(opts, log):
                 warm.setup()
                 warm.close()
                 _wait_fds(server, deadline=10)
-                base_fds = procs.open_fds(server.pid)
-                limit = procs.fd_limit(server.pid) or 20000
+                base_fds = procfs.open_fds(server.pid)
+                limit = procfs.fd_limit(server.pid) or 20000
                 if size == "max":
                     n = limit - base_fds - 120
                 else:
@@ -354,7 +355,7 @@ def memory(opts, log):
                 load = Load(pr, server, n, workers, opts)
                 reg = load.setup(deadline=120 + n / 100.0)
                 after = _settled_rss(server)
-                fds = procs.open_fds(server.pid)
+                fds = procfs.open_fds(server.pid)
                 res = {"connections": reg["registered"], "server_fds": fds,
                        "server_fds_before": base_fds, "fd_limit": limit,
                        "register_s": reg["seconds"], "register_per_s": reg["per_s"],
@@ -378,7 +379,7 @@ def _wait_fds(server, deadline):
     end = time.monotonic() + deadline
     last = None
     while time.monotonic() < end:
-        n = procs.open_fds(server.pid)
+        n = procfs.open_fds(server.pid)
         if n == last and n is not None and n < 200:
             return n
         last = n
@@ -588,11 +589,11 @@ class _Stored:
 
 def _plain_store(tmp, replicated):
     """A valkey-server on TCP (and its replica, in sync): [primary, (replica)]."""
-    from tests.procs import wait_for
-    from tests.stores import ClusterNode
-    nodes = [ClusterNode(os.path.join(tmp, "primary"), cluster=False).start()]
+    from tests.fixtures.process import wait_for
+    from tests.fixtures.valkey import ValkeyServer
+    nodes = [ValkeyServer(os.path.join(tmp, "primary"), tcp=True).start()]
     if replicated:
-        nodes.append(ClusterNode(os.path.join(tmp, "replica"), cluster=False).start())
+        nodes.append(ValkeyServer(os.path.join(tmp, "replica"), tcp=True).start())
     try:
         wait_for(lambda: all(n.answers() for n in nodes), 30, "the valkey-servers")
         if replicated:
@@ -620,7 +621,7 @@ def stores(opts, log):
     import shutil
     import tempfile
 
-    from tests.stores import ValkeyCluster
+    from tests.fixtures.cluster import ValkeyCluster
     out = {}
     for layout in opts.layouts:
         tmp = tempfile.mkdtemp(prefix="chatd-bench-stores-")

