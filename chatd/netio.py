@@ -13,7 +13,21 @@ what the kernel did not take to ``transport.write``, whose buffering, flow
 control (``pauseProducing``) and error handling stay as they are.
 """
 
+import ipaddress
+
 from twisted.internet import tcp
+
+
+def loopback(address):
+    """Whether only this machine can reach a listening address (a unix
+    socket, or a loopback IP; not 0.0.0.0, which is every interface)."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def write_now(transport, data):

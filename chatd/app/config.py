@@ -23,6 +23,8 @@ class Settings:
     port: str = "tcp:5000"
     listen: tuple = ()
     websocket: tuple = ()  # endpoints of the web page + WebSocket listeners
+    websocket_origins: tuple = ()  # origins besides a listener's own allowed at /ws
+    access_log: bool = False  # an access-log line per HTTP request of those listeners
     redis: Optional[RedisTarget] = None  # None: the embedded store
     data_dir: str = "chatd-data"
     store_max_memory: int = 1 << 30  # the embedded store's maxmemory (bytes)
@@ -140,6 +142,17 @@ def parse_endpoint(text, name):
     except Exception as e:
         raise ValueError("--%s: %r: %s" % (name, text, e)) from None
     return text
+
+
+def parse_origin(text, name="websocket-origin"):
+    """A web origin, ``http(s)://host[:port]``, as a browser sends it in its
+    ``Origin`` header; returned as given (less outer spaces)."""
+    from chatd.wire.web import parse_origin as origin
+    try:
+        origin(text)
+    except ValueError as e:
+        raise ValueError("--%s: %s" % (name, e)) from None
+    return str(text).strip()
 
 
 #: the listen backlog of a tcp or ssl endpoint that names none: Twisted's 50

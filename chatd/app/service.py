@@ -11,7 +11,6 @@ and only then stop the embedded store.
 """
 
 import gc
-import ipaddress
 import sys
 
 from twisted.application import service
@@ -21,6 +20,7 @@ from twisted.logger import Logger
 from chatd.app.ports import listen as listen_shared
 from chatd.app.config import with_backlog
 from chatd.app.workers import WorkerPool
+from chatd.netio import loopback as _loopback
 from chatd.hub.presence import Presence, new_node_id
 from chatd.hub.router import Hub
 from chatd.ops.metrics import MetricsService
@@ -34,7 +34,7 @@ from chatd.store.library import Library
 from chatd.store.notify import Notifications
 from chatd.store.steps import Store
 from chatd.wire.factory import ChatFactory
-from chatd.wire.websocket import site
+from chatd.wire.web import site
 
 #: allocations between two collections of the youngest generation (Python's
 #: default is 700: under load that was a collection every few messages)
@@ -241,18 +241,6 @@ def store_client(target, settings, reactor):
     if target.kind == "cluster":
         return ClusterClient(target, settings.redis_timeout, reactor, make)
     return make(target)
-
-
-def _loopback(address):
-    """Whether only this machine can reach a listening address (a unix
-    socket, or a loopback IP; not 0.0.0.0, which is every interface)."""
-    host = getattr(address, "host", None)
-    if host is None:
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def build(settings):

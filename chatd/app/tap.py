@@ -122,6 +122,8 @@ class Options(usage.Options):
         ["redis-tls-insecure", None, "rediss:// without checking the server's "
          "certificate: anyone on the path can read and change every message. "
          "For tests only; logged loudly."],
+        ["access-log", None, "Write an access-log line per HTTP request of the "
+         "--websocket listeners (off by default)."],
     ]
 
     def __init__(self):
@@ -129,6 +131,7 @@ class Options(usage.Options):
         self.warnings = []
         self["listen"] = []
         self["websocket"] = []
+        self["websocket-origins"] = []
         # twistd coerces values given on the command line, not the defaults
         # (written above as users would type them)
         for name, _, default, _, *coerce in self.optParameters:
@@ -160,6 +163,15 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def opt_websocket_origin(self, origin):
+        """A web origin (https://chat.example.com, http://host:8080) whose
+        pages may open the WebSocket besides the listener's own (repeatable);
+        any other browser origin is refused with 403."""
+        try:
+            self["websocket-origins"].append(config.parse_origin(origin))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self):
         if self["registration"] not in REGISTRATION_MODES:
             raise usage.UsageError(
@@ -188,6 +200,8 @@ class Options(usage.Options):
             logs.use_json(getattr(self, "parent", None))
         self["listen"] = tuple(self["listen"])
         self["websocket"] = tuple(self["websocket"])
+        self["websocket-origins"] = tuple(self["websocket-origins"])
+        self["access-log"] = bool(self["access-log"])
         self.settings = config.Settings(**{
             f.name: self[f.name.replace("_", "-")]
             for f in dataclasses.fields(config.Settings)

@@ -29,6 +29,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from chatd.netio import loopback
 from chatd.redis.stats import LATENCY_BUCKETS
 from chatd.wire.stats import Stats
 
@@ -286,6 +287,12 @@ class MetricsService(service.Service):
         host = port.getHost()
         where = getattr(host, "name", None) or "%s:%s" % (host.host, host.port)
         self.log.info("chatd metrics listening on {where} (/metrics, /health)", where=where)
+        if not loopback(host):
+            self.log.warn(
+                "metrics are served on {where}, which other machines can reach: anyone "
+                "there can read this node's counters and load it with scrapes. Listen "
+                "on 127.0.0.1 (tcp:9100:interface=127.0.0.1) or a unix socket, or keep "
+                "the port behind a firewall.", where=where)
 
     def _failed(self, failure):
         """Not listening is a failed start (an operator asked for metrics):

@@ -32,6 +32,7 @@ class ChatFactory(protocol.Factory):
         self.hub = hub
         self.clock = clock
         self.connections = set()  # the sessions admitted
+        self.http = set()  # HTTP connections of --websocket listeners, not upgraded
         self.stats = Stats()  # bumped by the sessions, read by chatd.ops.metrics
         self.wheel = timers.TimerWheel(clock, timers.tick_for(
             settings.auth_timeout, settings.keepalive, settings.idle_timeout))
@@ -46,24 +47,34 @@ class ChatFactory(protocol.Factory):
     def admit(self, conn):
         """Count a new session in; the reason it is refused, if over a cap
         (--max-connections, --max-connections-per-ip)."""
-        if len(self.connections) >= self.max_connections:
+        return self._admit(conn, conn.framing.transport, self.connections)
+
+    def admit_http(self, channel):
+        """Count in an HTTP connection of a --websocket listener, against the
+        same caps: it holds a file as a session does. Once it is a WebSocket
+        it is released, and its session admitted (so counted once)."""
+        return self._admit(channel, channel.transport, self.http)
+
+    def _admit(self, conn, transport, pool):
+        if len(self.connections) + len(self.http) >= self.max_connections:
             return ("the server has its most connections (%d); try again later"
                     % self.max_connections)
         per_ip = self.settings.max_connections_per_ip
-        ip = getattr(conn.framing.transport.getPeer(), "host", None)
+        ip = getattr(transport.getPeer(), "host", None)
         if per_ip and ip is not None:
             if self._per_ip[ip] >= per_ip:
                 return ("%d connections from %s already; close one, or try again later"
                         % (per_ip, ip))
             self._per_ip[ip] += 1
             conn._ip = ip
-        self.connections.add(conn)
+        pool.add(conn)
         return None
 
     def release(self, conn):
-        """A session is gone (admitted or not)."""
-        if conn in self.connections:
-            self.connections.discard(conn)
+        """A session or an HTTP connection is gone (admitted or not)."""
+        pool = self.connections if conn in self.connections else self.http
+        if conn in pool:
+            pool.discard(conn)
             ip = getattr(conn, "_ip", None)
             if ip is not None:
                 self._per_ip[ip] -= 1
@@ -73,7 +84,10 @@ class ChatFactory(protocol.Factory):
     @defer.inlineCallbacks
     def shutdown(self, grace=CLOSE_GRACE):
         """Stop reading, let every packet read so far get its reply, then send
-        ``shutdown`` to everyone and close; cut whoever is left after grace."""
+        ``shutdown`` to everyone and close; cut whoever is left after grace.
+        HTTP connections that are no WebSocket are closed at once."""
+        for channel in list(self.http):
+            channel.transport.loseConnection()
         conns = list(self.connections)
         for c in conns:
             c._pause("shutdown")

@@ -1,6 +1,6 @@
 """
-The ``--websocket`` listener: a twisted.web site that speaks the chat
-protocol at ``/ws`` and serves the chat page (``chatd/page/``) at ``/``.
+The chat protocol over WebSocket, at ``/ws`` of a ``--websocket`` listener
+(whose HTTP side, the page and the handshake, is :mod:`chatd.wire.web`).
 
 It exists so that browsers, and networks that pass only HTTP(S), reach the
 same service as TCP clients. :class:`WebSocketFraming` is the WebSocket
@@ -14,17 +14,11 @@ Close codes (RFC 6455, 7.4.1) are in :data:`CLOSE_CODES` and in
 docs/protocol.rst.
 """
 
-import os
-
-from twisted.web import server, static
-from twisted.web.websocket import WebSocketResource
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError
 
 from chatd.wire.framing import Framing
 from chatd.wire.session import Session, too_long_reason
-
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
 
 #: the close code sent after each closing error (any other: 1000). Frames
 #: that are not WebSocket get 1002, text that is not UTF-8 1007, from wsproto.
@@ -47,22 +41,31 @@ class WebSocketFraming(Framing):
     def __init__(self, factory, request):
         self.session = Session(factory, self)
         self._channel = request.channel
-        self._received = 0  # bytes read since the last whole message
 
     # -- twisted.web.websocket.WebSocketProtocol ------------------------------------
 
     def negotiationStarted(self, ws):
         self.ws = ws
+        # Twisted internals (twisted.web._websocket_impl, 25.5-26.x): the wire
+        # protocol gathers a message's fragments in ``_textBuffer`` and
+        # ``_bytesBuffer`` with ``data += new`` (quadratic) and without a
+        # limit. Ours hold one message of --max-line at most, whatever control
+        # frames come between its fragments, and take the pieces in a list.
+        max_line = self.session.factory.settings.max_line
+        ws._textBuffer = MessageBuffer("", max_line, self._too_long)
+        ws._bytesBuffer = MessageBuffer(b"", max_line, self._too_long)
 
     def negotiationFinished(self):
         channel = self._channel
         self.transport = channel.transport
         channel.setTimeout(None)  # the HTTP idle timer; the session has its own
+        upgraded = getattr(channel, "upgraded", None)
+        if upgraded is not None:
+            upgraded()  # counted as a session from now on (chatd.wire.web.Channel)
         self.transport.unregisterProducer()  # the HTTP channel's: the session's follows
         # every byte read passes here first (Twisted points the channel's
         # dataReceived at the WebSocket when it upgrades): it is activity,
-        # ping and pong frames included, and it is counted, so that a message
-        # past the limit is refused before it is buffered whole
+        # ping and pong frames included
         frames_in = channel.dataReceived
         channel.dataReceived = lambda data: self._stream_in(data, frames_in)
         self.session.connectionMade()
@@ -71,16 +74,21 @@ class WebSocketFraming(Framing):
         self.session.connectionLost(reason)
 
     def textMessageReceived(self, text):
-        self._received = 0
-        self.session.feed((text.encode("utf-8"),))
+        if text is not None:  # None: it was too long, and refused as it came
+            self.session.feed((text.encode("utf-8"),))
 
     def bytesMessageReceived(self, data):
-        self._received = 0
-        self.session.close_in_turn(
-            "bad_packet", "a binary frame; chatd reads one JSON packet per text frame")
+        if data is not None:
+            self.session.close_in_turn(
+                "bad_packet", "a binary frame; chatd reads one JSON packet per text frame")
 
     def pongReceived(self, payload):
-        self._received = 0
+        pass  # activity, as every frame (_stream_in)
+
+    def _too_long(self):
+        if not self.session.closed:
+            self.session.close_in_turn(
+                "line_too_long", too_long_reason(self.session.settings.max_line))
 
     # -- framing ---------------------------------------------------------------------
 
@@ -92,14 +100,7 @@ class WebSocketFraming(Framing):
             self.discard(len(data))
         else:
             session.touch()
-            self._received += len(data)
         frames_in(data)
-        # bytes of one message still incomplete: frame headers and control
-        # frames count too, so allow as much again before cutting
-        max_line = session.settings.max_line
-        if self._received > 2 * max_line and not session.closed:
-            self._received = 0
-            session.close_in_turn("line_too_long", too_long_reason(max_line))
 
     def write(self, out):
         """One text frame per server line: the session hands them over one by
@@ -133,7 +134,47 @@ class WebSocketFraming(Framing):
             pass
 
 
-class _Sessions:
+class MessageBuffer:
+    """One incoming message, fragment by fragment (the ``add``/``done`` of
+    Twisted's ``Buffer``): at most ``limit`` bytes (UTF-8, for text) are
+    kept; past that, ``too_long()`` is called once and the rest of the
+    message is dropped as it comes, and ``done()`` gives None for it."""
+
+    __slots__ = ("_empty", "_limit", "_too_long", "_pieces", "_size", "_over")
+
+    def __init__(self, empty, limit, too_long):
+        self._empty = empty
+        self._limit = limit
+        self._too_long = too_long
+        self._pieces = []
+        self._size = 0
+        self._over = False
+
+    def add(self, new):
+        if self._over or not new:
+            return
+        if new.__class__ is str and not new.isascii():
+            self._size += len(new.encode("utf-8", "surrogatepass"))
+        else:
+            self._size += len(new)
+        if self._size > self._limit:
+            self._over = True
+            self._pieces.clear()
+            self._too_long()
+            return
+        self._pieces.append(new)
+
+    def done(self):
+        pieces = self._pieces
+        result = None if self._over else (
+            pieces[0] if len(pieces) == 1 else self._empty.join(pieces))
+        self._pieces = []
+        self._size = 0
+        self._over = False
+        return result
+
+
+class Sessions:
     """The WebSocketServerFactory of ``/ws``: a session per upgraded request."""
 
     def __init__(self, chat_factory):
@@ -141,10 +182,3 @@ class _Sessions:
 
     def buildProtocol(self, request):
         return WebSocketFraming(self.chat_factory, request)
-
-
-def site(chat_factory):
-    """The web site of a ``--websocket`` listener: the page, and ``/ws``."""
-    root = static.File(PAGE)
-    root.putChild(b"ws", WebSocketResource(_Sessions(chat_factory)))
-    return server.Site(root)

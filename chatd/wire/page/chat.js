@@ -21,10 +21,18 @@ const saved = {
 
 const KEEP = 200; // messages kept per conversation
 
+// ids are the keys of Maps, never of plain objects: a peer called
+// "__proto__", "constructor" or "toString" is a peer like any other.
+// Saved as [[key, value], ...] (older pages saved an object).
+function toMap(saved) {
+  return new Map(Array.isArray(saved) ? saved
+    : Object.entries(saved && typeof saved === "object" ? saved : {}));
+}
+
 const state = {
   me: saved.get("me", null),          // {id, token} once registered
-  chats: saved.get("chats", {}),      // peer -> [{out, text, at, id, ref, status}]
-  unread: saved.get("unread", {}),    // peer -> count
+  chats: toMap(saved.get("chats")),   // peer -> [{out, text, at, id, ref, status}]
+  unread: toMap(saved.get("unread")), // peer -> count
   lastId: saved.get("lastId", ""),    // highest server id shown
   peer: saved.get("peer", ""),        // the open conversation
   ws: null,
@@ -96,7 +104,7 @@ function bound(pending) {
   if (pending) notify(pending + (pending === 1 ? " message was" : " messages were") + " waiting for you.");
   // what was written while offline goes now, with its ref: a message the
   // server had already stored is answered "accepted" again, not stored twice
-  for (const [peer, messages] of Object.entries(state.chats)) {
+  for (const [peer, messages] of state.chats) {
     for (const m of messages) {
       if (m.out && m.status === "sending" && m.serial !== state.serial) {
         m.serial = state.serial;
@@ -114,7 +122,7 @@ function received(p) {
     case "registered":
       if (saved.get("owner", p.sender) !== p.sender) {
         // another id in this browser: its server ids are another count
-        Object.assign(state, {chats: {}, unread: {}, lastId: "", peer: ""});
+        Object.assign(state, {chats: new Map(), unread: new Map(), lastId: "", peer: ""});
         save();
       }
       state.me = {id: p.sender, token: p.token};
@@ -151,7 +159,7 @@ function incoming(p) {
     const peer = p.sender === state.me.id ? p.receiver : p.sender;
     add(peer, {out: false, text: p.message, at: p.sent_at, id: p.id});
     if (peer !== state.peer || document.hidden) {
-      state.unread[peer] = (state.unread[peer] || 0) + 1;
+      state.unread.set(peer, (state.unread.get(peer) || 0) + 1);
     }
     state.lastId = p.id;
     save();
@@ -190,7 +198,7 @@ function failed(p) {
   const m = findRef(p.ref);
   if (m) {
     m.status = "error";
-    m.error = SAY[p.code] || "not sent: " + p.code + ": " + p.reason;
+    m.error = (Object.hasOwn(SAY, p.code) && SAY[p.code]) || "not sent: " + p.code + ": " + p.reason;
     save();
     render();
     return;
@@ -237,14 +245,15 @@ function failed(p) {
 // -- conversations -----------------------------------------------------------
 
 function add(peer, message) {
-  const list = state.chats[peer] || (state.chats[peer] = []);
+  let list = state.chats.get(peer);
+  if (!list) state.chats.set(peer, list = []);
   list.push(message);
   if (list.length > KEEP) list.splice(0, list.length - KEEP);
 }
 
 function findRef(ref) {
   if (ref === null || ref === undefined) return null;
-  for (const messages of Object.values(state.chats)) {
+  for (const messages of state.chats.values()) {
     for (const m of messages) if (m.out && m.ref === ref) return m;
   }
   return null;
@@ -257,15 +266,15 @@ function newRef() {
 
 function save() {
   saved.set("peer", state.peer);
-  saved.set("chats", state.chats);
-  saved.set("unread", state.unread);
+  saved.set("chats", [...state.chats]);
+  saved.set("unread", [...state.unread]);
   saved.set("lastId", state.lastId);
 }
 
 function open(peer) {
   state.peer = peer;
-  delete state.unread[peer];
-  state.chats[peer] = state.chats[peer] || [];
+  state.unread.delete(peer);
+  if (!state.chats.has(peer)) state.chats.set(peer, []);
   save();
   render();
   $("#text").focus();
@@ -318,18 +327,18 @@ function render() {
 
   const peers = $("#peers");
   peers.replaceChildren();
-  const last = (p) => { const l = state.chats[p]; return l.length ? l[l.length - 1].at : 0; };
-  for (const peer of Object.keys(state.chats).sort((a, b) => last(b) - last(a))) {
+  const last = (p) => { const l = state.chats.get(p); return l.length ? l[l.length - 1].at : 0; };
+  for (const peer of [...state.chats.keys()].sort((a, b) => last(b) - last(a))) {
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = peer;
     button.className = peer === state.peer ? "current" : "";
     button.onclick = () => open(peer);
-    if (state.unread[peer]) {
+    if (state.unread.get(peer)) {
       const badge = document.createElement("span");
       badge.className = "badge";
-      badge.textContent = state.unread[peer];
+      badge.textContent = state.unread.get(peer);
       button.append(" ", badge);
     }
     item.append(button);
@@ -339,7 +348,7 @@ function render() {
   $("#with").textContent = state.peer ? "with " + state.peer : "Choose whom to talk to";
   const log = $("#log");
   log.replaceChildren();
-  for (const m of state.chats[state.peer] || []) {
+  for (const m of state.chats.get(state.peer) || []) {
     const item = document.createElement("li");
     item.className = (m.out ? "out " : "in ") + (m.status || "");
     const text = document.createElement("span");
@@ -347,7 +356,7 @@ function render() {
     text.textContent = m.text;
     const meta = document.createElement("small");
     meta.textContent = when(m.at) + (m.out ? " · " + (m.status === "error" ? m.error
-                                                        : STATUS[m.status] || m.status) : "");
+                                                        : (Object.hasOwn(STATUS, m.status) && STATUS[m.status]) || m.status) : "");
     item.append(text, meta);
     log.append(item);
   }
@@ -393,7 +402,7 @@ $("#compose").onsubmit = (event) => {
 $("#signout").onclick = signOut;
 
 document.addEventListener("visibilitychange", () => {
-  if (!document.hidden && state.peer && state.unread[state.peer]) open(state.peer);
+  if (!document.hidden && state.peer && state.unread.get(state.peer)) open(state.peer);
 });
 
 render();
