@@ -19,119 +19,19 @@ import hashlib
 import hmac
 import json
 import os
-import re
-import select
-import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 import pytest_twisted
 
+from tests.fixtures.browser import (WAIT, chromium, first_line, in_browser, online,
+                                    open_page, register, say, shown, talk_to, terminal)
 from tests.helpers import wait_until
 from tests.wsclient import ws_port
 
 ensure = pytest_twisted.ensureDeferred
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCREENSHOT = os.path.join(ROOT, "docs", "browser.png")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-WAIT = 10_000  # ms, for any one thing to show up on a page
-
-
-def chromium():
-    """The path of Debian's Chromium, or skip (fail under CI) saying how to get it."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    missing = []
-    if path is None:
-        missing.append("Chromium (Debian: apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("playwright (pip install -e '.[test]')")
-    if missing:
-        why = "the browser tests need %s" % " and ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(why + "; under CI a skip is a failure (.ci/run installs both)")
-        pytest.skip(why)
-    return path
-
-
-def in_browser(scenario, *args):
-    """Run ``scenario(browser, *args)`` in a thread with a fresh headless Chromium."""
-    from twisted.internet import threads
-    executable = chromium()
-
-    def run():
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            # launch() gives the browser a fresh profile (--user-data-dir) of its own
-            browser = p.chromium.launch(executable_path=executable, headless=True, args=FLAGS)
-            try:
-                return scenario(browser, *args)
-            finally:
-                browser.close()
-
-    return threads.deferToThread(run)
-
-
-def open_page(context, url):
-    page = context.new_page()
-    page.set_default_timeout(WAIT)
-    page.goto(url)
-    return page
-
-
-def register(page, who, proof=None):
-    page.fill("#id", who)
-    if proof:
-        page.fill("#proof", proof)
-    page.click("#register")
-    online(page)
-
-
-def online(page):
-    page.locator("#status.online").wait_for()
-    assert page.locator("#chat").is_visible() and not page.locator("#login").is_visible()
-
-
-def talk_to(page, peer):
-    page.fill("#peer", peer)
-    page.click("#peer-form button")
-    page.locator("#with", has_text=peer).wait_for()
-
-
-def say(page, text, status="sent"):
-    page.fill("#text", text)
-    page.click("#send")
-    last = page.locator("#log li.out").last
-    last.locator("small", has_text=status).wait_for()
-    assert last.locator(".text").inner_text() == text
-
-
-def shown(page, text):
-    """``text`` is in the open conversation, from the other side, with its time."""
-    item = page.locator("#log li.in", has_text=text)
-    item.wait_for()
-    assert re.search(r"\b\d{1,2}:\d{2}\b", item.locator("small").inner_text())
-
-
-def terminal(port, state_dir, *args):
-    """``chatd-client`` as carol, a person in a terminal (on chatd's TCP port)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "chatd.client.cli", "127.0.0.1", str(port), "--state-dir",
-         state_dir, "--id", "carol"] + list(args),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def first_line(proc, timeout=WAIT / 1000):
-    """The first line the process writes on stdout, within the timeout."""
-    if not select.select([proc.stdout], [], [], timeout)[0]:
-        raise AssertionError("no output from %s" % proc.args)
-    return proc.stdout.readline()
-
-
 def conversation(browser, url, redis_command, screenshot, tcp_port, state_dir, cut):
     alice_ctx = browser.new_context(viewport={"width": 900, "height": 560})
     bob_ctx = browser.new_context(viewport={"width": 900, "height": 560})

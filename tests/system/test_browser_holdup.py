@@ -10,7 +10,7 @@ CI a missing browser is a failure, not a skip).
 import pytest
 import pytest_twisted
 
-from tests.test_browser import chromium, in_browser, open_page, register, shown
+from tests.fixtures.browser import chromium, in_browser, open_page, register, shown
 from tests.helpers import wait_until
 from tests.wsclient import ws_port
 
