@@ -47,6 +47,7 @@ class Settings:
     registration: str = "open"
     registration_secret: Optional[bytes] = field(default=None, repr=False)
     proof_max_age: float = 600.0  # a proof ticket must expire within this
+    token_rotation: bool = True   # a new token at every reconnect (contract 1.2)
     drain_batch: int = 500
     metrics: Optional[str] = None  # endpoint of /metrics and /health
     presence_lease: float = 10.0  # a dead node's devices are free after this
@@ -57,6 +58,16 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 ** 3}
+
+
+def parse_switch(text, name):
+    """``on`` or ``off`` (also yes/no, true/false, 1/0) as a bool."""
+    value = str(text).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ValueError("--%s: %r is not on or off" % (name, text))
 
 
 def parse_duration(text, name, allow_zero=False):

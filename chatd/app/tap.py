@@ -97,6 +97,10 @@ class Options(usage.Options):
          "take it over); claim: the first register of an id keeps it, until the "
          "operator revokes it (chatd-admin revoke); proof: register needs a ticket "
          "signed with --registration-secret-file."],
+        ["token-rotation", None, "on", "on: every reconnect returns a new token, "
+         "and an old token used again after its successor revokes the id (a "
+         "copy was made); off: a token stays good until the next register.",
+         _coerce(config.parse_switch, "token-rotation")],
         ["proof-max-age", None, "10m", "A proof ticket must expire within this "
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],

@@ -24,6 +24,12 @@ CLOSING_CODES = ("session_replaced", "shutdown", "idle_timeout", "auth_timeout",
                  "slow_consumer", "line_too_long")
 
 
+def reused(error):
+    """Whether a bad_token says that an old token of the id was used again
+    (token rotation, 1.2): then every token of it is revoked."""
+    return "used elsewhere with an old token" in str(error.get("reason", ""))
+
+
 def id_order(server_id):
     """A sort key for server ids: chatd's are zero-padded decimals, but the
     contract only promises increasing strings, so compare length first."""
@@ -245,6 +251,9 @@ class Session:
         elif kind == "registered":
             self._registered(reply)
         elif kind == "reconnected":
+            # the next token (1.2) first, before anything else happens here:
+            # the one presented stays valid only until this one is used
+            self._keep_token(reply.get("token"))
             self.binding = False
             pending = reply.get("pending")
             self.ui.notice("connected to %s as %s%s" % (
@@ -256,6 +265,20 @@ class Session:
         elif kind == "error":
             self._error(reply)
         # pong, and types a newer server may add: nothing to do
+
+    def _keep_token(self, token):
+        """A reconnect's next token (token rotation, 1.2): keep it and save it
+        at once (atomically: a crash leaves the old token, which stays
+        valid until this one is used). A 1.0 server sends none."""
+        if not isinstance(token, str) or not token or token == self.token:
+            return
+        self.token = token
+        try:
+            self.tokens.save(token)
+        except OSError as e:
+            self.ui.problem("could not save the new token in %s: %s; the old one "
+                            "stays good until the new one is used" % (
+                                self.tokens.path, e.strerror or e))
 
     def _registered(self, reply):
         self.binding = False
@@ -276,7 +299,11 @@ class Session:
         code = reply.get("code")
         entry = self.outbox.get(reply.get("ref"))
         if entry is not None:
-            if code == "bad_token":
+            if code == "bad_token" and reused(reply):
+                self.ui.fatal(1, "%s: this id was used elsewhere with an old token; every "
+                              "token of it is revoked: register again (chatd-client "
+                              "--register)" % self.device)
+            elif code == "bad_token":
                 entry.sent = False
                 self._token_refused()
             elif code == "rate_limited":
@@ -291,6 +318,13 @@ class Session:
         if code == "session_replaced":
             self.ui.fatal(1, "%s connected from somewhere else; this client stops (%s)"
                           % (self.device, code))
+            return
+        if code == "revoked" or (code == "bad_token" and reused(reply)):
+            # not retried, and no register behind the user's back: if a copy
+            # of the token was used, whoever holds it must not get the id back
+            self.ui.fatal(1, "%s: this id was used elsewhere with an old token, or the "
+                          "operator revoked it; every token of it is revoked: register "
+                          "again (chatd-client --register)" % self.device)
             return
         if code in CLOSING_CODES:
             # said when the connection closes, with when we try again

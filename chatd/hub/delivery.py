@@ -26,12 +26,14 @@ class Delivery:
 
     log = Logger()
 
-    def __init__(self, hub, device, conn, token_hash, epoch=0):
+    def __init__(self, hub, device, conn, token_hashes, epoch=0):
         self.hub = hub
         self.device = device
         self.epoch = epoch  # of this bind (see chatd.hub.presence)
         self.conn = conn
-        self.token_hash = token_hash
+        # the hashes of the tokens a packet on this connection may carry: the
+        # newest, and the one presented to get it (see chatd.hub.router.reconnect)
+        self.token_hashes = token_hashes
         self.last_id = 0          # every id up to here is pushed here or gone
         self.first_pushed = None  # the ids pushed on this connection:
         self.last_pushed = None   # first_pushed..last_pushed

@@ -78,7 +78,7 @@ class Presence:
     # -- the hub's side --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def claim(self, device):
+    def claim(self, device, token_hash=None):
         """Subscribe, then claim D for this node: Deferred of its epoch.
         Fails with StoreUnavailable (nothing held), or Superseded."""
         self._claiming[device] = self._claiming.get(device, 0) + 1
@@ -91,11 +91,13 @@ class Presence:
                 self.log.warn("subscribing to {device}'s notifications: {e!r}",
                               device=device, e=e)
             try:
-                epoch = yield self.store.claim(device, self.lease_ms)
+                epoch = yield self.store.claim(device, self.lease_ms, token_hash)
             except Exception:
                 self.notifications.unsubscribe(device)
                 raise
-            if self._latest.get(device, 0) > epoch:
+            if epoch < 0 or self._latest.get(device, 0) > epoch:
+                # a later bind elsewhere, or (epoch -1) the token this bind was
+                # given was rotated away by another reconnect since
                 self.notifications.unsubscribe(device)
                 raise Superseded(device)
             return epoch

@@ -39,8 +39,11 @@ class Connection:
     def registered(self, device, token):
         """Send the ``registered`` reply."""
 
-    def reconnected(self, device, pending):
-        """Send the ``reconnected`` reply."""
+    def reconnected(self, device, pending, token):
+        """Send the ``reconnected`` reply (with the device's next token)."""
+
+    def peer(self):
+        """Where the client is (host:port), for the logs."""
 
     def push(self, entries):
         """Write stored messages (push lines without newline), in order."""
@@ -68,7 +71,7 @@ class NoRemote:
     its inbox and is pushed when the receiver next registers or reconnects;
     nothing is claimed in the store."""
 
-    def claim(self, device):
+    def claim(self, device, token_hash=None):
         return defer.succeed(0)
 
     def release(self, device, epoch):
@@ -76,6 +79,11 @@ class NoRemote:
 
     def deliver(self, receiver, server_id, entry):
         pass
+
+
+#: the reason of the bad_token that answers a reused token
+REUSED = ("this id (%s) was used elsewhere with an old token; every token of it is "
+          "revoked: register again")
 
 
 class Hub:
@@ -94,6 +102,7 @@ class Hub:
         # chatd.wire.output.Output: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery (its .conn has it as .delivery)
+        self.token_reuse = 0  # reuses detected here (chatd_token_reuse_total)
 
     # -- binding -----------------------------------------------------------------
 
@@ -101,14 +110,14 @@ class Hub:
     def node_id(self):
         return self.store.node_id.decode("ascii")
 
-    def _bind(self, conn, device, token_hash, epoch):
+    def _bind(self, conn, device, token_hashes, epoch):
         old = self.sessions.get(device)
         if old is not None:
             if old.epoch > epoch:
                 return None
             self._drop(old, "session_replaced",
                        "%s connected again elsewhere; this connection is closed" % device)
-        delivery = Delivery(self, device, conn, token_hash, epoch)
+        delivery = Delivery(self, device, conn, token_hashes, epoch)
         self.sessions[device] = delivery
         conn.delivery = delivery
         return delivery
@@ -180,37 +189,66 @@ class Hub:
         current = self.delivery(conn)
         if current is not None:
             # registering again on the same connection: a new token, same pushes
-            current.token_hash = token_hash
+            current.token_hashes = (token_hash,)
             conn.registered(device, token)
             return
-        yield self._start(conn, device, token_hash,
+        yield self._start(conn, device, (token_hash,),
                           lambda pending: conn.registered(device, token))
 
     @defer.inlineCallbacks
     def reconnect(self, conn, device, token):
+        """Bind ``conn`` to ``device`` with its token. With token rotation
+        (the default) the reply carries a new token; the one presented stays
+        valid until the new one has been used once (see chatd/store/lua/token.lua)."""
         self._check_rebind(conn, device)
-        stored = yield self.store.token_hash(device)
-        if not tokens.token_matches(token, stored):
-            raise PacketError("bad_token", "the token is wrong or revoked for %s; "
-                              "register again to get a new one" % device, field="token")
+        presented = tokens.token_hash(token)
+        new = tokens.new_token() if self.settings.token_rotation else None
+        status = yield self.store.use_token(device, presented,
+                                            tokens.token_hash(new) if new else None)
+        self._check_use(conn, device, status)
+        valid = (tokens.token_hash(new), presented) if new else (presented,)
+        token = new or token
         current = self.delivery(conn)
         if current is not None:
-            current.token_hash = stored
+            current.token_hashes = valid
             pending, _, _ = yield self.store.fetch(device, current.last_id, 0)
-            conn.reconnected(device, pending)
+            conn.reconnected(device, pending, token)
             return
-        yield self._start(conn, device, stored,
-                          lambda pending: conn.reconnected(device, pending))
+        yield self._start(conn, device, valid,
+                          lambda pending: conn.reconnected(device, pending, token),
+                          rotated=bool(new))
+
+    def _check_use(self, conn, device, status):
+        """A token's use (store.use_token) that is not valid: PacketError
+        bad_token, after a reuse is logged and counted (the store has
+        revoked every token of the id and told the node holding it)."""
+        if status in ("newest", "prev"):
+            return
+        if status == "reuse":
+            self.token_reuse += 1
+            self.log.warn("security: {device} presented an old token that was used "
+                          "again after its successor (a copy?); every token of it is "
+                          "revoked (node {node}, from {peer})", device=device,
+                          node=self.node_id, peer=conn.peer())
+            raise PacketError("bad_token", REUSED % device, field="token")
+        if status == "reused":  # revoked by a reuse before: say why again
+            raise PacketError("bad_token", REUSED % device, field="token")
+        raise PacketError("bad_token", "the token is wrong or revoked for %s; "
+                          "register again to get a new one" % device, field="token")
 
     @defer.inlineCallbacks
-    def _start(self, conn, device, token_hash, announce):
+    def _start(self, conn, device, token_hashes, announce, rotated=False):
+        """Claim ``device`` for ``conn``, bind it, push what waits. After a
+        rotation the claim holds only while the new token is still the
+        newest (two copies of one token at once: the bind that keeps the id
+        is the one with the valid token)."""
         try:
-            epoch = yield self.remote.claim(device)
+            epoch = yield self.remote.claim(device, token_hashes[0] if rotated else None)
         except Superseded:
             epoch = None
         delivery = None
         if epoch is not None and not conn.closed:
-            delivery = self._bind(conn, device, token_hash, epoch)
+            delivery = self._bind(conn, device, token_hashes, epoch)
         if delivery is None:
             if epoch is not None:
                 self.remote.release(device, epoch)
@@ -241,7 +279,7 @@ class Hub:
                     raise PacketError("forbidden", "this connection sends as %s, not %s"
                                       % (sender, packet.sender), field="sender")
                 if packet.token is not None and not tokens.token_matches(
-                        packet.token, delivery.token_hash):
+                        packet.token, *delivery.token_hashes):
                     raise PacketError("bad_token", "the token is wrong or revoked",
                                       field="token")
             elif packet.sender is None or packet.token is None:
@@ -253,13 +291,15 @@ class Hub:
         if delivery is not None:
             self._store_send(sender, packet, done)
         else:
-            self.store.token_hash(packet.sender).addCallbacks(
-                self._one_shot, lambda f: done(None, f), (packet, done))
+            # a one-shot send uses its token (it may be the newest's first use)
+            self.store.use_token(packet.sender, tokens.token_hash(packet.token)).addCallbacks(
+                self._one_shot, lambda f: done(None, f), (conn, packet, done))
 
-    def _one_shot(self, stored, packet, done):
-        if not tokens.token_matches(packet.token, stored):
-            done(None, Failure(PacketError("bad_token", "the token is wrong or revoked "
-                                           "for %s" % packet.sender, field="token")))
+    def _one_shot(self, status, conn, packet, done):
+        try:
+            self._check_use(conn, packet.sender, status)
+        except PacketError:
+            done(None, Failure())
             return
         self._store_send(packet.sender, packet, done)
 
@@ -319,11 +359,13 @@ class Hub:
                    "%s connected again elsewhere; this connection is closed" % device)
 
     def revoke(self, device):
-        """The operator revoked D's tokens: close its connection here."""
+        """D's tokens were revoked (by the operator, or because an old token
+        of D was used again): close its connection here."""
         delivery = self.sessions.get(device)
         if delivery is not None:
-            self._drop(delivery, "revoked", "the tokens of %s were revoked by the "
-                       "operator; register again" % device)
+            self._drop(delivery, "revoked", "every token of %s was revoked (an old "
+                       "token of it was used elsewhere, or the operator revoked them); "
+                       "register again" % device)
 
     def catch_up(self, devices=None):
         """Read every bound inbox, or those of ``devices`` (notifications

@@ -22,13 +22,18 @@ def token_hash(token):
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def token_matches(token, stored_hash):
-    """Constant-time check of a presented token against the stored hash."""
-    if not stored_hash:
-        return False
-    if isinstance(stored_hash, bytes):
-        stored_hash = stored_hash.decode("ascii", "replace")
-    return hmac.compare_digest(token_hash(token), stored_hash)
+def token_matches(token, *stored_hashes):
+    """Constant-time check of a presented token against stored hashes (any
+    of them)."""
+    presented = token_hash(token)
+    match = False
+    for stored in stored_hashes:
+        if not stored:
+            continue
+        if isinstance(stored, bytes):
+            stored = stored.decode("ascii", "replace")
+        match |= hmac.compare_digest(presented, stored)
+    return match
 
 
 def make_proof(secret, sender, expiry):

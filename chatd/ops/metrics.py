@@ -101,6 +101,10 @@ class ChatdCollector:
                    "Messages pushed to devices (a message pushed again on a new "
                    "connection counts again)", node, stats.pushes)
         yield _one(CounterMetricFamily, "chatd_acks", "Valid ack packets taken", node, stats.acks)
+        yield _one(CounterMetricFamily, "chatd_token_reuse",
+                   "Old tokens presented again after their successor was used (a copy): "
+                   "every token of the id was revoked", node,
+                   hub.token_reuse if hub is not None else 0)
         yield _one(GaugeMetricFamily, "chatd_connections", "Open client connections",
                    node, len(factory.connections) if factory is not None else 0)
         yield _one(GaugeMetricFamily, "chatd_bound_devices",

@@ -13,6 +13,15 @@ touches one slot):
     SHA-256 of D's current token. Exists = D is registered. Register
     overwrites it, which revokes every older token; ``chatd-admin revoke``
     sets it to ``revoked``. Never expires.
+``chatd:{D}:rot``
+    Token rotation (a hash, :mod:`chatd.store.lua` ``token.lua``): ``prev``
+    the hash of the token presented to get the newest one (valid while the
+    newest was never used), ``used`` ``1`` once the newest was used,
+    ``retired`` the first 16 bytes (32 hex digits) of the hashes of the last
+    :data:`RETIRED_KEPT` tokens that were valid and were then superseded
+    (presented again: reuse); after a reuse only ``reused`` ``1`` (the
+    tokens were revoked because of one). Absent: nothing rotated yet. A
+    register deletes it. Never expires (like ``token``).
 ``chatd:{D}:seq``
     D's id counter. Never expires, so ids keep increasing for the life of the
     store, across restarts and after the inbox empties.
@@ -60,6 +69,9 @@ from chatd.wire.packets import ID_WIDTH
 
 #: key suffixes (after ``chatd:{D}:``)
 TOKEN = b"token"
+ROTATION = b"rot"
+#: retired token hashes kept per device for reuse detection (see ``rot``)
+RETIRED_KEPT = 8
 SEQ = b"seq"
 INBOX = b"inbox"
 PROOF = b"proof:"

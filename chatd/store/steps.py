@@ -92,8 +92,22 @@ class Store:
         remembered for ``ticket_ms``, was used before)."""
         prefix = _keys(device)
         used = layout.proof_key(device, ticket) if ticket else prefix + layout.PROOF + b"-"
-        d = self.client.script("register", [prefix + layout.TOKEN, used], [
+        d = self.client.script("register", [prefix + layout.TOKEN, used,
+                                             prefix + layout.ROTATION], [
             token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0)])
+        return d.addCallback(lambda status: status.decode("ascii"))
+
+    def use_token(self, device, presented_hash, new_hash=None):
+        """Use D's token (a reconnect, or a one-shot send): Deferred of
+        ``"newest"`` or ``"prev"`` (valid; ``new_hash`` given: D's newest
+        token is now that one), ``"bad"``, ``"reuse"`` (a token that was
+        superseded after its successor was used: every token of D is
+        revoked now, and the node holding D told), or ``"reused"`` (D's
+        tokens were revoked by a reuse before). See token.lua."""
+        prefix = _keys(device)
+        d = self.client.script("token", [prefix + layout.TOKEN, prefix + layout.ROTATION,
+                                          layout.channel(device)],
+                               [presented_hash, new_hash or b"", layout.RETIRED_KEPT])
         return d.addCallback(lambda status: status.decode("ascii"))
 
     def token_hash(self, device):
@@ -113,11 +127,14 @@ class Store:
 
     # -- presence (see chatd.hub.presence) ------------------------------------------------
 
-    def claim(self, device, lease_ms):
-        """Bind D to this node: Deferred of its new epoch (an int)."""
+    def claim(self, device, lease_ms, token_hash=None):
+        """Bind D to this node: Deferred of its new epoch (an int); -1 when
+        ``token_hash`` (the new token the bind was given) is no longer D's
+        newest (see claim.lua)."""
         prefix = _keys(device)
         d = self.client.script("claim", [prefix + layout.NODE, prefix + layout.EPOCH,
-                                          layout.channel(device)], [self.node_id, lease_ms])
+                                          layout.channel(device), prefix + layout.TOKEN],
+                               [self.node_id, lease_ms, token_hash or b""])
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):

@@ -283,10 +283,14 @@ class Session(ReplyOrder, Liveness, Output):
         self.send_lines(packets.reply({"type": "registered", "sender": device,
                                        "token": token}))
 
-    def reconnected(self, device, pending):
+    def reconnected(self, device, pending, token):
         self._auth_at = None
         self.send_lines(packets.reply({"type": "reconnected", "sender": device,
-                                       "pending": pending}))
+                                       "pending": pending, "token": token}))
+
+    def peer(self):
+        """Where the client is, for the logs."""
+        return self.framing.peer()
 
     def push(self, entries):
         self.stats.count(pushes=len(entries))

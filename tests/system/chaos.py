@@ -715,6 +715,10 @@ class Device:
                     self.retry_at = h.now() + self.rng.uniform(0.2, 1.0)
                 return
             t.conn_errors[code] += 1
+            if code == "revoked" or "used elsewhere with an old token" in obj.get("reason", ""):
+                # no operator revokes here, and every token is kept as given:
+                # a reuse found here would log a real user out
+                t.anomaly("false_token_reuse", self.name)
             if code == "shutdown":
                 conn.shutdown_ms = time.time() * 1000
             if code in CLOSING:
@@ -732,7 +736,10 @@ class Device:
         elif kind in ("registered", "reconnected"):
             if obj.get("sender") != self.name:
                 t.anomaly("bound_as_another_id", raw[:200])
-            if kind == "registered":
+            if kind == "registered" or obj.get("token"):
+                # a reconnect's next token (rotation, 1.2) is kept at once,
+                # like a real client's; a reply lost with its connection
+                # leaves the old one, which stays valid (the grace)
                 self.token = obj["token"]
             conn.bound = True
             t.binds[kind] += 1

@@ -4,10 +4,16 @@
 -- told to let go (a kick on the device's notify channel, see chatd/store/layout.py).
 --
 -- KEYS[1] presence ("<node id> <epoch>", with a lease), KEYS[2] epoch
---   counter (never expires), KEYS[3] the device's notify channel
--- ARGV: node id, lease_ms
+--   counter (never expires), KEYS[3] the device's notify channel, KEYS[4]
+--   the device's newest token hash
+-- ARGV: node id, lease_ms, the token hash the bind was given ("": none)
 -- Returns the new epoch. Epochs only grow: of two binds of one device, the
 -- later one has the higher epoch, and a holder with a lower one closes.
+-- Returns -1 (nothing claimed) when the bind's token is no longer the
+-- newest: another reconnect with the same token rotated it since (token.lua),
+-- so of two copies of a token presented at once, the bind that holds the id
+-- is the one whose token is valid.
+if ARGV[3] ~= "" and redis.call("GET", KEYS[4]) ~= ARGV[3] then return -1 end
 local epoch = redis.call("INCR", KEYS[2])
 local old = redis.call("GET", KEYS[1])
 redis.call("SET", KEYS[1], ARGV[1] .. " " .. epoch, "PX", ARGV[2])

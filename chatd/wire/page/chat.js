@@ -131,6 +131,12 @@ function received(p) {
       bound(0);
       break;
     case "reconnected":
+      // the next token (token rotation, 1.2), kept at once: the one we
+      // presented stays valid only until this one is used
+      if (p.token && state.me) {
+        state.me = {id: state.me.id, token: p.token};
+        saved.set("me", state.me);
+      }
       bound(p.pending);
       break;
     case "message":
@@ -213,10 +219,15 @@ function failed(p) {
     case "revoked": {
       const id = state.me ? state.me.id : "this id";
       signOut();
-      notify("This browser's token for " + id + (p.code === "revoked"
-        ? " was revoked by the operator (revoked)."
+      const reused = /used elsewhere with an old token/.test(p.reason || "");
+      notify("This browser's token for " + id + (reused
+        ? ": this id was used elsewhere with an old token, so every token of it is " +
+          "revoked (bad_token)."
+        : p.code === "revoked"
+        ? " was revoked: an old token of it was used elsewhere, or the operator " +
+          "revoked it (revoked)."
         : " is no longer valid: the id was registered again elsewhere (bad_token).") +
-        " Register to take it back.");
+        " Register again to take it back.");
       $("#id").value = id;
       break;
     }
