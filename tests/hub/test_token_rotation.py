@@ -8,7 +8,7 @@ whichever node) with ``revoked``. On real nodes and a real store.
 
 import pytest_twisted
 
-from tests.helpers import connect, wait_until
+from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
