@@ -30,6 +30,13 @@ def reused(error):
     return "used elsewhere with an old token" in str(error.get("reason", ""))
 
 
+def revoked_words(device):
+    """What the client says when every token of its id was revoked."""
+    return ("%s: this id was used elsewhere with an old token (or the operator "
+            "revoked it); every token of it is revoked: register again "
+            "(chatd-client --register)" % device)
+
+
 def id_order(server_id):
     """A sort key for server ids: chatd's are zero-padded decimals, but the
     contract only promises increasing strings, so compare length first."""
@@ -267,18 +274,11 @@ class Session:
         # pong, and types a newer server may add: nothing to do
 
     def _keep_token(self, token):
-        """A reconnect's next token (token rotation, 1.2): keep it and save it
-        at once (atomically: a crash leaves the old token, which stays
-        valid until this one is used). A 1.0 server sends none."""
-        if not isinstance(token, str) or not token or token == self.token:
-            return
-        self.token = token
-        try:
-            self.tokens.save(token)
-        except OSError as e:
-            self.ui.problem("could not save the new token in %s: %s; the old one "
-                            "stays good until the new one is used" % (
-                                self.tokens.path, e.strerror or e))
+        """A reconnect's next token (token rotation, 1.2): kept and saved at
+        once (:meth:`TokenFile.replace`). A 1.0 server sends none."""
+        if isinstance(token, str) and token and token != self.token:
+            self.token = token
+            self.tokens.replace(token, self.ui.problem)
 
     def _registered(self, reply):
         self.binding = False
@@ -300,9 +300,7 @@ class Session:
         entry = self.outbox.get(reply.get("ref"))
         if entry is not None:
             if code == "bad_token" and reused(reply):
-                self.ui.fatal(1, "%s: this id was used elsewhere with an old token; every "
-                              "token of it is revoked: register again (chatd-client "
-                              "--register)" % self.device)
+                self.ui.fatal(1, revoked_words(self.device))
             elif code == "bad_token":
                 entry.sent = False
                 self._token_refused()
@@ -322,9 +320,7 @@ class Session:
         if code == "revoked" or (code == "bad_token" and reused(reply)):
             # not retried, and no register behind the user's back: if a copy
             # of the token was used, whoever holds it must not get the id back
-            self.ui.fatal(1, "%s: this id was used elsewhere with an old token, or the "
-                          "operator revoked it; every token of it is revoked: register "
-                          "again (chatd-client --register)" % self.device)
+            self.ui.fatal(1, revoked_words(self.device))
             return
         if code in CLOSING_CODES:
             # said when the connection closes, with when we try again

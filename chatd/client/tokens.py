@@ -41,6 +41,15 @@ class TokenFile:
         token = saved.get("token")
         return token if isinstance(token, str) and token else None
 
+    def replace(self, token, say):
+        """Save a reconnect's new token at once; if that fails, ``say`` why
+        (the old token stays good until the new one is used)."""
+        try:
+            self.save(token)
+        except OSError as e:
+            say("could not save the new token in %s: %s; the old one stays good "
+                "until the new one is used" % (self.path, e.strerror or e))
+
     def save(self, token):
         """Write the token atomically (a crash leaves the old file or the new
         one, never half of one). Raises OSError."""
