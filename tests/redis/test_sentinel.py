@@ -237,3 +237,37 @@ async def test_an_unconfirmed_message_is_never_pushed(replicated, nodes):
     finally:
         await alice.close()
         await bob.close()
+
+
+
+@pytest.mark.slow
+@ensure
+async def test_sentinels_with_a_password_of_their_own(tmp_short, nodes):
+    """Sentinels with a requirepass of their own: chatd asks them after an AUTH
+    with --sentinel-password-file's password, and serves; without it every
+    sentinel refuses, and clients get 'unavailable'."""
+    import os
+
+    from tests.fixtures.sentinel import SentinelSet
+    sentinels = SentinelSet(os.path.join(tmp_short, "stores"),
+                            sentinel_password="sentinel-pw-123")
+    try:
+        sentinels.start()
+        pw = os.path.join(tmp_short, "sentinel-password")
+        with open(pw, "w") as f:
+            f.write("sentinel-pw-123\n")
+        os.chmod(pw, 0o600)
+        (good,) = await nodes(1, "--redis", sentinels.url(), "--sentinel-password-file", pw)
+        (bad,) = await nodes(1, "--redis", sentinels.url())
+        c = await connect(good.port)
+        await c.register("alice")
+        assert sentinels.command("EXISTS", "chatd:{alice}:token") == 1
+        d = await connect(bad.port)
+        d.send({"register": "true", "sender": "bob"})
+        await d.error("unavailable")
+        assert "NOAUTH" in bad.log() or "Authentication" in bad.log(), bad.log()[-2000:]
+        assert "sentinel-pw-123" not in good.log() + bad.log()
+        await c.close()
+        await d.close()
+    finally:
+        sentinels.cleanup()
