@@ -239,7 +239,6 @@ async def test_an_unconfirmed_message_is_never_pushed(replicated, nodes):
         await bob.close()
 
 
-
 @pytest.mark.slow
 @ensure
 async def test_sentinels_with_a_password_of_their_own(tmp_short, nodes):
