@@ -183,10 +183,10 @@ def validate(obj, max_message=16384):
     if "message" in obj and not (
             "register" in obj or "reconnect" in obj or "ack" in obj or "ping" in obj):
         ref = obj.get("ref")  # the hot path: a message
-        if ref is None or _valid_ref(ref):
+        if ref is None or valid_ref(ref):
             return _validate_message(obj, ref, max_message)
     ref = obj.get("ref")
-    ref_ok = ref is None or _valid_ref(ref)
+    ref_ok = ref is None or valid_ref(ref)
     kinds = [k for k in KINDS if k in obj]
     if len(kinds) != 1:
         raise PacketError(
@@ -241,6 +241,14 @@ def _validate_message(obj, ref, max_message):
     if len(raw) > max_message:
         raise PacketError("message_too_long", "the message text is %d bytes of "
                           "UTF-8; the limit is %d" % (len(raw), max_message), ref)
+    if 3 * len(raw) > max_message:  # escaping 6x could pass 2 x max_message
+        stored = stored_size(raw)
+        if stored > 2 * max_message:
+            raise PacketError(
+                "message_too_long", "the message text is %d bytes as stored (JSON, "
+                "where a control character takes 6 bytes and a quote or backslash "
+                "2); the limit is %d (twice the %d bytes of UTF-8 allowed)"
+                % (stored, 2 * max_message, max_message), ref)
     packet = Packet("message")
     packet.receiver, packet.text, packet.raw = receiver, text, raw
     if sender is not None:
@@ -252,7 +260,23 @@ def _validate_message(obj, ref, max_message):
     return packet
 
 
-def _valid_ref(ref):
+#: the characters that JSON (the stored message) escapes in 6 bytes
+#: (``\\u0001``), and those it escapes in 2 (``\\n``, ``\\"``)
+_LONG_ESCAPED = bytes(c for c in range(32) if c not in b"\b\f\n\r\t")
+_SHORT_ESCAPED = b'"\\\b\f\n\r\t'
+
+
+def stored_size(raw):
+    """The bytes the message text ``raw`` (UTF-8) takes JSON-escaped in a
+    stored message (:func:`chatd.store.layout.push_tail`), without its
+    quotes: C-speed counting, no encoding."""
+    size = len(raw)
+    long_ = size - len(raw.translate(None, _LONG_ESCAPED))
+    short = size - len(raw.translate(None, _SHORT_ESCAPED))
+    return size + 5 * long_ + short
+
+
+def valid_ref(ref):
     if isinstance(ref, bool):
         return False
     if isinstance(ref, int):
