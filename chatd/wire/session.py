@@ -30,6 +30,10 @@ from chatd.wire.replies import MAX_INFLIGHT, ReplyOrder
 from chatd.wire.packets import PacketError
 from chatd.errors import StoreFull, StoreUnavailable
 
+#: the longest line read before it is charged, to see whether it is an ack
+#: of something pushed here (free): ``{"ack": "<16 digits>", "ref": ...}``
+FREE_ACK_MAX = 128
+
 
 class Session(ReplyOrder, Liveness, Output):
     """One client connection, the hub's ``Connection``
@@ -145,22 +149,30 @@ class Session(ReplyOrder, Liveness, Output):
         if self._closing:
             return
         settings = self.settings
-        if len(line) > settings.max_line and not (
-                len(line) == settings.max_line + 1 and line.endswith(b"\r")):
+        size = len(line)
+        if size > settings.max_line and not (
+                size == settings.max_line + 1 and line.endswith(b"\r")):
             return self.too_long()
+        # the budget is checked before the line is read: reading costs CPU
+        # by the byte, and a line over the allowance must not cost it. Only
+        # a short ack may be free (:meth:`_acks_progress`), so only that is
+        # read first, to know.
+        charged = size > FREE_ACK_MAX or b"ack" not in line
+        if charged and not self._rate_ok(None, size, line):
+            return
         try:
             packet = packets.parse_line(line, settings.max_message)
         except PacketError as e:
-            if self._rate_ok(e.ref):
+            if charged or self._rate_ok(e.ref, size):
                 self.touch()
-                self.stats.count(error=e.code)
-                self._reply(packets.error_from(e))
+                self._error(e.code, packets.error_from(e), e.ref)
             return
         if packet is None:
-            self._rate_ok(None)  # an empty line is no packet, but not free
+            if not charged:
+                self._rate_ok(None, size)  # an empty line is no packet, but not free
             return
-        if not (packet.kind == "ack" and self._acks_progress(packet.ack)) and \
-                not self._rate_ok(packet.ref):
+        if not charged and not (packet.kind == "ack" and self._acks_progress(packet.ack)) \
+                and not self._rate_ok(packet.ref, size):
             return
         self.touch()
         if self.store.saturated and "store" not in self._pauses:
@@ -171,14 +183,34 @@ class Session(ReplyOrder, Liveness, Output):
         try:
             getattr(self, "handle_" + packet.kind)(packet)
         except PacketError as e:
-            self.stats.count(error=e.code)
-            self._reply(packets.error(e.code, e.reason, packet.ref, e.field))
+            self._error(e.code, packets.error(e.code, e.reason, packet.ref, e.field),
+                        packet.ref)
         except Exception:
             # a bug must not cost the client its connection (or an answer)
             self.log.failure("internal error on a {kind} packet", kind=packet.kind)
             self.stats.count(error="unavailable")
             self._reply(packets.error("unavailable", "internal error; retry later",
                                       packet.ref))
+
+    def _error(self, code, data, ref):
+        """Answer the packet just read with an error, within the allowance
+        of error bytes (:meth:`chatd.wire.ratelimit.RateLimit.error`): past
+        it, one notice per refill period, the rest in silence, and a client
+        that keeps going is closed."""
+        self.stats.count(error=code)
+        verdict = self._rate.error(self.clock.seconds(), len(data))
+        if verdict is ratelimit.PASS:
+            self._reply(data)
+        elif verdict is ratelimit.TELL:
+            self._reply(packets.error(
+                code, "too many errors on this connection: this packet was %s, and "
+                "the next bad ones get no answer for %gs" % (code, self._rate.period),
+                ref))
+        elif verdict is ratelimit.CLOSE:
+            self.log.info("{peer}: still sending bad packets, closing",
+                          peer=self.framing.peer())
+            self.close("rate_limited", "still sending bad packets after being told; "
+                       "closing")
 
     def too_long(self):
         self.close("line_too_long", too_long_reason(self.settings.max_line))
@@ -190,11 +222,12 @@ class Session(ReplyOrder, Liveness, Output):
         return (delivery is not None and delivery.last_pushed is not None
                 and delivery.acked < server_id <= delivery.last_pushed)
 
-    def _rate_ok(self, ref):
-        """Whether this packet may be acted on (see :mod:`chatd.wire.ratelimit`);
-        one that may not is answered once per refill period, and a client
-        that keeps flooding is closed."""
-        verdict = self._rate.take(self.clock.seconds())
+    def _rate_ok(self, ref, size=0, line=None):
+        """Whether this packet of ``size`` bytes may be acted on (see
+        :mod:`chatd.wire.ratelimit`: it costs by lines and by bytes); one that
+        may not is answered once per refill period, and a client that keeps
+        flooding is closed."""
+        verdict = self._rate.take(self.clock.seconds(), size)
         if verdict is ratelimit.PASS:
             return True
         rate = self._rate.rate
@@ -204,9 +237,12 @@ class Session(ReplyOrder, Liveness, Output):
             self.close("rate_limited", "more than %g packets a second, and still "
                        "sending after rate_limited; closing" % rate)
         elif verdict is ratelimit.TELL:
+            if line is not None:  # not read yet: read for its ref (once a period)
+                ref = _ref_of(line)
             self.stats.count(error="rate_limited")
             self._reply(packets.error(
-                "rate_limited", "more than %g packets a second; slow down (nothing "
+                "rate_limited", "more than %g packets a second (a line costs one more "
+                "for each full KiB); slow down (nothing "
                 "was done with this one, nor will be with the next ones until "
                 "the rate drops; this is said once per %gs)" % (rate, self._rate.period),
                 ref))
@@ -254,7 +290,9 @@ class Session(ReplyOrder, Liveness, Output):
         self.stats.count(acks=1)
 
     def handle_ping(self, packet):
-        self.send_lines(packets.reply({"type": "pong", "ping": packet.ping}))
+        data = packets.reply({"type": "pong", "ping": packet.ping})
+        self._rate.charge(len(data))  # the echo may be bigger than the ping
+        self.send_lines(data)
 
     def _exclusive(self, start, ref):
         """Register and reconnect change what later packets mean, so nothing
@@ -339,6 +377,16 @@ class Session(ReplyOrder, Liveness, Output):
             self._gone = []
         self._gone.append(d)
         return d
+
+
+def _ref_of(line):
+    """The ref of a line not read yet, if it has a valid one."""
+    try:
+        obj = packets.decode_line(line)
+    except PacketError:
+        return None
+    ref = obj.get("ref") if obj is not None else None
+    return ref if ref is not None and packets.valid_ref(ref) else None
 
 
 def too_long_reason(max_line):

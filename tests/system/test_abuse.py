@@ -278,7 +278,9 @@ def test_a_client_that_never_reads_is_cut_and_keeps_its_messages(server):
     sleeper = Client(port, rcvbuf=4096)
     token = sleeper.register("sleeper")
     flooders = []
-    for i in range(8):  # each connection has its own rate allowance
+    # each connection has its own rate allowance, and a 16 KB message costs
+    # 16 packets of it (issue 23, item 3): enough of them to outpace the cut
+    for i in range(40):
         flooders.append(Client(port))
         flooders[-1].register("flooder-%d" % i)
     prober = Prober(port, "slow-probe")

@@ -1,0 +1,81 @@
+"""
+What one client line costs the server to read, per byte sent: the worst
+lines we know of (issue 23, item 3), each timed with ``time.process_time``
+around :func:`chatd.wire.packets.parse_line` and the reply it gets (a
+``pong`` is encoded, an error is formatted), as the session does.
+
+Run: ``python -m benchmarks.parse_cost`` (a few seconds). It prints, per
+line, its size, the CPU it costs (best of 5) and the CPU per byte sent; the
+target is at most 0.1 µs a byte for every line.
+"""
+
+import sys
+import time
+
+from chatd.wire import packets
+
+N = 60_000  # about the largest line under the default --max-line (64 KiB)
+
+
+def _fill(head, item, sep, tail):
+    count = (N - len(head) - len(tail)) // (len(item) + len(sep))
+    return head + sep.join([item] * count) + tail
+
+
+def lines():
+    """(name, bytes) of the lines to time."""
+    yield "literal {'ping':[1,1,...]}", _fill(b"{'ping':[", b"1", b",", b"]}")
+    yield "literal nested [[1],[1],...]", _fill(b"{'ping':[", b"[1]", b",", b"]}")
+    yield "literal empty lists [[],...]", _fill(b"{'ping':[", b"[]", b",", b"]}")
+    yield "literal tuples [(1,),...]", _fill(b"{'ping':[", b"(1,)", b",", b"]}")
+    yield "literal short strings ['a',...]", _fill(b"{'ping':[", b"'a'", b",", b"]}")
+    yield "literal empty strings ['',...]", _fill(b"{'ping':[", b"''", b",", b"]}")
+    yield "literal escapes '\\n\\n...'", _fill(b"{'ping':'", b"\\n", b"", b"'}")
+    yield "literal escapes ['\\x01',...]", _fill(b"{'ping':[", b"'\\x01'", b",", b"]}")
+    yield "literal odd numbers [01,.5,...]", _fill(b"{'ping':[", b"01,.5", b",", b"]}")
+    yield "literal names [None,True,...]", _fill(b"{'ping':[", b"None,True", b",", b"]}")
+    yield "literal dicts [{},...]", _fill(b"{'ping':[", b"{}", b",", b"]}")
+    yield "literal message 'x'*60000", _fill(b"{'message':'", b"x", b"", b"','receiver':'a'}")
+    yield "literal bad at the end", _fill(b"{'ping':[", b"1", b",", b"]x}")
+    yield "json {\"ping\":[1,1,...]}", _fill(b'{"ping":[', b"1", b",", b"]}")
+    yield "json nested [[1],...]", _fill(b'{"ping":[', b"[1]", b",", b"]}")
+    yield "json empty lists [[],...]", _fill(b'{"ping":[', b"[]", b",", b"]}")
+    yield "json dicts [{},...]", _fill(b'{"ping":[', b"{}", b",", b"]}")
+    yield "json short strings", _fill(b'{"ping":[', b'"a"', b",", b"]}")
+    yield "json control chars \\u0001", _fill(b'{"ping":"', b"\\u0001", b"", b'"}')
+    yield "json raw control bytes", _fill(b'{"ping":"', b"\x01", b"", b'"}')
+    yield "json lone surrogates", _fill(b'{"ping":"', b"\\ud800", b"", b'"}')
+    yield "json bad at the end", _fill(b'{"ping":[', b"1", b",", b"]x}")
+    yield "junk (not a packet)", b"x" * N
+
+
+def cost(line, repeat=5):
+    """Best CPU seconds of reading ``line`` and making its reply."""
+    best = None
+    for _ in range(repeat):
+        t0 = time.process_time()
+        try:
+            p = packets.parse_line(line)
+            if p is not None and p.kind == "ping":
+                packets.reply({"type": "pong", "ping": p.ping})
+        except packets.PacketError as e:
+            packets.error_from(e)
+        t = time.process_time() - t0
+        best = t if best is None else min(best, t)
+    return best
+
+
+def main():
+    print("%-34s %7s %10s %9s" % ("line", "bytes", "CPU ms", "µs/byte"))
+    worst = 0.0
+    for name, line in lines():
+        t = cost(line)
+        per_byte = t * 1e6 / len(line)
+        worst = max(worst, per_byte)
+        print("%-34s %7d %10.2f %9.3f" % (name, len(line), t * 1e3, per_byte))
+    print("worst: %.3f µs/byte (target 0.1)" % worst)
+    return 0 if worst <= 0.1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

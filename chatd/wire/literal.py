@@ -1,0 +1,96 @@
+"""
+The seed's dict literals (``{'register':'true', 'sender':'0011001100'}``),
+read at C speed: :func:`to_json` rewrites one as the JSON text of the same
+value, with a few passes of compiled regular expressions, ``str`` methods
+and C codecs over the whole line, and no Python per token (the token-by-token
+parser, :func:`chatd.wire.packets.parse_literal`, costs about 1 µs a byte
+sent: issue 23, item 3). The JSON is then decoded like any JSON line.
+
+What it does not rewrite (tuples, and escapes outside JSON's and Python's
+common ones) it leaves to that parser (:data:`SLOW`). It accepts and refuses
+what that parser does; ``tests/test_fuzz.py`` checks both against Python's
+``ast.literal_eval`` and each other.
+"""
+
+import re
+from json.encoder import encode_basestring
+
+#: :func:`to_json` says: the literal is not one of the seed's (bad_packet)
+REFUSE = "refuse"
+#: :func:`to_json` says: leave this one to the token-by-token parser
+SLOW = "slow"
+
+#: a string token, in either quote (as the token parser reads them)
+_STRING = re.compile(r"""('(?:[^'\\\n]|\\.)*+'|"(?:[^"\\\n]|\\.)*+")""", re.DOTALL)
+#: what is left between the strings (each one a \x00): tokens only (runs
+#: of punctuation and space, numbers, names), as the token parser reads them
+_CODE = re.compile(r"""(?:[{}\[\]():,\x00\s]++
+    |-?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+
+    |True|False|None|true|false|null)*+""", re.VERBOSE)
+#: an integer of more than 4000 characters (the token parser refuses those)
+_HUGE_INT = re.compile(r"(?<![\w.+\-])(?:-\d{4000,}+|\d{4001,}+)(?![.eE])")
+_TRAILING_COMMA = re.compile(r",(?=\s*+[}\]])")
+#: zeros that lead a number (the literal starts with "{": never at 0)
+_LEADING_ZEROS = re.compile(r"0(?<=[^\w.]0)0*(?=\d)")
+_BARE_DOT_END = re.compile(r"\.(?!\d)")
+_BARE_DOT_START = re.compile(r"\.(?<!\d\.)")
+_ODD_SPACE = re.compile(r"[^\S \t\n\r]")
+_ODD_ASCII_SPACE = b"\x0b\x0c\x1c\x1d\x1e\x1f"
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_SPACE = b" \t\n\r"
+
+
+#: every backslash escape one the unicode_escape codec reads as the token
+#: parser does (anything else: SLOW)
+_PLAIN_ESCAPES = re.compile(r"""(?:[^\\]++|\\(?:[\\'"nrtbfav\n]
+    |x[0-9a-fA-F]{2}
+    |u(?![dD][89a-fA-F])[0-9a-fA-F]{4}
+    |U0000(?![dD][89a-fA-F])[0-9a-fA-F]{4}|U000[1-9a-fA-F][0-9a-fA-F]{4}|U0010[0-9a-fA-F]{4}
+    |0(?![0-7])))*+""", re.VERBOSE)
+
+
+_APART = "\ud800"
+
+
+def _unescape(body):
+    return body.encode("raw_unicode_escape").decode("unicode_escape")
+
+
+def to_json(text):
+    """A dict literal (str) -> the JSON text of the same value, REFUSE (it is
+    not a literal the token parser accepts) or SLOW (ask that parser)."""
+    parts = _STRING.split(text)
+    codes = parts[0::2]
+    code = "\x00".join(codes)
+    if "\x00" in "".join(codes) or not _CODE.fullmatch(code):
+        return REFUSE
+    if "(" in code:
+        return SLOW  # a tuple: the JSON would read a list
+    if not code.isascii():
+        code = _ODD_SPACE.sub(" ", code)  # what is left of it is space
+    raw = code.encode("ascii")
+    if len(raw.translate(None, _ODD_ASCII_SPACE)) != len(raw):
+        code = _ODD_SPACE.sub(" ", code)
+        raw = code.encode("ascii")
+    tight = raw.translate(None, _SPACE)
+    if b"[," in tight or b"{," in tight or b",," in tight or b":," in tight:
+        return REFUSE  # a comma with no value before it
+    if b"0" * 4000 in raw.translate(_DIGITS) and _HUGE_INT.search(code):
+        return REFUSE
+    if b",]" in tight or b",}" in tight:
+        code = _TRAILING_COMMA.sub("", code)
+    if "." in code:
+        code = _BARE_DOT_START.sub("0.", _BARE_DOT_END.sub(".0", code))
+    code = _LEADING_ZEROS.sub("", code)
+    code = code.replace("True", "true").replace("False", "false").replace("None", "null")
+    bodies = [s[1:-1] for s in parts[1::2]]
+    if "\\" in text:
+        if not _PLAIN_ESCAPES.fullmatch(text):
+            return SLOW
+        # all at once, each apart by a lone surrogate: no text holds one,
+        # and no escape that is read here makes one
+        bodies = _unescape(_APART.join(bodies)).split(_APART)
+    out = parts
+    out[0::2] = code.split("\x00")
+    out[1::2] = map(encode_basestring, bodies)
+    return "".join(out)

@@ -1,0 +1,106 @@
+"""
+The dict literals read at C speed (chatd.wire.literal, issue 23 item 3)
+accept and refuse exactly what the token-by-token parser does
+(packets.parse_literal), value for value. CPU per byte is measured by
+benchmarks/parse_cost.py, not here.
+"""
+
+import math
+
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from chatd.wire import literal, packets
+from chatd.wire.packets import PacketError
+
+
+def _slow(text):
+    try:
+        return packets.parse_literal(text)
+    except PacketError as e:
+        return ("refused", e.code)
+
+
+def _fast(text):
+    js = literal.to_json(text)
+    if js is literal.SLOW:
+        return None  # left to the slow parser: nothing to compare
+    try:
+        return packets.read_literal(text)
+    except PacketError as e:
+        return ("refused", e.code)
+
+
+def _same(a, b):
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b) or (a != a and b != b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+EDGES = [
+    "{'a': 1,}", "{'a': [1,]}", "{,}", "{'a': [,]}", "{'a': [1,,]}", "{'a': 1,,}",
+    "{'a': 007}", "{'a': -007}", "{'a': .5}", "{'a': -.5}", "{'a': 1.}", "{'a': 1.e5}",
+    "{'a': .e5}", "{'a': 1..5}", "{'a': 1.5.5}", "{'a': 0}", "{'a': 00}", "{'a': 1e007}",
+    "{'a': 1e999}", "{'a': 1e-99999}", "{'a': +1}", "{'a': --1}", "{'a': 1 2}",
+    "{'a': TrueFalse}", "{'a': True}", "{'a': none}", "{'a': null}", "{'a':\u3000 1}",
+    "{'a':\x0b1}", "{'a': 'x\\'y'}", "{'a': \"it's\"}", "{'a': 'q\"q'}",
+    "{'a': '\\n\\t\\r\\b\\f\\a\\v\\0\\\\'}", "{'a': '\\x41\\u00e9\\U0001F600'}",
+    "{'a': '\\ud800'}", "{'a': '\\U0000d800'}", "{'a': '\\q'}", "{'a': '\\012'}",
+    "{'a': '\\N{BULLET}'}", "{'a': 'x\\\ny'}", "{'a': '\x01\x02\t'}", "{'a': 'é中😀'}",
+    "{'a': '\\\\u1234'}", "{'a': '\\\\中'}", "{'a': 1} x", "{'a' 1}", "{1: 2}",
+    "{'a': [1, 2]]}", "{'a': {'b': }}", "{'a': {'b': 1, 'b': 2}}", "{'a': 'x'", "",
+    "{'a': \x00}", "{'a': [" + "9" * 4001 + "]}", "{'a': -" + "9" * 4000 + "}",
+    "{'a': " + "9" * 4000 + "}", "{'a': " + "9" * 4001 + ".5}", "{'a': '" + "x" * 3 + "'}",
+    "{'p': " + "[" * 31 + "1" + "]" * 31 + "}", "{'p': " + "[" * 32 + "1" + "]" * 32 + "}",
+    "{'p': " + "{'a':" * 31 + "1" + "}" * 31 + "}", "{'p': " + "{'a':" * 32 + "1" + "}" * 32 + "}",
+    "{'p': " + "[" * 2000 + "]" * 2000 + "}", "['a']", "'a'", "{'a': b'x'}",
+]
+
+
+@pytest.mark.parametrize("text", EDGES)
+def test_fast_and_slow_agree_on_edges(text):
+    fast = _fast(text)
+    if fast is not None:
+        assert _same(fast, _slow(text)), (text, fast, _slow(text))
+
+
+_TOKENS = st.sampled_from(
+    ["{", "}", "[", "]", ",", ":", " ", "\t", "'a'", "'b\\n'", '"c"', "'\\x41'", "'\\''",
+     "1", "0", "07", ".5", "1.", "-", "e5", "1e5", "True", "None", "false", "null", "'é'",
+     "\u3000", "'\\q'", "'\\u00e9'", "\"'\"", "''"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_TOKENS, max_size=14).map(lambda t: "{'k': " + "".join(t) + "}"))
+@example("{'k': [1, 'x',], 'y': {'z': .5,},}")
+def test_fast_and_slow_agree_on_token_soup(text):
+    fast = _fast(text)
+    if fast is not None:
+        assert _same(fast, _slow(text)), (text, fast, _slow(text))
+
+
+def test_big_literals_are_read_without_the_token_parser(monkeypatch):
+    """The seed's form of a big packet never reaches parse_literal."""
+    def boom(text):
+        raise AssertionError("read token by token")
+    monkeypatch.setattr(packets, "parse_literal", boom)
+    for line in [b"{'ping':[" + b",".join([b"1"] * 20000) + b"]}",
+                 b"{'message':'" + b"line\\n" * 3000 + b"', 'receiver':'bob'}",
+                 b"{'ping':[" + b",".join([b"'\\x01'"] * 5000) + b",]}"]:
+        p = packets.parse_line(line)
+        assert p is not None
+
+
+def test_a_big_literal_with_a_tuple_is_refused_small_ones_still_read():
+    small = b"{'ping': (1, 2)}"
+    assert packets.parse_line(small).ping == (1, 2)
+    big = b"{'ping': (" + b",".join([b"1"] * 1000) + b")}"
+    with pytest.raises(PacketError) as e:
+        packets.parse_line(big)
+    assert e.value.code == "bad_packet" and "send JSON" in e.value.reason
