@@ -8,9 +8,11 @@ refill period (a flood of two-byte lines must not become a flood of
 130-byte replies), and a client that goes on regardless is closed.
 
 A line costs one token plus one per full :data:`BYTES_PER_TOKEN` bytes
-(:func:`cost`): a chat line under 1 KiB costs one packet, a 64 KiB line 65,
-so the allowance bounds the bytes a connection makes the server read, not
-only its lines. The session charges before it parses a line. Big answers
+(:func:`cost`): any chat message (at most ``--max-message``, 16 KiB by
+default) costs one packet, a 64 KiB line three, so the allowance bounds the
+bytes a connection makes the server read, not only its lines, without
+charging an ordinary client more than before (a client that sends many
+messages of the largest size at once is not rate limited for their size). The session charges before it parses a line. Big answers
 are charged too (:meth:`RateLimit.charge`: a ``pong`` echoes what it is
 sent, escaped). Errors have an allowance of their own
 (:meth:`RateLimit.error`): :data:`ERROR_BYTES` bytes of them per refill
@@ -22,7 +24,7 @@ closed (a one-byte junk line must not buy a 120-byte error, over and over).
 PASS, TELL, DROP, CLOSE = "pass", "tell", "drop", "close"
 
 #: a line costs one token more for every full this many bytes
-BYTES_PER_TOKEN = 1024
+BYTES_PER_TOKEN = 32768
 
 #: bytes of error replies a connection is sent per refill period (``burst /
 #: rate``), before the rest are dropped: a dozen or so errors
@@ -90,8 +92,8 @@ class RateLimit:
         return DROP
 
     def charge(self, nbytes):
-        """An answer of ``nbytes`` bytes made for the line just taken: its
-        full KiBs cost a token each (into debt if need be)."""
+        """An answer of ``nbytes`` bytes made for the line just taken: each
+        full :data:`BYTES_PER_TOKEN` bytes cost a token (into debt if need be)."""
         if self.rate:
             self._tokens -= nbytes // BYTES_PER_TOKEN
 

@@ -193,11 +193,16 @@ class Session(ReplyOrder, Liveness, Output):
                                       packet.ref))
 
     def _error(self, code, data, ref):
-        """Answer the packet just read with an error, within the allowance
-        of error bytes (:meth:`chatd.wire.ratelimit.RateLimit.error`): past
-        it, one notice per refill period, the rest in silence, and a client
-        that keeps going is closed."""
+        """Answer the packet just read with an error. A ``bad_packet`` (junk:
+        a byte in buys an error of a hundred out) is answered within the
+        allowance of error bytes (:meth:`chatd.wire.ratelimit.RateLimit.error`):
+        past it, one notice per refill period, the rest in silence, and a
+        client that keeps going is closed. Every other error answers a JSON
+        object that says what it is about, and always gets its answer."""
         self.stats.count(error=code)
+        if code != "bad_packet":
+            self._reply(data)
+            return
         verdict = self._rate.error(self.clock.seconds(), len(data))
         if verdict is ratelimit.PASS:
             self._reply(data)
@@ -242,7 +247,7 @@ class Session(ReplyOrder, Liveness, Output):
             self.stats.count(error="rate_limited")
             self._reply(packets.error(
                 "rate_limited", "more than %g packets a second (a line costs one more "
-                "for each full KiB); slow down (nothing "
+                "for each full 32 KiB); slow down (nothing "
                 "was done with this one, nor will be with the next ones until "
                 "the rate drops; this is said once per %gs)" % (rate, self._rate.period),
                 ref))

@@ -31,18 +31,33 @@ async def _replies_until_pong(c, marker):
 # -- item 3: by bytes, before reading ---------------------------------------------
 
 @ensure
-async def test_big_lines_cost_by_the_kib_not_by_the_line(chatd, clients):
-    """Three 8 KB lines within a burst of ten lines: the third is over the
-    allowance (8 tokens each), where lines alone let all three through."""
-    node = await chatd(rate_limit=5.0, rate_burst=10)
+async def test_big_lines_cost_by_their_bytes_not_by_the_line(chatd, clients):
+    """Three 40 KB lines within a burst of three lines: the third is over the
+    allowance (two tokens each), where lines alone let all three through."""
+    node = await chatd(rate_limit=1.0, rate_burst=3)
     c = await clients(node)
     for i in range(3):
-        c.send({"ping": i, "pad": "x" * 8000, "ref": "big%d" % i})
+        c.send({"ping": i, "pad": "x" * 40000, "ref": "big%d" % i})
     await c.expect("pong")
     await c.expect("pong")
     err = await c.error("rate_limited")
     assert err["ref"] == "big2"  # read for its ref, once: the notice
-    assert "KiB" in err["reason"]
+    assert "32 KiB" in err["reason"]
+
+
+@ensure
+async def test_messages_of_the_largest_size_cost_one_packet(chatd, clients):
+    """A register and ten messages of --max-message bytes in a burst of
+    eleven: all accepted (a client is not rate limited for the size of its
+    messages)."""
+    node = await chatd(rate_limit=1.0, rate_burst=11)
+    a, b = await clients(node), await clients(node)
+    await b.register("bob")
+    await a.register("alice")
+    for i in range(10):
+        a.send({"message": "%d" % i + "m" * (16384 - 2), "receiver": "bob"})
+    for i in range(10):
+        await a.expect("accepted")
 
 
 @ensure
@@ -61,7 +76,7 @@ async def test_ordinary_lines_still_cost_one_packet(chatd, clients):
 async def test_a_flood_of_big_literal_lines_is_closed_unread(chatd, clients):
     """Big dict-literal lines past the allowance are dropped before they
     are read, and the flood is closed like any other."""
-    node = await chatd(rate_limit=5.0, rate_burst=5)
+    node = await chatd(rate_limit=1.0, rate_burst=1)
     c = await clients(node)
     line = b"{'ping':[" + b",".join([b"1"] * 30000) + b"]}\n"
     c.send(line * 20)
@@ -76,15 +91,14 @@ async def test_a_flood_of_big_literal_lines_is_closed_unread(chatd, clients):
 async def test_a_big_ack_is_not_free(chatd, clients):
     """An ack of something pushed is free, but only a short one: a big line
     that carries an ack costs its bytes (it was read first, for free)."""
-    node = await chatd(rate_limit=5.0, rate_burst=5)
+    node = await chatd(rate_limit=1.0, rate_burst=2)
     a, b = await clients(node), await clients(node)
     await a.register("alice")
     await b.register("bob")
-    for i in range(3):
-        a.send({"message": "m%d" % i, "receiver": "bob"})
-        await a.expect("accepted")
-    ids = [(await b.expect("message"))["id"] for _ in range(3)]
-    b.send({"ack": ids[0], "junk": "z" * 20000})  # 20 tokens: over the burst
+    a.send({"message": "m0", "receiver": "bob"})
+    await a.expect("accepted")
+    ids = [(await b.expect("message"))["id"]]
+    b.send({"ack": ids[0], "junk": "z" * 60000})  # 2 tokens: into debt
     b.send({"ping": "after", "ref": "p"})
     err = await b.error("rate_limited")
     assert err["ref"] == "p"
@@ -160,6 +174,19 @@ async def test_a_client_that_keeps_sending_junk_is_closed(chatd, clients):
 
 
 @ensure
+async def test_errors_about_a_packet_are_always_answered(chatd, clients):
+    """Only junk (bad_packet) has an allowance of error bytes: a packet that
+    is a JSON object gets its error, however many come (the contract: every
+    packet is answered), within the rate limit."""
+    node = await chatd(rate_limit=50.0, rate_burst=100)
+    c = await clients(node)
+    for i in range(60):
+        c.send({"message": 5, "receiver": "x", "ref": i})
+    for i in range(60):
+        assert (await c.error("bad_field"))["ref"] == i
+
+
+@ensure
 async def test_a_well_behaved_client_gets_every_error(chatd, clients):
     """A few bad packets, each answered in turn, between good ones."""
     node = await chatd(rate_limit=50.0, rate_burst=100)
@@ -176,14 +203,14 @@ async def test_a_well_behaved_client_gets_every_error(chatd, clients):
 
 @ensure
 async def test_the_echo_of_control_bytes_costs_its_size(chatd, clients):
-    """A ping of raw control bytes is echoed 6x larger: the pong's KiBs are
-    charged, so the next packet is over a burst of five."""
-    node = await chatd(rate_limit=5.0, rate_burst=5)
+    """A ping of raw control bytes is echoed 6x larger: the pong's bytes are
+    charged, so the next packet is over a burst of two."""
+    node = await chatd(rate_limit=1.0, rate_burst=2)
     c = await clients(node)
-    c.send(b"{'ping':'" + b"\x01" * 3000 + b"'}\n")  # 3 tokens in, 18 KB out
+    c.send(b"{'ping':'" + b"\x01" * 10000 + b"'}\n")  # 1 token in, 60 KB out
     pong = await c.expect("pong")
-    assert pong["ping"] == "\x01" * 3000
-    assert len(json.dumps(pong)) > 18000
+    assert pong["ping"] == "\x01" * 10000
+    assert len(json.dumps(pong)) > 60000
     c.send({"ping": "next", "ref": "n"})
     err = await c.error("rate_limited")
     assert err["ref"] == "n"
