@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.abspath(chatd.__file__))
 #: each layer and what it may import (itself always; ``chatd.wire.packets``
 #: with the literal reader it uses, ``chatd.errors`` and ``chatd.netio`` are
 #: the bottom, importable by all)
-BOTTOM = {"chatd.wire.packets", "chatd.wire.literal", "chatd.errors", "chatd.netio"}
+BOTTOM = {"chatd.wire.packets", "chatd.wire.literal", "chatd.wire.parsing", "chatd.errors",
+          "chatd.netio"}
 MAY_IMPORT = {
     "chatd.redis": set(),
     "chatd.store": {"chatd.redis"},

@@ -13,6 +13,7 @@ import re
 import msgspec
 
 from chatd.wire import literal
+from chatd.wire.parsing import MAX_DEPTH, _NOT_A_PACKET, PacketError, _finite_float  # noqa: F401 (the codec's API)
 
 #: a destinationId: 1-64 characters from A-Z a-z 0-9 _ . : @ + -
 ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")
@@ -21,23 +22,8 @@ TRUE_FLAGS = ("true", True, "True", "t")
 KINDS = ("register", "reconnect", "message", "ack", "ping")
 #: the longest ``ref`` a client may attach to a message
 MAX_REF = 128
-#: how deep a packet may nest (containers inside containers), JSON and
-#: literal alike: whatever is accepted can be echoed back (a ``ping``) without
-#: the encoder running out of stack
-MAX_DEPTH = 32
 #: server ids are zero-padded decimals, so they sort the same as text and as numbers
 ID_WIDTH = 16
-
-
-class PacketError(Exception):
-    """A client line that cannot be acted on; becomes an ``error`` reply."""
-
-    def __init__(self, code, reason, ref=None, field=None):
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-        self.ref = ref
-        self.field = field
 
 
 class Packet:
@@ -70,13 +56,6 @@ class Packet:
 
 # -- decoding --------------------------------------------------------------------
 
-def _finite_float(s):
-    value = float(s)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range")
-    return value
-
-
 def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
@@ -97,7 +76,6 @@ _scan_once = _decoder.scan_once
 #: size included).
 _fast_decode = msgspec.json.Decoder().decode
 #: what a line that is not JSON gets
-_NOT_A_PACKET = "not a JSON object (nor a dict literal like {'ping': 'x'})"
 #: the longest dict literal read token by token (:func:`parse_literal`): one
 #: with a tuple or an unusual escape; any other is read at C speed
 #: (:mod:`chatd.wire.literal`)
@@ -163,7 +141,7 @@ def read_literal(text):
                 "bad_packet", "a dict literal over %d characters may not hold a tuple "
                 "or an escape other than \\\\ \\' \\\" \\n \\r \\t \\b \\f "
                 "\\a \\v \\0 \\x \\u \\U; send JSON" % SLOW_LITERAL_MAX)
-        return parse_literal(text)
+        return literal.parse_literal(text)
     try:
         return _check_depth(_fast_decode(js), js)
     except RecursionError:
@@ -396,112 +374,6 @@ def _id_number(value):
 
 
 # -- the seed's Python dict literals -----------------------------------------------
-
-_TOKEN = re.compile(r"""
-    \s*(?:
-      (?P<punct>[{}\[\](),:])
-    | (?P<str>'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")
-    | (?P<num>-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
-    | (?P<name>True|False|None|true|false|null)
-    )""", re.VERBOSE | re.DOTALL)
-_NAMES = {"True": True, "true": True, "False": False, "false": False,
-          "None": None, "null": None}
-_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "r": "\r", "t": "\t",
-            "b": "\b", "f": "\f", "0": "\0", "a": "\a", "v": "\v", "\n": ""}
-_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
-
-
-def parse_literal(text):
-    """Parse a Python-literal-style dict the way the original spec wrote
-    packets (``{'register':'true', 'sender':'0011001100'}``) without eval:
-    strings in either quote, numbers, True/False/None, lists, tuples and dicts,
-    nested at most :data:`MAX_DEPTH` deep. Raises PacketError bad_packet."""
-    tokens = []
-    pos, end = 0, len(text)
-    while pos < end:
-        m = _TOKEN.match(text, pos)
-        if not m:
-            if text[pos:].strip() == "":
-                break
-            raise PacketError("bad_packet", _NOT_A_PACKET)
-        tokens.append(m)
-        pos = m.end()
-    if not tokens:
-        raise PacketError("bad_packet", "empty packet")
-    value, i = _literal_value(tokens, 0, 0)
-    if i != len(tokens):
-        raise PacketError("bad_packet", "unexpected text after the packet")
-    return value
-
-
-def _literal_value(tokens, i, depth):
-    if i >= len(tokens):
-        raise PacketError("bad_packet", "the packet ends too early")
-    m = tokens[i]
-    kind = m.lastgroup
-    if kind == "str":
-        return _unquote(m.group("str")), i + 1
-    if kind == "num":
-        s = m.group("num")
-        if any(c in s for c in ".eE"):
-            try:
-                return _finite_float(s), i + 1
-            except ValueError:
-                raise PacketError("bad_packet", "a number in the packet is out of range") from None
-        if len(s) > 4000:
-            raise PacketError("bad_packet", "a number in the packet is too long")
-        return int(s), i + 1
-    if kind == "name":
-        return _NAMES[m.group("name")], i + 1
-    p = m.group("punct")
-    if p not in "{[(":
-        raise PacketError("bad_packet", "unexpected %r in the packet" % p)
-    if depth >= MAX_DEPTH:
-        raise PacketError("bad_packet", "the packet nests too deeply")
-    close = {"{": "}", "[": "]", "(": ")"}[p]
-    i += 1
-    if p == "{":
-        result = {}
-    else:
-        result = []
-    while True:
-        if i < len(tokens) and tokens[i].group("punct") == close:
-            return (result if p != "(" else tuple(result)), i + 1
-        if p == "{":
-            key, i = _literal_value(tokens, i, depth + 1)
-            if not isinstance(key, str):
-                # as in JSON: anything accepted can be echoed back as JSON
-                raise PacketError("bad_packet", "a dict key must be a string")
-            if i >= len(tokens) or tokens[i].group("punct") != ":":
-                raise PacketError("bad_packet", "expected ':' after a key")
-            value, i = _literal_value(tokens, i + 1, depth + 1)
-            result[key] = value
-        else:
-            value, i = _literal_value(tokens, i, depth + 1)
-            result.append(value)
-        if i < len(tokens) and tokens[i].group("punct") == ",":
-            i += 1
-        elif not (i < len(tokens) and tokens[i].group("punct") == close):
-            raise PacketError("bad_packet", "expected ',' or %r" % close)
-
-
-def _unquote(s):
-    body = s[1:-1]
-    if "\\" not in body:
-        return body
-
-    def esc(m):
-        e = m.group(1)
-        if e[0] in "xuU" and len(e) > 1:
-            cp = int(e[1:], 16)
-            if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
-                # not a character (a surrogate cannot be UTF-8 text)
-                raise PacketError("bad_packet", "bad escape in a string")
-            return chr(cp)
-        return _ESCAPES.get(e, "\\" + e)
-
-    return _ESCAPE_RE.sub(esc, body)
-
 
 # -- encoding ---------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """
 The dict literals read at C speed (chatd.wire.literal, issue 23 item 3)
 accept and refuse exactly what the token-by-token parser does
-(packets.parse_literal), value for value. CPU per byte is measured by
+(literal.parse_literal), value for value. CPU per byte is measured by
 benchmarks/parse_cost.py, not here.
 """
 
@@ -16,7 +16,7 @@ from chatd.wire.packets import PacketError
 
 def _slow(text):
     try:
-        return packets.parse_literal(text)
+        return literal.parse_literal(text)
     except PacketError as e:
         return ("refused", e.code)
 
@@ -89,7 +89,7 @@ def test_big_literals_are_read_without_the_token_parser(monkeypatch):
     """The seed's form of a big packet never reaches parse_literal."""
     def boom(text):
         raise AssertionError("read token by token")
-    monkeypatch.setattr(packets, "parse_literal", boom)
+    monkeypatch.setattr(literal, "parse_literal", boom)
     for line in [b"{'ping':[" + b",".join([b"1"] * 20000) + b"]}",
                  b"{'message':'" + b"line\\n" * 3000 + b"', 'receiver':'bob'}",
                  b"{'ping':[" + b",".join([b"'\\x01'"] * 5000) + b",]}"]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatd.wire import packets
+from chatd.wire import literal, packets
 from chatd.wire.packets import PacketError, parse_line
 
 
@@ -31,14 +31,14 @@ def test_seed_packets_parse_like_json():
 
 
 def test_literal_syntax_details():
-    assert packets.parse_literal("{'a': 'it\\'s', \"b\": [1, 2.5, (3,)], 'c': None, 'd': True,}") \
+    assert literal.parse_literal("{'a': 'it\\'s', \"b\": [1, 2.5, (3,)], 'c': None, 'd': True,}") \
         == {"a": "it's", "b": [1, 2.5, (3,)], "c": None, "d": True}
-    assert packets.parse_literal(r"{'u': '\u00e9\x41\n'}") == {"u": "éA\n"}
+    assert literal.parse_literal(r"{'u': '\u00e9\x41\n'}") == {"u": "éA\n"}
     for bad in ["{'a': b'x'}", "{'a': 1 + 2}", "{'a': f(1)}", "{'a' 1}", "{'a': 1", "{[1]: 2}",
                 "{'a': 1} trailing", "{'a': '\\U99999999'}", "{'a': 1e999}",
                 "{'ping': {(1, 2): 3}}", "{'ping': {(1, [2]): 3}}", "{1: 2}"]:
         with pytest.raises(PacketError) as e:
-            packets.parse_literal(bad)
+            literal.parse_literal(bad)
         assert e.value.code == "bad_packet"
 
 
