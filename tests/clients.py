@@ -75,8 +75,8 @@ class LineClient:
         self.device, self.token = device, msg["token"]
         return msg["token"]
 
-    async def reconnect(self, device, token):
-        self.send({"reconnect": "true", "sender": device, "token": token})
+    async def reconnect(self, device, token, **extra):
+        self.send(dict({"reconnect": "true", "sender": device, "token": token}, **extra))
         return await self.expect("reconnected", sender=device)
 
     async def wait_closed(self, timeout=DEADLINE):
