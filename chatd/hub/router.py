@@ -266,6 +266,12 @@ class Hub:
         except Exception:
             self.unbind(conn)
             raise
+        if self.store.uses_outboxes:
+            # receipts a node left in this device's outbox when it died
+            # between an ack's two steps (Redis Cluster; chatd.store.receipts)
+            self.store.sweep_outboxes([device]).addErrback(
+                lambda f: self.log.warn("sweeping the outbox of {d}: {why}", d=device,
+                                        why=f.value))
 
     def send(self, conn, packet, done):
         """Accept one message packet. Every outcome goes to ``done(result,

@@ -41,6 +41,11 @@ class ReceiptSteps:
             return b"0"
         return b"o" if getattr(self.client, "sharded", False) else b"d"
 
+    @property
+    def uses_outboxes(self):
+        """Receipts go through outboxes (Redis Cluster, receipts on)."""
+        return self._rmode == b"o"
+
     def set_receipts(self, device, on):
         """Store D's opt-in (a register or reconnect): on, or off."""
         key = _keys(device) + layout.RECEIPTS
