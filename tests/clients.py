@@ -168,6 +168,7 @@ def http_get(url, timeout=DEADLINE):
 class RecordingUi:
     def __init__(self):
         self.notices, self.problems, self.shown, self.answers, self.fatals = [], [], [], [], []
+        self.receipts = []
 
     def notice(self, text):
         self.notices.append(text)
@@ -177,6 +178,9 @@ class RecordingUi:
 
     def incoming(self, push, raw):
         self.shown.append(push["message"])
+
+    def receipt(self, push, raw):
+        self.receipts.append((push["status"], push["upto"]))
 
     def answered(self, entry, reply):
         self.answers.append((entry.text, reply["type"]))
