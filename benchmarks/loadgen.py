@@ -251,6 +251,8 @@ class Device(protocol.Protocol):
                     r = peers[(pi + 1) & 0xFFFF]
                     if r == me:
                         r = (me + 1) % npeers
+                if g.pairs and (me ^ 1) < len(ids):
+                    r = me ^ 1  # conversations: each device talks to one peer
                 g.seq += 1
                 if g.text_pool:
                     parts.append(b'{"message":"dup %d","receiver":"%s"}\n'
@@ -369,6 +371,7 @@ class Generator:
         self.text_pool = 0
         self.lat = 0         # latency samples: 0 none, 1 every push, 16 one in 16
         self.ack_every = 1   # ack after this many pushes (1: every read)
+        self.pairs = False   # each device sends to its pair (idx ^ 1) only
         self.receipts = 0    # receipt pushes received
         self.opt_in = b""    # b',"receipts":"true"': register opting in (1.2)
         self.budget = None   # sends left (fill), None: unlimited
@@ -420,6 +423,7 @@ class Generator:
         self._cpu_setup = proc_cpu()
         self.register = cfg.get("register", True)
         self.ack_every = cfg.get("ack_every", 1)
+        self.pairs = cfg.get("pairs", False)
         if cfg.get("receipts"):
             self.opt_in = b',"receipts":"true"'
         for _ in range(max(1, cfg.get("concurrency", 25))):

@@ -50,7 +50,8 @@ def _receipt_rows(key, per):
     """receipts_N: --receipts on (the chatd column) against off (the relay
     column), every device opted in and acking every 16 pushes."""
     on, off = per.get("on"), per.get("off")
-    sc = "receipts %s dev (relay column: --receipts off)" % key.split("_")[1]
+    sc = "receipts %s dev%s (relay column: --receipts off)" % (
+        key.split("_")[-1], ", pairs" if "_pairs_" in key else ", random peers")
     cv, rv = _get(on, "delivered_per_s"), _get(off, "delivered_per_s")
     met = None
     if cv is not None and rv:

@@ -286,9 +286,20 @@ RECEIPTS_ACK_EVERY = 16
 def receipts(opts, log):
     """Every device opts in to receipts and acks every 16 pushes; the same
     closed loop against chatd with ``--receipts on`` and ``--receipts off``
-    (taking turns, best of --repeat): throughput and p99 of the two."""
+    (taking turns, best of --repeat): throughput and p99 of the two. Twice:
+    each device talking to random peers (an ack of 16 pushes covers about 16
+    senders: about one receipt per message, the worst case), and in
+    conversations (each device talks to one peer: one receipt per ack)."""
     out = {}
     for n in opts.devices:
+        for pairs in (False, True):
+            out.update(_receipts_runs(opts, log, n, pairs))
+    return out
+
+
+def _receipts_runs(opts, log, n, pairs):
+    out = {}
+    if True:
         runs = {"on": [], "off": []}
         window = opts.window or max(2, int(math.ceil(opts.inflight / float(n))))
         for rep in range(opts.repeat):
@@ -296,13 +307,15 @@ def receipts(opts, log):
                 with procs.Processes() as pr:
                     server = _with_server(pr, "chatd", opts, ["--receipts", switch])
                     load = Load(pr, server, n, opts.workers, opts)
-                    load.setup_extra = {"receipts": True, "ack_every": RECEIPTS_ACK_EVERY}
+                    load.setup_extra = {"receipts": True, "ack_every": RECEIPTS_ACK_EVERY,
+                                        "pairs": pairs}
                     load.setup()
                     res = load.run("closed", opts.duration, opts.warmup, window=window)
                     runs[switch].append(res)
-                    log("  receipts %s, %d devices: %s, %d receipts" % (
-                        switch, n, _brief(res), res["receipts"]))
-        out["receipts_%d" % n] = {
+                    log("  receipts %s, %d devices%s: %s, %d receipts" % (
+                        switch, n, " in pairs" if pairs else "", _brief(res),
+                        res["receipts"]))
+        out["receipts_%s%d" % ("pairs_" if pairs else "", n)] = {
             switch: dict(max(rs, key=lambda r: r["delivered_per_s"]))
             for switch, rs in runs.items()}
     return out
