@@ -155,7 +155,8 @@ class Device(protocol.Protocol):
                     if lat is not None:
                         b = bucket(lat)
                         g.hist[b] = g.hist.get(b, 0) + 1
-            elif k == b"rec":  # a receipt (1.2): a push to ack, not a message
+            elif k == b"rec" and line[12:16] == b"eipt":  # a receipt (1.2), not
+                # "reconnected": a push to ack, not a message
                 i = line[24:40]
                 if i > self.last_id:
                     self.last_id = i

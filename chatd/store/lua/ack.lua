@@ -7,7 +7,8 @@
 --   ("0" none: --receipts off; "d" direct: into the senders' inboxes, one
 --   store; "o" outbox: into each receiver's outbox, Redis Cluster), now_ms,
 --   node id, inbox_ttl_ms.
--- Returns {removed, then three items per thing for the node to do}:
+-- Returns how many messages were removed in all (mode "0"), or {removed,
+-- then three items per thing for the node to do}:
 --   "h", sender, receipt entry: a receipt for a sender bound on this node;
 --   "o", receiver, "<field>=<value>": an outbox entry to move (cluster).
 -- Ids in an inbox are consecutive, so the position of the acked id is known
@@ -59,5 +60,6 @@ for i = 1, n do
     end
   end
 end
+if mode == "0" then return removed end
 out[1] = removed
 return out
