@@ -16,7 +16,7 @@ from benchmarks import procs, report, scenarios
 from benchmarks.procs import BenchError
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
-ORDER = ["throughput", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers",
+ORDER = ["throughput", "receipts", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers",
          "stores"]
 
 

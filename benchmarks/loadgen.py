@@ -106,6 +106,7 @@ class Device(protocol.Protocol):
         self.received_before = 0  # received before the current run (mark)
         self.closing = False  # closed on purpose (not an error)
         self.on_lost = None   # Deferred fired by connectionLost
+        self.unacked = 0      # pushes since the last ack (ack_every)
 
     # -- connection ----------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Device(protocol.Protocol):
         last = None
         replies = 0
         pushes = 0
+        pushes_any = 0  # receipts
         for line in lines:
             k = line[9:12]
             if k == b"mes":
@@ -153,6 +155,14 @@ class Device(protocol.Protocol):
                     if lat is not None:
                         b = bucket(lat)
                         g.hist[b] = g.hist.get(b, 0) + 1
+            elif k == b"rec" and line[12:16] == b"eipt":  # a receipt (1.2), not
+                # "reconnected": a push to ack, not a message
+                i = line[24:40]
+                if i > self.last_id:
+                    self.last_id = i
+                g.receipts += 1
+                last = i
+                pushes_any += 1
             elif k == b"acc":
                 replies += 1
                 r = self.out.popleft()
@@ -179,6 +189,13 @@ class Device(protocol.Protocol):
             g.inflight -= replies
             if in_window:
                 g.win_replies += replies
+        if g.ack_every > 1 and last is not None:
+            # ack every ack_every pushes (messages and receipts), not every read
+            self.unacked += pushes + pushes_any
+            if self.unacked < g.ack_every:
+                last = None
+            else:
+                self.unacked = 0
         out = b'{"ack":"%s"}\n' % last if last is not None else b""
         if replies and g.closed_loop and g.sending:
             out += self.sends(replies, now_us)
@@ -235,6 +252,8 @@ class Device(protocol.Protocol):
                     r = peers[(pi + 1) & 0xFFFF]
                     if r == me:
                         r = (me + 1) % npeers
+                if g.pairs and (me ^ 1) < len(ids):
+                    r = me ^ 1  # conversations: each device talks to one peer
                 g.seq += 1
                 if g.text_pool:
                     parts.append(b'{"message":"dup %d","receiver":"%s"}\n'
@@ -352,6 +371,10 @@ class Generator:
         self.ref_mode = False
         self.text_pool = 0
         self.lat = 0         # latency samples: 0 none, 1 every push, 16 one in 16
+        self.ack_every = 1   # ack after this many pushes (1: every read)
+        self.pairs = False   # each device sends to its pair (idx ^ 1) only
+        self.receipts = 0    # receipt pushes received
+        self.opt_in = b""    # b',"receipts":"true"': register opting in (1.2)
         self.budget = None   # sends left (fill), None: unlimited
         self._sent_d = None
         self.w0_us = self.w1_us = 1 << 62
@@ -400,6 +423,10 @@ class Generator:
         self._t_setup = _mono()
         self._cpu_setup = proc_cpu()
         self.register = cfg.get("register", True)
+        self.ack_every = cfg.get("ack_every", 1)
+        self.pairs = cfg.get("pairs", False)
+        if cfg.get("receipts"):
+            self.opt_in = b',"receipts":"true"'
         for _ in range(max(1, cfg.get("concurrency", 25))):
             self._next_connect()
         if self.lo >= self.hi:
@@ -427,7 +454,7 @@ class Generator:
         self.devices[dev.idx] = dev
         if not self.register:
             return self._setup_step(True)
-        d = dev.request(b'{"register":"true","sender":"%s"}\n' % dev.did)
+        d = dev.request(b'{"register":"true","sender":"%s"%s}\n' % (dev.did, self.opt_in))
         d.addCallback(lambda reply: self._setup_step(reply.get("type") == "registered"))
 
     def connect_failed(self, idx, reason):
@@ -608,7 +635,8 @@ class Generator:
               "win_sent": self.win_sent, "win_replies": self.win_replies,
               "win_delivered": self.win_delivered, "cpu": cpu,
               "hist": self.hist, "errors": self.errors,
-              "ref_match": self.ref_match, "ref_mismatch": self.ref_mismatch}
+              "ref_match": self.ref_match, "ref_mismatch": self.ref_mismatch,
+              "receipts": self.receipts}
         if not self.closed_loop and hasattr(self, "_late"):
             ev["late_ticks"] = self._late
         return ev

@@ -9,6 +9,7 @@ MIN_THROUGHPUT = 30000
 MAX_P99_MS_AT_10K = 5.0
 MAX_MEMORY_RATIO = 2.0
 MAX_DRAIN_10K_S = 0.2
+MIN_RECEIPTS_RATIO = 0.85
 
 
 def _get(d, *path):
@@ -45,11 +46,31 @@ def _flags(*results):
     return "; ".join(notes)
 
 
+def _receipt_rows(key, per):
+    """receipts_N: --receipts on (the chatd column) against off (the relay
+    column), every device opted in and acking every 16 pushes."""
+    on, off = per.get("on"), per.get("off")
+    sc = "receipts %s dev%s (relay column: --receipts off)" % (
+        key.split("_")[-1], ", pairs" if "_pairs_" in key else ", random peers")
+    cv, rv = _get(on, "delivered_per_s"), _get(off, "delivered_per_s")
+    met = None
+    if cv is not None and rv:
+        met = cv >= MIN_RECEIPTS_RATIO * rv and not (on.get("lost") or on.get("timed_out"))
+    return [row(sc, "delivered msg/s", cv, rv, ">=%gx off" % MIN_RECEIPTS_RATIO, met,
+                _flags(("on", on), ("off", off))),
+            row(sc, "p99 ms at saturation", _get(on, "latency_ms", "p99"),
+                _get(off, "latency_ms", "p99")),
+            row(sc, "receipts pushed", _get(on, "receipts"), _get(off, "receipts"))]
+
+
 def rows(results):
     out = []
     for key, per in results.items():
         if not isinstance(per, dict) or "error" in per and len(per) == 1:
             out.append(row(key, "FAILED", note=str(per.get("error", ""))[:200]))
+            continue
+        if key.startswith("receipts_"):
+            out.extend(_receipt_rows(key, per))
             continue
         c, r = per.get("chatd"), per.get("relay")
         flags = _flags(("chatd", c), ("relay", r))

@@ -90,6 +90,7 @@ class Load:
             self.ranges.append((min(devices, i * per), min(devices, (i + 1) * per)))
         self.prefix = prefix()
         self.concurrency = max(1, concurrency // n)
+        self.setup_extra = {}    # more of every worker's setup (receipts, ack_every)
         self.ports = None        # per worker, instead of the server's port
         self.peer_ranges = None  # per worker, (lo, hi) of the devices it sends to
 
@@ -97,7 +98,7 @@ class Load:
         deadline = deadline or 60 + self.devices / 200.0
         t0 = time.monotonic()
         for i, (w, (lo, hi)) in enumerate(zip(self.workers, self.ranges)):
-            extra = {}
+            extra = dict(self.setup_extra)
             if self.peer_ranges:
                 extra = {"peer_lo": self.peer_ranges[i][0], "peer_hi": self.peer_ranges[i][1]}
             w.send("setup", wid=w.wid, host="127.0.0.1",
@@ -195,6 +196,7 @@ def aggregate(done, sent, cpu0, cpu1, host0, host1, window, cpu_window, server):
         "timed_out": any(d["timed_out"] for d in done) or any(s["timed_out"] for s in sent),
         "ref_match": sum(d["ref_match"] for d in done),
         "ref_mismatch": sum(d["ref_mismatch"] for d in done),
+        "receipts": sum(d.get("receipts", 0) for d in done),
         "errors": merge_counts(d["errors"] for d in done),
         "generator_cpu": [d["cpu"] for d in done],
         "latency_ms": percentiles(merge_hists(d["hist"] for d in done)),
@@ -272,6 +274,50 @@ def throughput(opts, log):
             best["generator_saturated"] = any(r["generator_saturated"] for r in rs)
             best["errors"] = merge_counts(r["errors"] for r in rs)
             out[key][kind] = best
+    return out
+
+
+# -- receipts (1.2): their cost -----------------------------------------------------
+
+#: every device acks every this many pushes in the receipts scenario
+RECEIPTS_ACK_EVERY = 16
+
+
+def receipts(opts, log):
+    """Every device opts in to receipts and acks every 16 pushes; the same
+    closed loop against chatd with ``--receipts on`` and ``--receipts off``
+    (taking turns, best of --repeat): throughput and p99 of the two. Twice:
+    each device talking to random peers (an ack of 16 pushes covers about 16
+    senders: about one receipt per message, the worst case), and in
+    conversations (each device talks to one peer: one receipt per ack)."""
+    out = {}
+    for n in opts.devices:
+        for pairs in (False, True):
+            out.update(_receipts_runs(opts, log, n, pairs))
+    return out
+
+
+def _receipts_runs(opts, log, n, pairs):
+    out = {}
+    if True:
+        runs = {"on": [], "off": []}
+        window = opts.window or max(2, int(math.ceil(opts.inflight / float(n))))
+        for rep in range(opts.repeat):
+            for switch in ("off", "on"):
+                with procs.Processes() as pr:
+                    server = _with_server(pr, "chatd", opts, ["--receipts", switch])
+                    load = Load(pr, server, n, opts.workers, opts)
+                    load.setup_extra = {"receipts": True, "ack_every": RECEIPTS_ACK_EVERY,
+                                        "pairs": pairs}
+                    load.setup()
+                    res = load.run("closed", opts.duration, opts.warmup, window=window)
+                    runs[switch].append(res)
+                    log("  receipts %s, %d devices%s: %s, %d receipts" % (
+                        switch, n, " in pairs" if pairs else "", _brief(res),
+                        res["receipts"]))
+        out["receipts_%s%d" % ("pairs_" if pairs else "", n)] = {
+            switch: dict(max(rs, key=lambda r: r["delivered_per_s"]))
+            for switch, rs in runs.items()}
     return out
 
 
@@ -658,6 +704,7 @@ SCENARIOS = {
     "nodes": nodes,
     "workers": workers,
     "throughput": throughput,
+    "receipts": receipts,
     "latency": latency,
     "memory": memory,
     "drain": drain,

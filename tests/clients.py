@@ -75,8 +75,8 @@ class LineClient:
         self.device, self.token = device, msg["token"]
         return msg["token"]
 
-    async def reconnect(self, device, token):
-        self.send({"reconnect": "true", "sender": device, "token": token})
+    async def reconnect(self, device, token, **extra):
+        self.send(dict({"reconnect": "true", "sender": device, "token": token}, **extra))
         return await self.expect("reconnected", sender=device)
 
     async def wait_closed(self, timeout=DEADLINE):
@@ -168,6 +168,7 @@ def http_get(url, timeout=DEADLINE):
 class RecordingUi:
     def __init__(self):
         self.notices, self.problems, self.shown, self.answers, self.fatals = [], [], [], [], []
+        self.receipts = []
 
     def notice(self, text):
         self.notices.append(text)
@@ -177,6 +178,9 @@ class RecordingUi:
 
     def incoming(self, push, raw):
         self.shown.append(push["message"])
+
+    def receipt(self, push, raw):
+        self.receipts.append((push["status"], push["upto"]))
 
     def answered(self, entry, reply):
         self.answers.append((entry.text, reply["type"]))

@@ -101,6 +101,9 @@ class Options(usage.Options):
          "and an old token used again after its successor revokes the id (a "
          "copy was made); off: a token stays good until the next register.",
          _coerce(config.parse_switch, "token-rotation")],
+        ["receipts", None, "on", "on: devices that opt in get delivered and read "
+         "receipts (contract 1.2); off: none are made, and read packets are "
+         "accepted and ignored.", _coerce(config.parse_switch, "receipts")],
         ["proof-max-age", None, "10m", "A proof ticket must expire within this "
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],

@@ -81,6 +81,9 @@ def parse_args(argv):
                            "until SIGINT/SIGTERM (stdin is not read); status on stderr")
     parser.add_argument("--count", type=_count_arg, metavar="N",
                         help="with --listen: exit 0 after N messages")
+    parser.add_argument("--no-receipts", action="store_true",
+                        help="do not opt in to delivered/read receipts (by default "
+                             "they show under what you send, and --listen prints them)")
     parser.add_argument("--register", action="store_true",
                         help="register anew (a new token) instead of reusing the saved one")
     parser.add_argument("--state-dir", metavar="DIR",

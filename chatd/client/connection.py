@@ -113,7 +113,7 @@ class Session:
     """
 
     def __init__(self, device, tokens, ui, connect, clock, where, *,
-                 new_token=False, one_shot=False, retry_first=True):
+                 new_token=False, one_shot=False, retry_first=True, receipts=False):
         self.device = device
         self.tokens = tokens
         self.ui = ui
@@ -122,6 +122,8 @@ class Session:
         self.where = where
         self.one_shot = one_shot
         self.retry_first = retry_first
+        # opt in to receipts (1.2) at every bind (--no-receipts: not)
+        self.opt_in = {"receipts": "true"} if receipts else {}
         self.token = None if new_token else tokens.load()
         self.outbox = Outbox(clock)  # what is typed and not answered yet
         self.conn = None             # the current ServerConnection
@@ -223,9 +225,10 @@ class Session:
     def _bind(self):
         self.binding = True
         if self.token:
-            self.conn.send({"reconnect": "true", "sender": self.device, "token": self.token})
+            self.conn.send(dict({"reconnect": "true", "sender": self.device,
+                                 "token": self.token}, **self.opt_in))
         else:
-            self.conn.send({"register": "true", "sender": self.device})
+            self.conn.send(dict({"register": "true", "sender": self.device}, **self.opt_in))
 
     def _ready(self):
         self.ready = True
@@ -251,7 +254,7 @@ class Session:
         if conn is not self.conn:
             return
         kind = reply.get("type")
-        if kind == "message":
+        if kind == "message" or kind == "receipt":
             self._pushed(reply, raw)
         elif kind == "ping":
             conn.send({"ping": "keepalive"})  # the server's liveness check
@@ -362,7 +365,8 @@ class Session:
         if self.shown is not None and key <= self.shown:
             self.pushed_here = server_id
             return  # shown before this connection; acked below all the same
-        if self.ui.incoming(push, raw) is False:
+        show = self.ui.receipt if push.get("type") == "receipt" else self.ui.incoming
+        if show(push, raw) is False:
             self._cannot_show = True  # it, and what follows, stay stored
             return
         self.shown = key

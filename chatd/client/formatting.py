@@ -77,6 +77,16 @@ def format_push(push, style=PLAIN, now=None):
     return "%s %s %s" % (style.paint("time", stamp), style.paint("sender", sender + ":"), text)
 
 
+def format_receipt(push):
+    """A receipt (1.2), shown under the lines sent: ``  ✓✓ delivered to R
+    (up to <id>)`` or ``  ✓✓ read by R (up to <id>)``."""
+    receiver = clean_text(str(push.get("receiver", "?")))
+    upto = clean_text(str(push.get("upto", "?")))
+    if push.get("status") == "read":
+        return "  \u2713\u2713 read by %s (up to %s)" % (receiver, upto)
+    return "  \u2713\u2713 delivered to %s (up to %s)" % (receiver, upto)
+
+
 def describe_error(reply):
     """An error reply in words: ``<reason> (<code>)``."""
     code = reply.get("code") or "error"

@@ -152,6 +152,7 @@ class App:
         o = self.options
         endpoint = HostnameEndpoint(self.reactor, o.host, o.port, timeout=o.timeout)
         tokens = TokenFile(o.state_dir or default_state_dir(self.environ), o.host, o.port, device)
+        kw.setdefault("receipts", not getattr(o, "no_receipts", False))
         self.session = Session(device, tokens, self, lambda p: connectProtocol(endpoint, p),
                                self.reactor, self.where, new_token=o.register, **kw)
         return self.session
@@ -184,6 +185,11 @@ class App:
 
     def incoming(self, push, raw):
         """Show one message; False if it could not be (it is not acked)."""
+        return True
+
+    def receipt(self, push, raw):
+        """A receipt (1.2) for messages sent from here; False if it could
+        not be shown (it is not acked)."""
         return True
 
     def answered(self, entry, reply):

@@ -30,6 +30,10 @@ class Listener(App):
             self.finish(0)  # its ack is flushed by the session's stop
         return True
 
+    def receipt(self, push, raw):
+        """A receipt (1.2) as its JSON line too (not counted by --count)."""
+        return not self.finishing and self.write_out(raw)
+
 
 class OneShot(App):
     """``--send ID TEXT``: send once and exit 0 (accepted), 1 (duplicate or

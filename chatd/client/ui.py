@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from chatd.client.formatting import Style, format_push
+from chatd.client.formatting import Style, format_push, format_receipt
 from chatd.client.run import App
 from chatd.wire.packets import ID_RE
 
@@ -89,6 +89,10 @@ class Conversation(App):
 
     def incoming(self, push, raw):
         return self.write_out(format_push(push, self.style))
+
+    def receipt(self, push, raw):
+        """Under the sent lines: "✓✓ delivered to R" / "✓✓ read by R"."""
+        return self.write_out(self.style.paint("ok", format_receipt(push)))
 
     def line_typed(self, line):
         if self.finishing or self.ended:

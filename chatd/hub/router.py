@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from chatd.store import layout
 from chatd.hub import tokens
 from chatd.hub.delivery import Delivery
+from chatd.wire import packets
 from chatd.wire.packets import PacketError
 
 
@@ -103,6 +104,8 @@ class Hub:
         self.batch_bytes = max(1, settings.output_limit // 2)
         self.sessions = {}  # destinationId -> Delivery (its .conn has it as .delivery)
         self.token_reuse = 0  # reuses detected here (chatd_token_reuse_total)
+        # receipts made by this node's acks and reads for devices bound here
+        store.receipt_here = self._receipt_here
 
     # -- binding -----------------------------------------------------------------
 
@@ -155,9 +158,10 @@ class Hub:
     # -- packets -----------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def register(self, conn, device, proof):
+    def register(self, conn, device, proof, receipts=False):
         """Register ``device`` on ``conn``: a new token, older ones revoked, any
-        other connection of the id replaced, waiting messages pushed."""
+        other connection of the id replaced, waiting messages pushed.
+        ``receipts``: the device opts in to receipts (stored before the reply)."""
         self._check_rebind(conn, device)
         s = self.settings
         ticket_ms = 0
@@ -186,6 +190,7 @@ class Hub:
         if status == "used":
             raise PacketError("forbidden", "this proof was used already; each is good "
                               "for one register: get a new one", field="proof")
+        yield self.store.set_receipts(device, receipts)
         current = self.delivery(conn)
         if current is not None:
             # registering again on the same connection: a new token, same pushes
@@ -196,7 +201,7 @@ class Hub:
                           lambda pending: conn.registered(device, token))
 
     @defer.inlineCallbacks
-    def reconnect(self, conn, device, token):
+    def reconnect(self, conn, device, token, receipts=False):
         """Bind ``conn`` to ``device`` with its token. With token rotation
         (the default) the reply carries a new token; the one presented stays
         valid until the new one has been used once (see chatd/store/lua/token.lua)."""
@@ -206,6 +211,7 @@ class Hub:
         status = yield self.store.use_token(device, presented,
                                             tokens.token_hash(new) if new else None)
         self._check_use(conn, device, status)
+        yield self.store.set_receipts(device, receipts)
         valid = (tokens.token_hash(new), presented) if new else (presented,)
         token = new or token
         current = self.delivery(conn)
@@ -260,6 +266,12 @@ class Hub:
         except Exception:
             self.unbind(conn)
             raise
+        if self.store.uses_outboxes:
+            # receipts a node left in this device's outbox when it died
+            # between an ack's two steps (Redis Cluster; chatd.store.receipts)
+            self.store.sweep_outboxes([device]).addErrback(
+                lambda f: self.log.warn("sweeping the outbox of {d}: {why}", d=device,
+                                        why=f.value))
 
     def send(self, conn, packet, done):
         """Accept one message packet. Every outcome goes to ``done(result,
@@ -376,6 +388,30 @@ class Hub:
             deliveries = [self.sessions[d] for d in devices if d in self.sessions]
         for delivery in deliveries:
             delivery.poke()
+
+    def _receipt_here(self, sender, entry):
+        """A receipt was made for a sender the store saw bound on this node."""
+        delivery = self.sessions.get(sender)
+        if delivery is not None:
+            delivery.offer(layout.entry_id(entry), entry)
+
+    def read(self, conn, server_id, sender):
+        """A ``read`` (1.2): Deferred of None, or failing with PacketError
+        bad_ack (an id higher than any given to this device). With
+        ``--receipts off`` it is accepted and ignored."""
+        delivery = conn.delivery
+        if delivery is None:
+            raise PacketError("not_registered", "read needs a registered connection")
+        if not self.settings.receipts:
+            return defer.succeed(None)
+
+        def checked(ok):
+            if not ok:
+                raise PacketError("bad_ack", "id %s was never given to a message for %s"
+                                  % (packets.format_id(server_id), delivery.device),
+                                  field="read")
+
+        return self.store.read(delivery.device, sender, server_id).addCallback(checked)
 
     def ack(self, conn, server_id):
         delivery = conn.delivery

@@ -63,6 +63,9 @@ REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
 class RedisClient:
     """A txredisapi connection with deadlines on every call."""
 
+    #: one store: a Lua step may touch any key (see chatd.store.receipts)
+    sharded = False
+
     log = Logger()
 
     def __init__(self, target, timeout, reactor, library=None, acks=0):

@@ -113,6 +113,9 @@ class ClusterClient:
     the holds that keep call order; the owners and the client of each
     primary are its :class:`Topology`."""
 
+    #: keys of different slots live on different shards (see chatd.store.receipts)
+    sharded = True
+
     def __init__(self, target, timeout, reactor, make_client=None):
         self.target = target
         self.timeout = timeout

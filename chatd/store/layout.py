@@ -48,6 +48,23 @@ touches one slot):
 ``chatd:{D}:epoch``
     D's bind counter: every register/reconnect takes the next epoch; the
     highest one holds D. Never expires (like ``seq``).
+``chatd:{D}:rcpt``
+    Receipts opt-in (contract 1.2): ``1`` while D's last register or
+    reconnect carried ``"receipts": "true"``; absent = off. Written at every
+    bind (:meth:`chatd.store.steps.Store.set_receipts`). Never expires.
+``chatd:{D}:rc:<status>:<R>``
+    D's newest receipt for (receiver R, status ``delivered``/``read``):
+    ``"<upto> <id> <mark>"``, the upto it said (never goes down), its id in
+    D's inbox, and ``<mark>`` D's epoch if it was made while D was bound
+    nowhere (never pushed: a newer one replaces it in place while D's epoch
+    is unchanged), else ``p``. See ``make_receipt`` in ``_prelude.lua``.
+``chatd:{D}:outbox``
+    Redis Cluster only: receipts made by acks and reads of D (the receiver)
+    for senders in other slots, not yet moved into those senders' inboxes. A
+    hash ``"<sender> <status>"`` -> ``"<upto> <at ms>"`` (the highest upto),
+    written in the ack's (the read's) own atomic step; a node moves each
+    field (``receipt.lua``, idempotent) and then deletes it if unchanged
+    (``unbox.lua``). Never expires.
 ``chatd:{D}:notify``
     Not a key: D's sharded pub/sub channel. Its payloads, ASCII:
 
@@ -80,6 +97,9 @@ REF = b"ref:"
 NODE = b"node"
 EPOCH = b"epoch"
 NOTIFY = b"notify"
+RECEIPTS = b"rcpt"
+RECEIPT_AT = b"rc:"
+OUTBOX = b"outbox"
 #: the token value that ``chatd-admin revoke`` writes: no token matches it
 REVOKED = b"revoked"
 
@@ -150,6 +170,10 @@ def parse_notice(payload):
 #: returns it; the Lua reads the id back at a fixed offset.
 ENTRY_HEAD = b'{"type":"message","id":"'
 ENTRY_MID = b'","sent_at":'
+#: a stored receipt (contract 1.2) is its push line too, its id at the same
+#: place: RECEIPT_HEAD <id> ``","receiver":"R","status":"S","upto":"U","at":ms}``
+RECEIPT_HEAD = b'{"type":"receipt","id":"'
+assert len(RECEIPT_HEAD) == len(ENTRY_HEAD)
 #: where the id is in a stored message (0-based, end excluded)
 ID_START = len(ENTRY_HEAD)
 ID_END = ID_START + ID_WIDTH
@@ -175,8 +199,17 @@ def entry_id_text(entry):
     return entry[ID_START:ID_END].decode("ascii")
 
 
+def is_receipt(entry):
+    """Whether a stored line is a receipt (not a message)."""
+    return entry.startswith(RECEIPT_HEAD)
+
+
 def entry_sent_at(entry):
-    """When a stored message was accepted (ms since the epoch), or None."""
+    """When a stored message was accepted (ms since the epoch), or None
+    (for a receipt: when it was made)."""
+    if entry.startswith(RECEIPT_HEAD):
+        digits = entry.rsplit(b":", 1)[-1].rstrip(b"}")
+        return int(digits) if digits.isdigit() else None
     digits = entry[SENT_AT_START:SENT_AT_START + 20].split(b",", 1)[0]
     return int(digits) if digits.isdigit() else None
 
@@ -189,5 +222,10 @@ def lua_constants():
     return ("-- from chatd/store/layout.py\n"
             "local ENTRY_HEAD, ENTRY_MID = %s, %s\n"
             "local ID_FIRST, ID_LAST, SENT_AT_FIRST = %d, %d, %d\n"
-            "local NOTIFY = %s\n" % (s(ENTRY_HEAD), s(ENTRY_MID), ID_START + 1, ID_END,
-                                     SENT_AT_START + 1, s(NOTIFY))).encode("ascii")
+            "local NOTIFY = %s\n"
+            "local RECEIPT_HEAD, KEY_HEAD = %s, %s\n"
+            "local K_SEQ, K_INBOX, K_NODE, K_EPOCH = %s, %s, %s, %s\n"
+            "local K_RECEIPTS, K_RECEIPT_AT, K_OUTBOX = %s, %s, %s\n" % (
+                s(ENTRY_HEAD), s(ENTRY_MID), ID_START + 1, ID_END, SENT_AT_START + 1,
+                s(NOTIFY), s(RECEIPT_HEAD), s(b"chatd:{"), s(SEQ), s(INBOX), s(NODE),
+                s(EPOCH), s(RECEIPTS), s(RECEIPT_AT), s(OUTBOX))).encode("ascii")

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from chatd.errors import StoreUnavailable
 from chatd.store import layout
 from chatd.store.layout import prefix as _keys
+from chatd.store.receipts import ReceiptSteps
 
 
 @dataclass(slots=True)
@@ -43,7 +44,7 @@ HIGH_WATER = 4096
 LOW_WATER = 1024
 
 
-class Store:
+class Store(ReceiptSteps):
     """chatd's operations on the store.
 
     Sends and acks are batched: every send (ack) asked for in one turn of the
@@ -68,6 +69,7 @@ class Store:
         self._ttl_ms = int(settings.inbox_ttl * 1000)
         self._ref_ms = max(1, int(settings.ref_ttl * 1000))
         self._inbox_limit = settings.inbox_limit
+        self._rmode = self._receipts_mode(settings)
         # --store-acks: reads are fenced too (see fetch.lua)
         self._fence = b"1" if settings.store_acks else b"0"
         # the send script's fixed arguments, encoded once
@@ -286,11 +288,16 @@ class Store:
             self._ack_group(acks, keys)
 
     def _ack_group(self, acks, keys):
-        d = self.client.script("ack", keys, [acks[k][0] for k in keys])
+        args = [acks[k][0] for k in keys]
+        if self._rmode != b"0":
+            args += [self._rmode, self._now_ms(), self.node_id, self._ttl_ms]
+        d = self.client.script("ack", keys, args)
 
         def done(result):
             self._done(len(keys))
             failure = result if isinstance(result, Failure) else None
+            if failure is None and isinstance(result, list):
+                self._receipt_work(result, 1)
             for k in keys:
                 for waiter in acks[k][1]:
                     try:

@@ -19,7 +19,7 @@ from chatd.wire.parsing import MAX_DEPTH, _NOT_A_PACKET, PacketError, _finite_fl
 ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")
 #: the flag values that mean "yes" (the seed also sent 'True' and 't')
 TRUE_FLAGS = ("true", True, "True", "t")
-KINDS = ("register", "reconnect", "message", "ack", "ping")
+KINDS = ("register", "reconnect", "message", "ack", "ping", "read")
 #: the longest ``ref`` a client may attach to a message
 MAX_REF = 128
 #: server ids are zero-padded decimals, so they sort the same as text and as numbers
@@ -37,8 +37,9 @@ class Packet:
     """
 
     sender = receiver = token = text = ref = proof = ack = ping = raw = None
+    receipts = False  # register/reconnect: the device opts in (1.2)
     _FIELDS = ("kind", "sender", "receiver", "token", "text", "ref", "proof", "ack",
-               "ping", "raw")
+               "ping", "raw", "receipts")
 
     def __init__(self, kind, **fields):
         self.kind = kind
@@ -206,7 +207,8 @@ def parse_line(line, max_message=16384):
 def validate(obj, max_message=16384):
     """A decoded client object -> :class:`Packet` (the contract's field rules)."""
     if "message" in obj and not (
-            "register" in obj or "reconnect" in obj or "ack" in obj or "ping" in obj):
+            "register" in obj or "reconnect" in obj or "ack" in obj or "ping" in obj
+            or "read" in obj):
         ref = obj.get("ref")  # the hot path: a message
         if ref is None or valid_ref(ref):
             return _validate_message(obj, ref, max_message)
@@ -216,7 +218,7 @@ def validate(obj, max_message=16384):
     if len(kinds) != 1:
         raise PacketError(
             "unknown_packet",
-            "a packet needs exactly one of register, reconnect, message, ack, ping"
+            "a packet needs exactly one of register, reconnect, message, ack, ping, read"
             + (" (got %s)" % ", ".join(kinds) if kinds else ""),
             ref if ref_ok else None)
     kind = kinds[0]
@@ -233,16 +235,34 @@ def validate(obj, max_message=16384):
         return Packet("ack", ack=_id_number(value), ref=ref)
     if kind == "ping":
         return Packet("ping", ping=obj["ping"], ref=ref)
+    if kind == "read":
+        return _validate_read(obj, ref)
     _check_flag(obj, kind, ref)
     sender = _required_id(obj, "sender", ref)
+    receipts = _flag(obj.get("receipts"))
     if kind == "register":
         proof = obj.get("proof")
         if proof is not None and not _is_text(proof):
             raise PacketError("bad_field", "field 'proof' must be a string "
                               "\"<expiry>:<hex hmac>\"", ref, "proof")
-        return Packet("register", sender=sender, proof=proof, ref=ref)
+        return Packet("register", sender=sender, proof=proof, ref=ref, receipts=receipts)
     token = _required_string(obj, "token", ref)
-    return Packet("reconnect", sender=sender, token=token, ref=ref)
+    return Packet("reconnect", sender=sender, token=token, ref=ref, receipts=receipts)
+
+
+def _flag(value):
+    """A flag's value (as ``register``'s): True for the values of yes."""
+    return value in TRUE_FLAGS and (value is True or isinstance(value, str))
+
+
+def _validate_read(obj, ref):
+    """``{"read": "<server id>", "from": "<destinationId>"}`` (1.2)."""
+    value = obj["read"]
+    if not isinstance(value, str) or _id_number(value) < 0:
+        raise PacketError("bad_field", "field 'read' must be a server id string",
+                          ref, "read")
+    sender = _required_id(obj, "from", ref)
+    return Packet("read", ack=_id_number(value), sender=sender, ref=ref)
 
 
 def _validate_message(obj, ref, max_message):

@@ -52,7 +52,9 @@ class ReplyOrder:
         slot[0] = data
         replies = self._replies
         while replies and replies[0][0] is not None:
-            self.send_lines(replies.popleft()[0])
+            data = replies.popleft()[0]
+            if data:  # b"": a packet with no reply (a read) kept its place
+                self.send_lines(data)
         if not replies:
             self._replies = None
 

@@ -195,12 +195,12 @@ class Session(Budget, ReplyOrder, Liveness, Output):
     # -- packets -----------------------------------------------------------------
 
     def handle_register(self, packet):
-        self._exclusive(lambda: self.hub.register(self, packet.sender, packet.proof),
-                        packet.ref)
+        self._exclusive(lambda: self.hub.register(self, packet.sender, packet.proof,
+                                                  packet.receipts), packet.ref)
 
     def handle_reconnect(self, packet):
-        self._exclusive(lambda: self.hub.reconnect(self, packet.sender, packet.token),
-                        packet.ref)
+        self._exclusive(lambda: self.hub.reconnect(self, packet.sender, packet.token,
+                                                   packet.receipts), packet.ref)
 
     def handle_message(self, packet):
         # the slot first: the answer may come at once (a bad packet, a store
@@ -232,6 +232,26 @@ class Session(Budget, ReplyOrder, Liveness, Output):
     def handle_ack(self, packet):
         self.hub.ack(self, packet.ack)
         self.stats.count(acks=1)
+
+    def handle_read(self, packet):
+        """A read (1.2): no reply, but an error keeps its place in the reply
+        order (it comes from the store)."""
+        slot = self._owe()
+
+        def done(result):
+            data = b""
+            if isinstance(result, Failure):
+                code, data = _answer_failure(result, packet.ref, self.log)
+                self.stats.count(error=code)
+            self._fill(slot, data)
+            self._done()
+
+        try:
+            d = self.hub.read(self, packet.ack, packet.sender)
+        except Exception:
+            done(Failure())
+            return
+        d.addBoth(done)
 
     def handle_ping(self, packet):
         data = packets.reply({"type": "pong", "ping": packet.ping})

@@ -13,10 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PLACEHOLDER = re.compile(r"<([a-zA-Z0-9-]+)>")
 
 
-def transcript():
+def transcript(name="transcript"):
     with open(os.path.join(ROOT, "docs", "protocol.rst"), encoding="utf-8") as f:
         text = f.read()
-    block = text.split(".. transcript starts")[1].split(".. transcript ends")[0]
+    block = text.split(".. %s starts" % name)[1].split(".. %s ends" % name)[0]
     steps = []
     for line in block.splitlines():
         m = re.match(r"^   ([A-Z])([<>]) (.*)$", line)
@@ -53,9 +53,19 @@ def test_transcript_is_there():
 
 @pytest_twisted.ensureDeferred
 async def test_transcript_replays_against_a_live_server(chatd, clients):
+    await replay(chatd, clients, "transcript")
+
+
+@pytest_twisted.ensureDeferred
+async def test_receipts_transcript_replays_against_a_live_server(chatd, clients):
+    assert len(transcript("receipts transcript")) > 10
+    await replay(chatd, clients, "receipts transcript")
+
+
+async def replay(chatd, clients, name):
     node = await chatd()
     sessions, bound = {}, {}
-    for who, direction, text in transcript():
+    for who, direction, text in transcript(name):
         if who not in sessions:
             sessions[who] = await clients(node)
         c = sessions[who]

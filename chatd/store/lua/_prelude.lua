@@ -19,7 +19,80 @@ local function drop_expired(inbox, cutoff_ms)
     local head = redis.call("LINDEX", inbox, 0)
     if not head then return end
     local sent_at = tonumber(string.match(head, "^(%d+)", SENT_AT_FIRST))
+      or tonumber(string.match(head, '"at":(%d+)}$'))  -- a receipt
     if not sent_at or sent_at >= cutoff_ms then return end
     redis.call("LPOP", inbox)
   end
+end
+
+-- Receipts (contract 1.2). A receipt is stored in its sender's inbox as its
+-- push line (RECEIPT_HEAD <id> ...), its id from the sender's counter, so
+-- that fetch, ack, pending and redelivery treat it as a message.
+-- Make (or supersede) sender s's receipt for (receiver r, status), if s
+-- opted in and upto is higher than any receipt s had for (r, status).
+-- A newer receipt replaces, in place, one that was never pushed: made while
+-- s was bound nowhere, s not bound since (same epoch), still in the inbox;
+-- otherwise it is appended (a new id). Publishes it to the node holding s
+-- if that is another one. Returns the entry and whether s is bound on this
+-- node ("<node id> " = node_sp), or nil when nothing is to be pushed.
+-- Touches only keys of s (one slot).
+local function make_receipt(s, r, status, upto, at, node_sp, ttl_ms)
+  local p = KEY_HEAD .. s .. "}:"
+  if redis.call("EXISTS", p .. K_RECEIPTS) == 0 then return nil end
+  local ptr_key = p .. K_RECEIPT_AT .. status .. ":" .. r
+  local ptr = redis.call("GET", ptr_key)
+  local old_upto, old_id, mark
+  if ptr then old_upto, old_id, mark = string.match(ptr, "^(%d+) (%d+) (%S+)$") end
+  if old_upto and tonumber(old_upto) >= upto then return nil end
+  local upto_s = string.format("%016d", upto)
+  local inbox = p .. K_INBOX
+  local bound = redis.call("GET", p .. K_NODE)
+  local tail = '","receiver":"' .. r .. '","status":"' .. status .. '","upto":"' ..
+    upto_s .. '","at":' .. at .. '}'
+  local epoch = nil
+  if not bound then epoch = redis.call("GET", p .. K_EPOCH) or "0" end
+  if not bound and mark == epoch then
+    local head = redis.call("LINDEX", inbox, 0)
+    local idx = head and (tonumber(old_id) - entry_id(head)) or -1
+    local there = idx >= 0 and redis.call("LINDEX", inbox, idx)
+    if there and entry_id(there) == tonumber(old_id)
+        and string.sub(there, 1, #RECEIPT_HEAD) == RECEIPT_HEAD then
+      redis.call("LSET", inbox, idx, RECEIPT_HEAD .. old_id .. tail)
+      redis.call("SET", ptr_key, upto_s .. " " .. old_id .. " " .. mark)
+      return nil
+    end
+  end
+  local id = string.format("%016d", redis.call("INCR", p .. K_SEQ))
+  local entry = RECEIPT_HEAD .. id .. tail
+  redis.call("RPUSH", inbox, entry)
+  redis.call("PEXPIRE", inbox, ttl_ms)
+  redis.call("SET", ptr_key, upto_s .. " " .. id .. " " .. (epoch or "p"))
+  if not bound then return nil end
+  if string.sub(bound, 1, #node_sp) == node_sp then return entry, true end
+  redis.call("SPUBLISH", p .. NOTIFY, "m " .. entry)
+  return nil
+end
+
+-- The senders of the messages among entries (receipts have none), each with
+-- the highest id of its messages there: {sender...}, {sender -> id}.
+local function senders_of(entries, order, high)
+  for i = 1, #entries do
+    local e = entries[i]
+    if string.sub(e, 1, #ENTRY_HEAD) == ENTRY_HEAD then
+      local s = string.match(e, '"sender":"([^"]*)"', SENT_AT_FIRST)
+      if s then
+        if not high[s] then order[#order + 1] = s end
+        high[s] = entry_id(e)
+      end
+    end
+  end
+end
+
+-- Cluster: remember a receipt to make in the receiver's outbox (its slot),
+-- keeping the highest upto per (sender, status).
+local function to_outbox(outbox, s, status, upto, at)
+  local field = s .. " " .. status
+  local cur = redis.call("HGET", outbox, field)
+  if cur and tonumber(string.match(cur, "^(%d+)")) >= upto then return end
+  redis.call("HSET", outbox, field, string.format("%016d", upto) .. " " .. at)
 end

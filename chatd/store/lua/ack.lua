@@ -1,31 +1,65 @@
 -- flag: allow-oom (it only deletes: a store at its memory limit must still drain)
 -- Remove acked messages from several inboxes (cumulative acks), one round
--- trip for the batch.
+-- trip for the batch; and make the senders' delivered receipts (1.2) in the
+-- same atomic step.
 --
--- KEYS: inboxes; ARGV: for each, the highest acked id.
--- Returns how many messages were removed in all.
+-- KEYS: inboxes; ARGV: for each, the highest acked id; then receipts mode
+--   ("0" none: --receipts off; "d" direct: into the senders' inboxes, one
+--   store; "o" outbox: into each receiver's outbox, Redis Cluster), now_ms,
+--   node id, inbox_ttl_ms.
+-- Returns how many messages were removed in all (mode "0"), or {removed,
+-- then three items per thing for the node to do}:
+--   "h", sender, receipt entry: a receipt for a sender bound on this node;
+--   "o", receiver, "<field>=<value>": an outbox entry to move (cluster).
 -- Ids in an inbox are consecutive, so the position of the acked id is known
 -- from the head's id; the entry there is checked, and a slow walk is the
 -- fallback (it never runs while the ids are consecutive).
+local n = #KEYS
+local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
 local removed = 0
-for i = 1, #KEYS do
+local out = {0}
+for i = 1, n do
   local inbox = KEYS[i]
   local upto = tonumber(ARGV[i])
   local head = redis.call("LINDEX", inbox, 0)
   local k = head and (upto - entry_id(head) + 1) or 0
+  local order, high = {}, {}
   if k > 0 then
     local at = redis.call("LINDEX", inbox, k - 1)
     if at and entry_id(at) == upto then
+      if mode ~= "0" then senders_of(redis.call("LRANGE", inbox, 0, k - 1), order, high) end
       redis.call("LTRIM", inbox, k, -1)
       removed = removed + k
     else
       while true do
         local entry = redis.call("LINDEX", inbox, 0)
         if not entry or entry_id(entry) > upto then break end
+        if mode ~= "0" then senders_of({entry}, order, high) end
         redis.call("LPOP", inbox)
         removed = removed + 1
       end
     end
   end
+  if mode ~= "0" then
+    local r = string.match(inbox, "{(.-)}:")
+    if mode == "d" then
+      for _, s in ipairs(order) do
+        local entry, here = make_receipt(s, r, "delivered", high[s], now, node_sp, ttl_ms)
+        if here then
+          out[#out + 1], out[#out + 2], out[#out + 3] = "h", s, entry
+        end
+      end
+    else
+      local outbox = KEY_HEAD .. r .. "}:" .. K_OUTBOX
+      for _, s in ipairs(order) do to_outbox(outbox, s, "delivered", high[s], now) end
+      -- everything in it, left over from a node that died mid-way included
+      local all = redis.call("HGETALL", outbox)
+      for j = 1, #all, 2 do
+        out[#out + 1], out[#out + 2], out[#out + 3] = "o", r, all[j] .. "=" .. all[j + 1]
+      end
+    end
+  end
 end
-return removed
+if mode == "0" then return removed end
+out[1] = removed
+return out

@@ -2,7 +2,9 @@
 // (docs/protocol.rst). This browser keeps in localStorage who it is (id and
 // token), the conversations, and the highest server id it has shown, so
 // that a message pushed again after a reconnect is shown once. It acks a
-// message once it is stored and on screen.
+// message once it is stored and on screen. It opts in to receipts (1.2):
+// under a sent message ✓ is stored, ✓✓ delivered, a coloured ✓✓ read; and
+// it says "read" when a conversation is on screen and the tab is visible.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -44,6 +46,7 @@ const state = {
   stopped: false,    // replaced elsewhere: no reconnect until asked
   ackTimer: null,
   ackId: null,
+  readSent: new Map(), // peer -> the highest id said read on this connection
 };
 
 // -- the connection ----------------------------------------------------------
@@ -71,11 +74,11 @@ function connect() {
   showStatus("connecting", "connecting…");
   ws.onopen = () => {
     if (state.registering) {
-      const packet = {register: "true", sender: state.registering.id};
+      const packet = {register: "true", sender: state.registering.id, receipts: "true"};
       if (state.registering.proof) packet.proof = state.registering.proof;
       send(packet);
     } else if (state.me) {
-      send({reconnect: "true", sender: state.me.id, token: state.me.token});
+      send({reconnect: "true", sender: state.me.id, token: state.me.token, receipts: "true"});
     }
   };
   ws.onmessage = (event) => received(JSON.parse(event.data));
@@ -98,6 +101,7 @@ function connect() {
 
 function bound(pending) {
   state.bound = true;
+  state.readSent = new Map();
   state.retries = 0;
   state.registering = null;
   showStatus("online", "online");
@@ -142,6 +146,9 @@ function received(p) {
     case "message":
       incoming(p);
       break;
+    case "receipt":
+      receipt(p);
+      break;
     case "accepted":
     case "duplicate":
       settle(p.ref, p.type, p.id);
@@ -171,8 +178,32 @@ function incoming(p) {
     save();
     render();
   }
+  ackLater(p.id);
+}
+
+// a receipt (1.2): every message sent to p.receiver up to p.upto (its id
+// there) is delivered, or read; a read one is never marked delivered again
+const RANK = {accepted: 1, delivered: 2, read: 3};
+
+function receipt(p) {
+  if (!state.me) return;
+  if (newer(p.id, state.lastId)) {
+    for (const m of state.chats.get(p.receiver) || []) {
+      if (m.out && m.id && !newer(m.id, p.upto) &&
+          (RANK[m.status] || 0) < RANK[p.status] && RANK[m.status]) {
+        m.status = p.status;
+      }
+    }
+    state.lastId = p.id;
+    save();
+    render();
+  }
+  ackLater(p.id);
+}
+
+function ackLater(id) {
   // ack once it is stored and shown: the highest id, after this turn
-  state.ackId = p.id;
+  state.ackId = id;
   if (!state.ackTimer) {
     const serial = state.serial;  // an id is acked on the connection it came on
     state.ackTimer = setTimeout(() => {
@@ -324,7 +355,9 @@ function when(ms) {
     : t.toLocaleDateString() + " " + time;
 }
 
-const STATUS = {sending: "sending…", accepted: "sent", duplicate:
+const STATUS = {sending: "sending…", accepted: "✓ sent", delivered: "✓✓ delivered",
+  read: "✓✓ read",
+  duplicate:
   "duplicate: the same text went to them moments ago, so it was not sent again"};
 
 function render() {
@@ -372,6 +405,19 @@ function render() {
     log.append(item);
   }
   log.scrollTop = log.scrollHeight;
+  sayRead();
+}
+
+// the open conversation is on screen: say so (1.2), once per newer id
+function sayRead() {
+  if (!state.bound || !state.peer || document.hidden) return;
+  const list = state.chats.get(state.peer) || [];
+  let high = null;
+  for (const m of list) if (!m.out && m.id && (high === null || newer(m.id, high))) high = m.id;
+  const said = state.readSent.get(state.peer);
+  if (high === null || (said && !newer(high, said))) return;
+  state.readSent.set(state.peer, high);
+  send({read: high, from: state.peer});
 }
 
 // -- what the user does ------------------------------------------------------

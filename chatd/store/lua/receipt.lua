@@ -1,0 +1,13 @@
+-- Redis Cluster: move one outbox entry (see ack.lua, read.lua) into its
+-- sender's inbox: make_receipt in the sender's slot. Idempotent: a receipt
+-- whose upto is not higher than the sender's last one for (receiver,
+-- status) makes nothing, so a move done twice (a node died between this and
+-- unbox.lua) makes one receipt.
+--
+-- KEYS[1] the sender's opt-in key (routes the call to the sender's slot)
+-- ARGV: sender, receiver, status, upto, at, node id, inbox_ttl_ms
+-- Returns {} or {entry} (a receipt for a sender bound on this node).
+local entry, here = make_receipt(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
+                                 ARGV[6] .. " ", ARGV[7])
+if here then return {entry} end
+return {}

@@ -1,0 +1,122 @@
+"""
+Receipts (contract 1.2), the store's side: the opt-in, the ``read`` step,
+and what the ``ack`` step hands back. A mixin of :class:`chatd.store.steps.Store`.
+
+One store: ``ack.lua`` and ``read.lua`` write each receipt into its
+sender's inbox in the very step of the ack (read), so a node that dies after
+it loses nothing (``make_receipt`` in ``_prelude.lua``).
+
+Redis Cluster: the sender's inbox is in another slot than the receiver's,
+and one atomic step cannot span two slots. The ack (read) step writes the
+receipt into the receiver's own ``outbox`` (its slot, same step as the ack),
+then this node moves each outbox entry into the sender's inbox
+(``receipt.lua``, idempotent: a receipt not newer than the sender's last one
+for (receiver, status) makes nothing) and deletes it only if unchanged
+(``unbox.lua``). A node that dies between the steps leaves the entry in the
+outbox: the receiver's next ack, on any node, returns the whole outbox and
+moves it (and :meth:`ReceiptSteps.sweep_outboxes` finds it in the
+meanwhile). So no receipt is lost; one may be made late, never twice.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from chatd.store import layout
+from chatd.store.layout import prefix as _keys
+
+DELIVERED, READ = "delivered", "read"
+
+
+class ReceiptSteps:
+    """Receipt steps of the store (uses ``client``, ``node_id``, ``_ttl_ms``,
+    ``_now_ms``)."""
+
+    log = Logger()
+    #: called with (sender, receipt entry) for a receipt made for a sender
+    #: bound on this node (the hub pushes it; others are published)
+    receipt_here = None
+
+    def _receipts_mode(self, settings):
+        if not getattr(settings, "receipts", True):
+            return b"0"
+        return b"o" if getattr(self.client, "sharded", False) else b"d"
+
+    @property
+    def uses_outboxes(self):
+        """Receipts go through outboxes (Redis Cluster, receipts on)."""
+        return self._rmode == b"o"
+
+    def set_receipts(self, device, on):
+        """Store D's opt-in (a register or reconnect): on, or off."""
+        key = _keys(device) + layout.RECEIPTS
+        if on:
+            return self.client.call(b"SET", key, b"1")
+        return self.client.call(b"DEL", key)
+
+    def read(self, device, sender, upto):
+        """D has shown every message from ``sender`` up to ``upto`` (an
+        int): Deferred of False if ``upto`` is higher than any id D was ever
+        given, else True (a read receipt made, if ``sender`` opted in)."""
+        if self._rmode == b"0":
+            return defer.succeed(True)
+        prefix = _keys(device)
+        d = self.client.script("read", [prefix + layout.SEQ, prefix + layout.OUTBOX], [
+            device, sender, upto, self._now_ms(), self.node_id, self._ttl_ms,
+            self._rmode])
+
+        def done(reply):
+            if reply[0] == b"bad":
+                return False
+            self._receipt_work(reply, 0)
+            return True
+
+        return d.addCallback(done)
+
+    def _receipt_work(self, reply, start):
+        """What an ack or read step handed back, from ``reply[start]`` on:
+        receipts to push here, outbox entries to move."""
+        for i in range(start, len(reply) - 2, 3):
+            tag, who, what = reply[i], reply[i + 1], reply[i + 2]
+            try:
+                if tag == b"h":
+                    self._here(who.decode("ascii"), what)
+                elif tag == b"o":
+                    self._move(who.decode("ascii"), what)
+            except Exception:
+                self.log.failure("handling a receipt")
+
+    def _here(self, sender, entry):
+        if self.receipt_here is not None:
+            self.receipt_here(sender, entry)
+
+    def _move(self, receiver, item):
+        """Move one outbox entry of ``receiver`` into its sender's inbox,
+        then delete it (cluster; see the module's doc)."""
+        field, _, value = item.partition(b"=")
+        sender, _, status = field.decode("ascii").partition(" ")
+        upto, _, at = value.partition(b" ")
+        d = self.client.script("receipt", [_keys(sender) + layout.RECEIPTS], [
+            sender, receiver, status, upto, at, self.node_id, self._ttl_ms])
+
+        def moved(reply):
+            if reply:
+                self._here(sender, reply[0])
+            return self.client.script("unbox", [_keys(receiver) + layout.OUTBOX],
+                                      [field, value])
+
+        d.addCallback(moved)
+        # left in the outbox: moved at the receiver's next ack, or by a sweep
+        d.addErrback(lambda f: self.log.warn("a receipt for {s} waits in the outbox of "
+                                             "{r}: {why}", s=sender, r=receiver,
+                                             why=f.value))
+        return d
+
+    @defer.inlineCallbacks
+    def sweep_outboxes(self, devices):
+        """Move whatever waits in the outboxes of ``devices`` (receivers):
+        left there by a node that died between the two steps."""
+        for receiver in devices:
+            key = _keys(receiver) + layout.OUTBOX
+            items = yield self.client.call(b"HGETALL", key)
+            for j in range(0, len(items or ()), 2):
+                yield self._move(receiver, items[j] + b"=" + items[j + 1])

@@ -1,0 +1,109 @@
+"""
+Receipts (contract 1.2) across nodes and on Redis Cluster: a receipt for a
+sender bound on another node reaches it live (the notify path of messages);
+on a Cluster the sender's inbox is in another slot than the receiver's and
+the receipt goes through the receiver's outbox (chatd.store.receipts),
+including when the node dies between the two steps.
+"""
+
+import pytest_twisted
+
+from tests.helpers import wait_until
+from tests.hub.test_receipts import ON, quiet, send_all
+
+ensure = pytest_twisted.ensureDeferred
+
+
+@ensure
+async def test_a_receipt_reaches_a_sender_bound_on_another_node_live(chatd, clients, redis):
+    # a long lease: nothing periodic (a renewal, a catch-up) can deliver it
+    a = await chatd(presence_lease=120)
+    b = await chatd(presence_lease=120)
+    alice, bob = await clients(a), await clients(b)
+    await alice.register("alice", **ON)
+    await bob.register("bob")
+    ids = await send_all(alice, "bob", ["one", "two", "three"])
+    for _ in ids:
+        await bob.expect("message")
+    bob.send({"ack": ids[1]})
+    await alice.expect("receipt", receiver="bob", status="delivered", upto=ids[1])
+    bob.send({"ack": ids[2]})
+    await alice.expect("receipt", receiver="bob", status="delivered", upto=ids[2])
+    bob.send({"read": ids[2], "from": "alice"})
+    r = await alice.expect("receipt", receiver="bob", status="read", upto=ids[2])
+    assert await quiet(alice) == []
+    alice.send({"ack": r["id"]})
+    await wait_until(lambda: not redis.command("LLEN", "chatd:{alice}:inbox"))
+    assert await quiet(bob) == []
+
+
+async def cluster_pair(chatd, clients, cluster, prefix):
+    """alice and bob on two primaries, on two nodes of the cluster."""
+    [[alice_id], [bob_id], _] = cluster.devices_on_each_primary(prefix, 1)
+    a = await chatd(target=cluster.target, presence_lease=120)
+    b = await chatd(target=cluster.target, presence_lease=120)
+    alice, bob = await clients(a), await clients(b)
+    token = await alice.register(alice_id, **ON)
+    await bob.register(bob_id)
+    return a, b, alice, bob, alice_id, bob_id, token
+
+
+@ensure
+async def test_on_a_cluster_receipts_cross_slots_live_and_offline(chatd, clients, cluster):
+    a, b, alice, bob, alice_id, bob_id, token = await cluster_pair(
+        chatd, clients, cluster, "rc-live")
+    ids = await send_all(alice, bob_id, ["one", "two"])
+    for _ in ids:
+        await bob.expect("message")
+    bob.send({"ack": ids[1]})
+    await alice.expect("receipt", receiver=bob_id, status="delivered", upto=ids[1])
+    bob.send({"read": ids[0], "from": alice_id})
+    r = await alice.expect("receipt", receiver=bob_id, status="read", upto=ids[0])
+    outbox = "chatd:{%s}:outbox" % bob_id
+    await wait_until(lambda: not cluster.command(bob_id, "EXISTS", outbox),
+                     what="the outbox emptied")
+    alice.send({"ack": r["id"]})
+    await wait_until(lambda: not cluster.command(
+        alice_id, "LLEN", "chatd:{%s}:inbox" % alice_id))
+    # the offline sender: stored in its own slot, pending, pushed on reconnect
+    await alice.close()
+    more = await send_all(bob, bob_id, ["self"])  # bob's own inbox moves on
+    await bob.expect("message")
+    bob.send({"read": ids[1], "from": alice_id})
+    bob.send({"ack": more[0]})
+    await wait_until(lambda: cluster.command(
+        alice_id, "LLEN", "chatd:{%s}:inbox" % alice_id) == 1)
+    alice = await clients(b)
+    reply = await alice.reconnect(alice_id, token, **ON)
+    assert reply["pending"] == 1
+    await alice.expect("receipt", receiver=bob_id, status="read", upto=ids[1])
+
+
+@ensure
+async def test_on_a_cluster_a_node_dying_between_the_steps_loses_no_receipt(
+        chatd, clients, cluster):
+    """The ack's step writes the outbox; the node "dies" before it moves it
+    (its move is cut off); the receipt is made by the receiver's next ack on
+    another node, and by the receiver's next bind."""
+    a, b, alice, bob, alice_id, bob_id, token = await cluster_pair(
+        chatd, clients, cluster, "rc-die")
+    ids = await send_all(alice, bob_id, ["one", "two"])
+    for _ in ids:
+        await bob.expect("message")
+    from twisted.internet import defer
+    b.hub.store._move = lambda receiver, item: defer.succeed(None)  # dies here
+    bob.send({"ack": ids[0]})
+    outbox = "chatd:{%s}:outbox" % bob_id
+    await wait_until(lambda: cluster.command(bob_id, "HGET", outbox, "%s delivered" % alice_id))
+    assert await quiet(alice) == []
+    # bob's connection moves to node a (b is "dead"); its bind sweeps the outbox
+    bob2 = await clients(a)
+    await bob2.reconnect(bob_id, bob.token)
+    r = await alice.expect("receipt", receiver=bob_id, status="delivered", upto=ids[0])
+    await wait_until(lambda: not cluster.command(bob_id, "EXISTS", outbox))
+    # once: nothing more, and the next ack makes the next one
+    assert await quiet(alice) == []
+    await bob2.expect("message")
+    bob2.send({"ack": ids[1]})
+    r2 = await alice.expect("receipt", receiver=bob_id, status="delivered", upto=ids[1])
+    assert r2["id"] > r["id"]
