@@ -185,6 +185,19 @@ class Delivery:
 
         self.hub.store.ack_then(done, self.device, upto)
 
+    def read(self, server_id, sender):
+        """This device has shown every message from ``sender`` up to
+        ``server_id`` (a ``read``, 1.2): the store makes ``sender``'s read
+        receipt. Deferred; fails with PacketError bad_ack for an id higher
+        than any given to a message for this device."""
+        def checked(ok):
+            if not ok:
+                raise PacketError("bad_ack", "id %s was never given to a message for %s"
+                                  % (packets.format_id(server_id), self.device),
+                                  field="read")
+
+        return self.hub.store.read(self.device, sender, server_id).addCallback(checked)
+
     def close(self):
         self.closed = True
         if self._retry is not None and self._retry.active():

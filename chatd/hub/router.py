@@ -20,7 +20,6 @@ from twisted.python.failure import Failure
 from chatd.store import layout
 from chatd.hub import tokens
 from chatd.hub.delivery import Delivery
-from chatd.wire import packets
 from chatd.wire.packets import PacketError
 
 
@@ -164,16 +163,7 @@ class Hub:
         ``receipts``: the device opts in to receipts (stored before the reply)."""
         self._check_rebind(conn, device)
         s = self.settings
-        ticket_ms = 0
-        if s.registration == "proof":
-            now = self.clock.seconds()
-            expiry = tokens.check_proof(s.registration_secret, device, proof, now,
-                                        s.proof_max_age)
-            if expiry is None:
-                raise PacketError(
-                    "forbidden", "register needs a valid proof \"<expiry>:<hex hmac>\" "
-                    "for this id that expires within %gs" % s.proof_max_age, field="proof")
-            ticket_ms = max(1, int((expiry - now) * 1000))
+        ticket_ms = tokens.ticket_ms(s, device, proof, self.clock.seconds())
         token = tokens.new_token()
         token_hash = tokens.token_hash(token)
         current = self.delivery(conn)
@@ -404,14 +394,7 @@ class Hub:
             raise PacketError("not_registered", "read needs a registered connection")
         if not self.settings.receipts:
             return defer.succeed(None)
-
-        def checked(ok):
-            if not ok:
-                raise PacketError("bad_ack", "id %s was never given to a message for %s"
-                                  % (packets.format_id(server_id), delivery.device),
-                                  field="read")
-
-        return self.store.read(delivery.device, sender, server_id).addCallback(checked)
+        return delivery.read(server_id, sender)
 
     def ack(self, conn, server_id):
         delivery = conn.delivery

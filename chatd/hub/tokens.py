@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import secrets
 
+from chatd.wire.parsing import PacketError
+
 TOKEN_BYTES = 24
 
 
@@ -66,3 +68,18 @@ def check_proof(secret, sender, proof, now, max_age=None):
     if not mac.isascii():
         return None
     return expiry if hmac.compare_digest(expected, mac) else None
+
+
+def ticket_ms(settings, device, proof, now):
+    """For a register: how long its proof ticket must be remembered as used
+    (ms; 0 when registration needs no proof). PacketError forbidden when a
+    proof is needed and this one is not valid for the id, or expires too late."""
+    if settings.registration != "proof":
+        return 0
+    expiry = check_proof(settings.registration_secret, device, proof, now,
+                         settings.proof_max_age)
+    if expiry is None:
+        raise PacketError(
+            "forbidden", "register needs a valid proof \"<expiry>:<hex hmac>\" for this id "
+            "that expires within %gs" % settings.proof_max_age, field="proof")
+    return max(1, int((expiry - now) * 1000))
