@@ -16,7 +16,11 @@ import msgspec
 ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")
 #: the flag values that mean "yes" (the seed also sent 'True' and 't')
 TRUE_FLAGS = ("true", True, "True", "t")
-KINDS = ("register", "reconnect", "message", "ack", "ping")
+KINDS = ("register", "reconnect", "message", "ack", "ping", "push")
+#: a push registration's app id (1.2): 1-64 characters from A-Z a-z 0-9 _ . -
+APP_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+#: the longest pushkey, in UTF-8 bytes
+MAX_PUSHKEY = 4096
 #: the longest ``ref`` a client may attach to a message
 MAX_REF = 128
 #: how deep a packet may nest (containers inside containers), JSON and
@@ -49,8 +53,9 @@ class Packet:
     """
 
     sender = receiver = token = text = ref = proof = ack = ping = raw = None
+    pushkey = app = None
     _FIELDS = ("kind", "sender", "receiver", "token", "text", "ref", "proof", "ack",
-               "ping", "raw")
+               "ping", "raw", "pushkey", "app")
 
     def __init__(self, kind, **fields):
         self.kind = kind
@@ -191,7 +196,7 @@ def validate(obj, max_message=16384):
     if len(kinds) != 1:
         raise PacketError(
             "unknown_packet",
-            "a packet needs exactly one of register, reconnect, message, ack, ping"
+            "a packet needs exactly one of register, reconnect, message, ack, ping, push"
             + (" (got %s)" % ", ".join(kinds) if kinds else ""),
             ref if ref_ok else None)
     kind = kinds[0]
@@ -208,6 +213,8 @@ def validate(obj, max_message=16384):
         return Packet("ack", ack=_id_number(value), ref=ref)
     if kind == "ping":
         return Packet("ping", ping=obj["ping"], ref=ref)
+    if kind == "push":
+        return _validate_push(obj, ref)
     _check_flag(obj, kind, ref)
     sender = _required_id(obj, "sender", ref)
     if kind == "register":
@@ -250,6 +257,24 @@ def _validate_message(obj, ref, max_message):
     if ref is not None:
         packet.ref = ref
     return packet
+
+
+def _validate_push(obj, ref):
+    """``{"push": "<pushkey>", "app": "<app id>"}``; ``{"push": ""}`` removes."""
+    pushkey = obj["push"]
+    if not _is_text(pushkey) or len(pushkey.encode("utf-8")) > MAX_PUSHKEY:
+        raise PacketError("bad_field", "field 'push' must be a pushkey string of "
+                          "1-%d bytes (\"\" removes the registration)" % MAX_PUSHKEY,
+                          ref, "push")
+    if pushkey == "":
+        return Packet("push", pushkey="", ref=ref)
+    app = obj.get("app")
+    if app is None:
+        raise PacketError("missing_field", "field 'app' is required", ref, "app")
+    if not isinstance(app, str) or not APP_RE.match(app):
+        raise PacketError("bad_field", "field 'app' must be an app id of 1-64 "
+                          "characters from A-Z a-z 0-9 _ . -", ref, "app")
+    return Packet("push", pushkey=pushkey, app=app, ref=ref)
 
 
 def _valid_ref(ref):

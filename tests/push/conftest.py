@@ -1,0 +1,1 @@
+from tests.fixtures.gateway import gateway  # noqa: F401 (fixture)
