@@ -64,6 +64,11 @@ class Waker:
         self._seen = 0
         self._inflight = 0
 
+    @property
+    def inflight(self):
+        """Wake-ups claimed here whose gateway call is not done."""
+        return self._inflight
+
     def start(self):
         self._scanner = task.LoopingCall(self.scan)
         self._scanner.clock = self.reactor

@@ -1,1 +1,0 @@
-from tests.fixtures.gateway import gateway  # noqa: F401 (fixture)
