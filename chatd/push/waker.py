@@ -11,9 +11,11 @@ Which wake-ups this node sends, and when (:class:`Waker`, the hub's
 
 A claim (``push_claim.lua``) checks, at that moment, what the contract asks
 (still registered, bound nowhere or silent past ``--push-unacked``, messages
-waiting) and takes a lease of ``--push-timeout`` plus :data:`LEASE_SLACK`:
+waiting) and takes a lease of :data:`LEASE` seconds, which the node renews
+every :data:`RENEW_EVERY` while the gateway call lasts (``push_renew.lua``):
 one node sends each wake-up; after a node's death, another sends it once
-the lease has run out (at least once, rarely twice).
+the lease has run out and a scan has found it, within about
+``LEASE + SCAN_CYCLE`` (at least once, rarely twice).
 """
 
 from twisted.internet import defer, task
@@ -27,8 +29,9 @@ from chatd.store import layout
 SCAN_CYCLE = 5.0
 #: ticks per pass
 SCAN_TICKS = 20
-#: a claim's lease outlives the gateway call's deadline by this (seconds)
-LEASE_SLACK = 2.0
+#: a claim's lease (seconds), renewed every RENEW_EVERY while the call lasts
+LEASE = 4.0
+RENEW_EVERY = 1.5
 #: most wake-ups claimed in one store call
 CLAIM_BATCH = 200
 #: the first retry waits this long (ms); each next one twice the last
@@ -54,7 +57,7 @@ class Waker:
         self.interval_ms = int(settings.push_interval * 1000)
         self.unacked_ms = int(settings.push_unacked * 1000)
         self.retry_for_ms = int(settings.push_retry_for * 1000)
-        self.lease_ms = int((settings.push_timeout + LEASE_SLACK) * 1000)
+        self.lease_ms = int(LEASE * 1000)
         self.stats = PushStats()
         self._timers = {}      # device -> (when, DelayedCall)
         self._pending = set()  # devices to claim in the next batch
@@ -63,6 +66,8 @@ class Waker:
         self._tick = 0
         self._seen = 0
         self._inflight = 0
+        self._sending = {}     # device -> claims of it in flight here
+        self._renewer = None
 
     @property
     def inflight(self):
@@ -73,10 +78,14 @@ class Waker:
         self._scanner = task.LoopingCall(self.scan)
         self._scanner.clock = self.reactor
         self._scanner.start(SCAN_CYCLE / SCAN_TICKS, now=False)
+        self._renewer = task.LoopingCall(self.renew)
+        self._renewer.clock = self.reactor
+        self._renewer.start(RENEW_EVERY, now=False)
 
     def stop(self):
-        if self._scanner is not None and self._scanner.running:
-            self._scanner.stop()
+        for loop in (self._scanner, self._renewer):
+            if loop is not None and loop.running:
+                loop.stop()
         for _, call in self._timers.values():
             if call.active():
                 call.cancel()
@@ -121,9 +130,20 @@ class Waker:
         d = self.steps.claim(devices, self.lease_ms, self.unacked_ms)
         d.addCallbacks(self._claimed, self._claim_failed, errbackArgs=(devices,))
 
-    def _claimed(self, claims):
+    def _claimed(self, result):
+        claims, later = result
+        for device, ms in later:
+            self.due(device, ms)
         for claimed in claims:
             self._send(claimed)
+
+    def renew(self):
+        """Renew the leases of the wake-ups in flight here."""
+        if not self._sending:
+            return
+        d = self.steps.renew(list(self._sending), self.lease_ms)
+        d.addErrback(lambda f: self.log.warn("cannot renew wake-up leases: {why}",
+                                             why=f.getErrorMessage()))
 
     def _claim_failed(self, failure, devices):
         # the entries stay in the due index: the scan finds them again
@@ -133,6 +153,8 @@ class Waker:
     @defer.inlineCallbacks
     def _send(self, claimed):
         self._inflight += 1
+        device = claimed.device
+        self._sending[device] = self._sending.get(device, 0) + 1
         try:
             data = gateway.body(claimed, self.content)
             outcome, seconds, detail = yield self.gateway.notify(data, claimed.pushkey)
@@ -169,6 +191,9 @@ class Waker:
                               detail=detail)
         finally:
             self._inflight -= 1
+            n = self._sending.pop(device) - 1
+            if n:
+                self._sending[device] = n
 
     # -- the scan ------------------------------------------------------------------
 

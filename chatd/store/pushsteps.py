@@ -77,15 +77,21 @@ class PushSteps:
         d.addErrback(lambda f: f.value.subFailure)
         return d.addCallback(lambda parts: [x.decode("ascii") for p in parts for x in p])
 
-    def claim(self, devices, lease_ms, unacked_ms):
-        """Claim the wake-ups of these devices that are due: Deferred of a
-        list of :class:`Claimed`."""
+    def _grouped(self, devices, call):
+        """``call(group)`` for each group of devices one store call may
+        take: Deferred of the list of their results."""
         from twisted.internet import defer
         groups = self.client.split(list(devices), lambda dev: _keys(dev))
-        calls = [self._claim(g, lease_ms, unacked_ms) for g in groups]
-        d = defer.gatherResults(calls, consumeErrors=True)
-        d.addErrback(lambda f: f.value.subFailure)
-        return d.addCallback(lambda parts: [c for p in parts for c in p])
+        d = defer.gatherResults([call(g) for g in groups], consumeErrors=True)
+        return d.addErrback(lambda f: f.value.subFailure)
+
+    def claim(self, devices, lease_ms, unacked_ms):
+        """Claim the wake-ups of these devices that are due: Deferred of
+        ``(claimed, later)``: a list of :class:`Claimed`, and [(device, ms)]
+        of those whose wake-up is now due later (push_claim.lua)."""
+        d = self._grouped(devices, lambda g: self._claim(g, lease_ms, unacked_ms))
+        return d.addCallback(lambda parts: ([c for p in parts for c in p[0]],
+                                            [x for p in parts for x in p[1]]))
 
     def _claim(self, devices, lease_ms, unacked_ms):
         keys = []
@@ -93,15 +99,30 @@ class PushSteps:
             p = _keys(dev)
             keys += [layout.device_due_key(dev, self.shards), p + layout.PUSH, p + layout.NODE,
                      p + layout.INBOX, p + layout.SEQ]
-        d = self.client.script("push_claim", keys, [self._now_ms(), lease_ms, unacked_ms]
+        d = self.client.script("push_claim", keys, [self._now_ms(), lease_ms, unacked_ms,
+                                                    self.store.node_id]
                                + [dev.encode("ascii") for dev in devices])
 
         def parse(r):
-            return [Claimed(r[i].decode("ascii"), r[i + 1].decode("utf-8", "replace"),
-                            r[i + 2].decode("ascii", "replace"), int(r[i + 3]), int(r[i + 4]),
-                            r[i + 5]) for i in range(0, len(r), 6)]
+            out, later = r
+            return ([Claimed(out[i].decode("ascii"), out[i + 1].decode("utf-8", "replace"),
+                             out[i + 2].decode("ascii", "replace"), int(out[i + 3]),
+                             int(out[i + 4]), out[i + 5]) for i in range(0, len(out), 6)],
+                    [(later[i].decode("ascii"), int(later[i + 1]))
+                     for i in range(0, len(later), 2)])
 
         return d.addCallback(parse)
+
+    def renew(self, devices, lease_ms):
+        """Renew this node's leases on these devices' wake-ups."""
+        def call(group):
+            keys = []
+            for dev in group:
+                keys += [layout.device_due_key(dev, self.shards), _keys(dev) + layout.PUSH]
+            return self.client.script("push_renew", keys, [
+                self._now_ms(), lease_ms, self.store.node_id] +
+                [dev.encode("ascii") for dev in group])
+        return self._grouped(devices, call)
 
     def done(self, claimed, outcome, interval_ms, retry_for_ms, backoff_ms=1000):
         """End a claim: Deferred of ``(result, retry_ms)``: the result to
@@ -120,10 +141,3 @@ class PushSteps:
             return result, (int(float(delay)) if delay else None)
 
         return d.addCallback(parse)
-
-    def count_due(self):
-        """How many wake-ups are in the due index (all shards)."""
-        from twisted.internet import defer
-        keys = [layout.due_key(s) for s in range(self.shards)]
-        calls = [self.client.call(b"ZCARD", k) for k in keys]
-        return defer.gatherResults(calls).addCallback(sum)

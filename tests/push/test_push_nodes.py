@@ -126,3 +126,29 @@ async def test_wakeups_on_a_redis_cluster(cluster, chatd, clients, gateway):
         await alice.expect("accepted")
     got = {(await gateway.next(timeout=15)).pushkey for _ in devices}
     assert got == {"pk-" + d for d in devices}
+
+
+@pytest.mark.slow
+@ensure
+async def test_a_long_call_keeps_its_lease(chatd, clients, redis, gateway):
+    """A gateway call longer than the claim's lease: the node renews it, so
+    the other node does not send the wake-up a second time meanwhile."""
+    from chatd.push.waker import LEASE
+    gateway.mode = lambda req: "hang" if len(gateway.requests) == 1 else "ok"
+    settings = dict(push_url=gateway.url, push_timeout=LEASE + 4, push_interval=1.0)
+    a = await chatd(**settings)
+    await chatd(**settings)
+    c = await clients(a)
+    await c.register("bob")
+    c.send({"push": "pk-bob", "app": "com.x"})
+    await c.expect("push_set")
+    await c.close()
+    alice = await clients(a)
+    await alice.register("alice")
+    alice.send({"message": "m", "receiver": "bob"})
+    await alice.expect("accepted")
+    first = await gateway.next()
+    second = await gateway.next(timeout=LEASE + 10)
+    # the retry after the deadline, not another node's copy while it hung
+    assert second.at - first.at >= LEASE + 4 - 0.1
+    assert a.service.waker.stats.results["retried"] == 1

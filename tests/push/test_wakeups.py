@@ -123,6 +123,8 @@ async def test_503_is_retried_with_backoff_then_sent(chatd, clients, redis, gate
     alice.send({"message": "one", "receiver": "bob"})
     await alice.expect("accepted")
     first = await gateway.next()
+    alice.send({"message": "two", "receiver": "bob"})  # keeps the back-off
+    await alice.expect("accepted")
     second = await gateway.next()
     gateway.mode = "ok"
     third = await gateway.next()
@@ -131,6 +133,7 @@ async def test_503_is_retried_with_backoff_then_sent(chatd, clients, redis, gate
     await wait_until(lambda: push_state(redis, "bob").get("res") == "sent")
     stats = node.service.waker.stats.results
     assert stats["retried"] == 2 and stats["sent"] == 1
+    assert third.unread == 2
 
 
 @ensure

@@ -4,7 +4,7 @@
 --
 -- KEYS, five per device (all in its slot): DUE its due-index shard, PUSH its
 --   push registration, NODE its presence record, INBOX, SEQ.
--- ARGV: now_ms, lease_ms, unacked_ms, then the destinationIds.
+-- ARGV: now_ms, lease_ms, unacked_ms, node id, then the destinationIds.
 -- For each device whose entry is due, in order:
 --   * no registration, or nothing waiting: the entry is removed;
 --   * a lease of another claim still runs: left alone (scored at its end);
@@ -12,16 +12,24 @@
 --     the bind are both older than unacked_ms (else scored at that time):
 --     a device that bound in the meantime gets no wake-up;
 --   * else claimed: the lease is set, and the wake-up returned.
--- Returns six items per claimed device: id, pushkey, app, ts, unread (the
--- messages waiting), the newest waiting message.
+-- Returns {claimed, later}: claimed has six items per claimed device: id,
+-- pushkey, app, ts, unread (the messages waiting), the newest waiting
+-- message; later two per device whose entry now waits: id, ms until due.
+-- The claim's owner (this node) is noted with the lease: push_renew.lua.
 local now = tonumber(ARGV[1])
 local lease = now + tonumber(ARGV[2])
 local unacked = tonumber(ARGV[3])
-local out = {}
+local node = ARGV[4]
+local out, later = {}, {}
+local function wait(DUE, device, at)
+  redis.call("ZADD", DUE, at, device)
+  later[#later + 1] = device
+  later[#later + 1] = at - now
+end
 for i = 1, #KEYS / 5 do
   local DUE, PUSH, NODE, INBOX, SEQ = KEYS[5 * i - 4], KEYS[5 * i - 3], KEYS[5 * i - 2],
     KEYS[5 * i - 1], KEYS[5 * i]
-  local device = ARGV[3 + i]
+  local device = ARGV[4 + i]
   local score = tonumber(redis.call("ZSCORE", DUE, device))
   if score and score <= now then
     local reg = redis.call("HMGET", PUSH, "key", "app", "ts", "lease", "bound")
@@ -29,9 +37,9 @@ for i = 1, #KEYS / 5 do
     local held = tonumber(reg[4])
     if not reg[1] or n == 0 then
       redis.call("ZREM", DUE, device)
-      if reg[1] then redis.call("HDEL", PUSH, "lease", "fail", "tries") end
+      if reg[1] then redis.call("HDEL", PUSH, "lease", "owner", "fail", "tries") end
     elseif held and held > now then
-      redis.call("ZADD", DUE, held, device)
+      wait(DUE, device, held)
     else
       local at = redis.call("EXISTS", NODE) == 1
       local ready = now
@@ -41,9 +49,10 @@ for i = 1, #KEYS / 5 do
         ready = math.max(sent, tonumber(reg[5]) or 0) + unacked
       end
       if ready > now then
-        redis.call("ZADD", DUE, ready, device)
+        wait(DUE, device, ready)
       else
-        redis.call("HSET", PUSH, "lease", lease, "cseq", redis.call("GET", SEQ) or 0)
+        redis.call("HSET", PUSH, "lease", lease, "owner", node,
+                   "cseq", redis.call("GET", SEQ) or 0)
         redis.call("ZADD", DUE, lease, device)
         out[#out + 1] = device
         out[#out + 1] = reg[1]
@@ -55,4 +64,4 @@ for i = 1, #KEYS / 5 do
     end
   end
 end
-return out
+return {out, later}

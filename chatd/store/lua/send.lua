@@ -94,7 +94,7 @@ end
 local function wake(key, inbox)
   if interval < 0 or woken[inbox] then return "" end
   woken[inbox] = true
-  local reg = redis.call("HMGET", key(PUSH), "key", "last")
+  local reg = redis.call("HMGET", key(PUSH), "key", "last", "tries")
   if not reg[1] then return "" end
   local at = where(key, inbox)
   local t = tonumber(now)
@@ -105,7 +105,9 @@ local function wake(key, inbox)
     score = math.max(t, (tonumber(reg[2]) or 0) + interval)
   end
   local device = string.match(inbox, "^chatd:{(.-)}:")
-  redis.call("ZADD", key(DUE), "LT", score, device)
+  -- sooner if it was due later; but a wake-up being retried keeps its
+  -- back-off (NX: only if the retries have ended)
+  redis.call("ZADD", key(DUE), reg[3] and "NX" or "LT", score, device)
   return tostring(tonumber(redis.call("ZSCORE", key(DUE), device)) - t)
 end
 
