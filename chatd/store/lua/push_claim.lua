@@ -21,8 +21,9 @@ local lease = now + tonumber(ARGV[2])
 local unacked = tonumber(ARGV[3])
 local node = ARGV[4]
 local out, later = {}, {}
-local function wait(DUE, device, at)
+local function wait(DUE, PUSH, device, at)
   redis.call("ZADD", DUE, at, device)
+  redis.call("HSET", PUSH, "due", at)
   later[#later + 1] = device
   later[#later + 1] = at - now
 end
@@ -37,9 +38,9 @@ for i = 1, #KEYS / 5 do
     local held = tonumber(reg[4])
     if not reg[1] or n == 0 then
       redis.call("ZREM", DUE, device)
-      if reg[1] then redis.call("HDEL", PUSH, "lease", "owner", "fail", "tries") end
+      if reg[1] then redis.call("HDEL", PUSH, "lease", "owner", "fail", "tries", "due") end
     elseif held and held > now then
-      wait(DUE, device, held)
+      wait(DUE, PUSH, device, held)
     else
       local at = redis.call("EXISTS", NODE) == 1
       local ready = now
@@ -49,9 +50,9 @@ for i = 1, #KEYS / 5 do
         ready = math.max(sent, tonumber(reg[5]) or 0) + unacked
       end
       if ready > now then
-        wait(DUE, device, ready)
+        wait(DUE, PUSH, device, ready)
       else
-        redis.call("HSET", PUSH, "lease", lease, "owner", node,
+        redis.call("HSET", PUSH, "lease", lease, "owner", node, "due", lease,
                    "cseq", redis.call("GET", SEQ) or 0)
         redis.call("ZADD", DUE, lease, device)
         out[#out + 1] = device

@@ -30,23 +30,25 @@ end
 if outcome == "retry" then
   local first = tonumber(reg[3]) or now
   if now - first >= tonumber(ARGV[6]) then
-    redis.call("HDEL", KEYS[2], "lease", "owner", "fail", "tries")
+    redis.call("HDEL", KEYS[2], "lease", "owner", "fail", "tries", "due")
     redis.call("HSET", KEYS[2], "last", now, "res", "dropped")
     redis.call("ZREM", KEYS[1], device)
     return "dropped"
   end
   local tries = tonumber(reg[4]) or 0
-  redis.call("HSET", KEYS[2], "fail", first, "tries", tries + 1, "res", "retrying")
-  redis.call("HDEL", KEYS[2], "lease", "owner")
   local delay = math.min(tonumber(ARGV[7]) * 2 ^ tries, 600000)
+  redis.call("HSET", KEYS[2], "fail", first, "tries", tries + 1, "res", "retrying",
+             "due", now + delay)
+  redis.call("HDEL", KEYS[2], "lease", "owner")
   redis.call("ZADD", KEYS[1], now + delay, device)
   return "retried " .. delay
 end
 redis.call("HSET", KEYS[2], "last", now, "res", outcome)
-redis.call("HDEL", KEYS[2], "lease", "owner", "fail", "tries")
+redis.call("HDEL", KEYS[2], "lease", "owner", "fail", "tries", "due")
 local seq = tonumber(redis.call("GET", KEYS[3]) or 0)
 if outcome == "sent" and seq > (tonumber(reg[2]) or 0) and redis.call("LLEN", KEYS[4]) > 0 then
   redis.call("ZADD", KEYS[1], now + tonumber(ARGV[5]), device)
+  redis.call("HSET", KEYS[2], "due", now + tonumber(ARGV[5]))
 else
   redis.call("ZREM", KEYS[1], device)
 end

@@ -12,7 +12,7 @@ local n = 0
 for i = 1, #KEYS / 2 do
   local DUE, PUSH, device = KEYS[2 * i - 1], KEYS[2 * i], ARGV[3 + i]
   if redis.call("HGET", PUSH, "owner") == ARGV[3] and redis.call("HEXISTS", PUSH, "lease") == 1 then
-    redis.call("HSET", PUSH, "lease", until_ms)
+    redis.call("HSET", PUSH, "lease", until_ms, "due", until_ms)
     redis.call("ZADD", DUE, "XX", until_ms, device)
     n = n + 1
   end

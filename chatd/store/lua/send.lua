@@ -91,24 +91,31 @@ local function where(key, inbox)
 end
 
 -- A wake-up is due (once per receiver per batch): "" or the ms until due.
+-- The registration's "due" field mirrors the device's score in DUE (every
+-- step that scores or removes it keeps it), so that a wake-up already due
+-- as soon as this one would be costs one HMGET and nothing more.
 local function wake(key, inbox)
   if interval < 0 or woken[inbox] then return "" end
   woken[inbox] = true
-  local reg = redis.call("HMGET", key(PUSH), "key", "last", "tries")
+  local reg = redis.call("HMGET", key(PUSH), "key", "last", "tries", "lease", "due")
   if not reg[1] then return "" end
-  local at = where(key, inbox)
   local t = tonumber(now)
+  -- a wake-up in flight: its end (push_done.lua) makes the next one due if
+  -- messages came meanwhile (the id counter moved)
+  if (tonumber(reg[4]) or 0) > t then return "" end
+  local due = tonumber(reg[5])
+  -- a wake-up being retried keeps its back-off
+  if reg[3] and due then return "" end
   local score
-  if at then
+  if where(key, inbox) then
     score = t + unacked
   else
     score = math.max(t, (tonumber(reg[2]) or 0) + interval)
   end
-  local device = string.match(inbox, "^chatd:{(.-)}:")
-  -- sooner if it was due later; but a wake-up being retried keeps its
-  -- back-off (NX: only if the retries have ended)
-  redis.call("ZADD", key(DUE), reg[3] and "NX" or "LT", score, device)
-  return tostring(tonumber(redis.call("ZSCORE", key(DUE), device)) - t)
+  if due and due <= score then return "" end
+  redis.call("ZADD", key(DUE), score, string.match(inbox, "^chatd:{(.-)}:"))
+  redis.call("HSET", key(PUSH), "due", score)
+  return tostring(score - t)
 end
 
 -- Tell the node that holds the receiver, if it is another one.
