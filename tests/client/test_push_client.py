@@ -4,7 +4,6 @@
 import pytest_twisted
 
 from chatd.client import cli
-from tests.client.test_client import client, state_dir  # noqa: F401 (fixtures)
 from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -23,7 +22,7 @@ def test_push_option_parses():
 
 
 @ensure
-async def test_client_registers_its_pushkey(chatd, clients, client, redis, gateway):  # noqa: F811
+async def test_client_registers_its_pushkey(chatd, clients, client, redis, gateway):
     node = await chatd(push_url=gateway.url, push_interval=1.0)
     bob = client(node.port, "--id", "bob", "--listen", "--push", "com.example.ios:PK-bob")
     await bob.wait_for("push wake-ups: registered for app com.example.ios", stream="err")
