@@ -90,6 +90,10 @@ class Waker:
             if call.active():
                 call.cancel()
         self._timers.clear()
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        self._flush = None
+        self._pending.clear()
         return self.gateway.close()
 
     # -- the hub's side ----------------------------------------------------------
