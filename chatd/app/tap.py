@@ -128,8 +128,8 @@ class Options(usage.Options):
         ["push-retry-for", None, "1h", "How long a wake-up the gateway fails (5xx, 429, "
          "timeout, no connection) is retried.",
          _coerce(config.parse_duration, "push-retry-for")],
-        ["push-ca-file", None, None, "PEM file of the CA(s) that sign an https "
-         "gateway's certificate (default: the system's trusted CAs)."],
+        ["push-ca-file", None, None, "PEM file of CA(s) that may sign an https "
+         "gateway's certificate, besides the system's trusted CAs."],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
         ["metrics", None, None, "Serve /metrics (Prometheus) and /health over HTTP on "

@@ -39,7 +39,7 @@ def body(claimed, content="none"):
 
 
 def trust(ca_file):
-    """The TLS policy: the system's CAs, or (``--push-ca-file``) those of
+    """The TLS policy: the system's CAs, plus (``--push-ca-file``) those of
     the file. Either way the certificate and the host name are checked."""
     if not ca_file:
         return BrowserLikePolicyForHTTPS()
@@ -48,7 +48,16 @@ def trust(ca_file):
     certs = []
     for block in pem.split(b"-----END CERTIFICATE-----")[:-1]:
         certs.append(ssl.Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n"))
-    return BrowserLikePolicyForHTTPS(ssl.trustRootFromCertificates(certs))
+    authorities = ssl.trustRootFromCertificates(certs)
+
+    class SystemAnd(type(authorities)):
+        """The system's trusted CAs, and the file's besides."""
+
+        def _addCACertsToContext(self, context):
+            context.set_default_verify_paths()
+            super()._addCACertsToContext(context)
+
+    return BrowserLikePolicyForHTTPS(SystemAnd([c.original for c in certs]))
 
 
 class Gateway:
