@@ -17,6 +17,8 @@ import pytest
 import pytest_twisted
 
 from tests.fixtures.cluster import cluster  # noqa: F401 (fixtures)
+from tests.fixtures.chatd_client import client, state_dir  # noqa: F401
+from tests.fixtures.gateway import gateway  # noqa: F401
 from tests.fixtures.nodes import chatd  # noqa: F401
 from tests.fixtures.sentinel import sentinels  # noqa: F401
 from tests.fixtures.valkey import own_redis, redis, redis_server, replicated  # noqa: F401

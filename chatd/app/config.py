@@ -53,6 +53,13 @@ class Settings:
     metrics: Optional[str] = None  # endpoint of /metrics and /health
     presence_lease: float = 10.0  # a dead node's devices are free after this
     workers: int = 1              # processes of this node (chatd.app.workers)
+    push_url: Optional[str] = None  # the push gateway (None: no push wake-ups)
+    push_interval: float = 30.0   # at most one more wake-up per this while away
+    push_unacked: float = 15.0    # a pushed message unacked this long: a wake-up
+    push_content: str = "none"    # none | sender | full
+    push_timeout: float = 10.0    # deadline of one gateway request
+    push_retry_for: float = 3600.0  # how long a failing wake-up is retried
+    push_ca_file: Optional[str] = None  # CAs of an https gateway's certificate
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
@@ -81,6 +88,33 @@ def parse_duration(text, name, allow_zero=False):
     value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError("--%s: must be more than 0, got %r" % (name, text))
+    return value
+
+
+PUSH_CONTENT = ("none", "sender", "full")
+
+
+def parse_push_url(text, name="push-url"):
+    """An http or https URL of a push gateway; ``none`` (or empty): none."""
+    from urllib.parse import urlsplit
+    text = str(text).strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # a bad port raises
+    except ValueError as e:
+        raise ValueError("--%s: %r is not a URL (%s)" % (name, text, e)) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("--%s: %r is not an http:// or https:// URL (for Sygnal: "
+                         "https://host/_matrix/push/v1/notify)" % (name, text))
+    return text
+
+
+def parse_push_content(text, name="push-content"):
+    value = str(text).strip().lower()
+    if value not in PUSH_CONTENT:
+        raise ValueError("--%s: %r is not none, sender or full" % (name, text))
     return value
 
 

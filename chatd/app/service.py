@@ -23,6 +23,9 @@ from chatd.app.workers import WorkerPool
 from chatd.netio import loopback as _loopback
 from chatd.hub.presence import Presence, new_node_id
 from chatd.hub.router import Hub
+from chatd.push.gateway import Gateway
+from chatd.push.waker import Waker
+from chatd.store.pushsteps import PushSteps
 from chatd.ops.metrics import MetricsService
 from chatd.redis.client import RedisClient
 from chatd.redis.cluster import ClusterClient, ClusterError
@@ -88,6 +91,7 @@ class ChatService(service.Service):
         self.node_id = new_node_id()
         self.client = None
         self.presence = None
+        self.waker = None  # push wake-ups (--push-url)
         self.factory = None
         self.ports = []
         self.web_ports = []  # --websocket listeners
@@ -117,7 +121,14 @@ class ChatService(service.Service):
         notifications = Notifications(self.target, self.settings.redis_timeout, self.reactor,
                                       self.client)
         self.presence = Presence(store, notifications, self.settings, self.reactor)
-        hub = Hub(store, self.settings, self.reactor, self.presence)
+        s = self.settings
+        if s.push_url:
+            self.waker = Waker(PushSteps(store), Gateway(s.push_url, self.reactor,
+                                                         s.push_timeout, s.push_ca_file,
+                                                         node_id=self.node_id),
+                               s, self.reactor)
+            self.waker.start()
+        hub = Hub(store, self.settings, self.reactor, self.presence, self.waker)
         self.presence.start(hub)
         self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
         self.factory = ChatFactory(self.settings, hub, self.reactor)
@@ -222,6 +233,8 @@ class ChatService(service.Service):
             yield self.factory.shutdown()
         if self.presence is not None:
             yield self.presence.stop()
+        if self.waker is not None:
+            yield self.waker.stop()
         if self.client is not None:
             yield self.client.close()
 

@@ -116,6 +116,23 @@ class Options(usage.Options):
          _coerce(config.parse_count, "store-acks", minimum=0)],
         ["workers", None, "1", "Processes serving this node's ports (SO_REUSEPORT), "
          "each a node of the service; 0: one per core.", _coerce(config.parse_workers, "workers")],
+        ["push-url", None, None, "Push gateway (Matrix Push Gateway API v1) to wake "
+         "devices that are not connected: http(s)://host/_matrix/push/v1/notify. "
+         "Absent or none: no push wake-ups.", _coerce(config.parse_push_url, "push-url")],
+        ["push-interval", None, "30s", "At most one more wake-up per this while a "
+         "device stays away.", _coerce(config.parse_duration, "push-interval")],
+        ["push-unacked", None, "15s", "A message pushed to a connection and not acked "
+         "within this makes a wake-up due.", _coerce(config.parse_duration, "push-unacked")],
+        ["push-content", None, "none", "What a wake-up tells the gateway besides the "
+         "count: none, sender, or full (sender and text).",
+         _coerce(config.parse_push_content, "push-content")],
+        ["push-timeout", None, "10s", "Deadline of one gateway request.",
+         _coerce(config.parse_duration, "push-timeout")],
+        ["push-retry-for", None, "1h", "How long a wake-up the gateway fails (5xx, 429, "
+         "timeout, no connection) is retried.",
+         _coerce(config.parse_duration, "push-retry-for")],
+        ["push-ca-file", None, None, "PEM file of CA(s) that may sign an https "
+         "gateway's certificate, besides the system's trusted CAs."],
         ["registration-secret-file", None, None, "File holding the secret shared with "
          "the phone-number verification service (proof mode)."],
         ["metrics", None, None, "Serve /metrics (Prometheus) and /health over HTTP on "
@@ -200,6 +217,11 @@ class Options(usage.Options):
                 "--max-message (%d) must not exceed --max-line (%d)"
                 % (self["max-message"], self["max-line"]))
         self._liveness()
+        if self["push-ca-file"]:
+            try:
+                config.check_ca_file(self["push-ca-file"], name="push-ca-file")
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(
                 "--log-format: %r is not allowed (text or json)" % self["log-format"])

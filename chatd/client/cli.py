@@ -59,6 +59,18 @@ def _count_arg(text):
     return value
 
 
+def _push(text):
+    """APP:PUSHKEY -> (app, pushkey)."""
+    from chatd.wire.packets import APP_RE, MAX_PUSHKEY
+    app, sep, pushkey = text.partition(":")
+    if not sep or not APP_RE.match(app) or not pushkey or \
+            len(pushkey.encode("utf-8")) > MAX_PUSHKEY:
+        raise argparse.ArgumentTypeError(
+            "%r is not APP:PUSHKEY (an app id of A-Z a-z 0-9 _ . -, a pushkey of "
+            "1-%d bytes)" % (text, MAX_PUSHKEY))
+    return app, pushkey
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="chatd-client",
@@ -86,6 +98,9 @@ def parse_args(argv):
                              "they show under what you send, and --listen prints them)")
     parser.add_argument("--register", action="store_true",
                         help="register anew (a new token) instead of reusing the saved one")
+    parser.add_argument("--push", type=_push, metavar="APP:PUSHKEY",
+                        help="once connected, register for push wake-ups through the "
+                             "server's push gateway (for testing a gateway)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where tokens are kept (default: $XDG_STATE_HOME/chatd-client "
                              "or ~/.local/state/chatd-client)")

@@ -113,8 +113,11 @@ class Session:
     """
 
     def __init__(self, device, tokens, ui, connect, clock, where, *,
-                 new_token=False, one_shot=False, retry_first=True, receipts=False):
+                 new_token=False, one_shot=False, retry_first=True, receipts=False,
+                 push=None):
         self.device = device
+        #: (app, pushkey) to register for wake-ups once bound (--push), or None
+        self.push = push
         self.tokens = tokens
         self.ui = ui
         self._connect = connect
@@ -233,6 +236,9 @@ class Session:
     def _ready(self):
         self.ready = True
         self.delay = BACKOFF_FIRST
+        if self.push is not None:
+            app, pushkey = self.push
+            self.conn.send({"push": pushkey, "app": app})
         self._pump()
 
     def connection_lost(self, conn, reason):
@@ -272,6 +278,9 @@ class Session:
             self._ready()
         elif kind in ("accepted", "duplicate"):
             self._answered(reply)
+        elif kind == "push_set":
+            self.ui.notice("push wake-ups: %s" % (
+                "registered for app %s" % reply["app"] if reply.get("app") else "off"))
         elif kind == "error":
             self._error(reply)
         # pong, and types a newer server may add: nothing to do

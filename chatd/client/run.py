@@ -154,7 +154,8 @@ class App:
         tokens = TokenFile(o.state_dir or default_state_dir(self.environ), o.host, o.port, device)
         kw.setdefault("receipts", not getattr(o, "no_receipts", False))
         self.session = Session(device, tokens, self, lambda p: connectProtocol(endpoint, p),
-                               self.reactor, self.where, new_token=o.register, **kw)
+                               self.reactor, self.where, new_token=o.register,
+                               push=getattr(o, "push", None), **kw)
         return self.session
 
     def later(self, seconds, f, *args):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatd.store import layout
+from chatd.store.pushsteps import PushSteps
 from chatd.hub import tokens
 from chatd.hub.delivery import Delivery
 from chatd.wire.packets import PacketError
@@ -81,6 +82,14 @@ class NoRemote:
         pass
 
 
+class NoPusher:
+    """Without push wake-ups (no --push-url): a due wake-up is not sent by
+    this node (send.lua makes none due then)."""
+
+    def due(self, device, delay_ms=0):
+        pass
+
+
 #: the reason of the bad_token that answers a reused token
 REUSED = ("this id (%s) was used elsewhere with an old token; every token of it is "
           "revoked: register again")
@@ -91,11 +100,14 @@ class Hub:
 
     log = Logger()
 
-    def __init__(self, store, settings, clock, remote=None):
+    def __init__(self, store, settings, clock, remote=None, pusher=None):
         self.store = store
         self.settings = settings
         self.clock = clock
         self.remote = remote or NoRemote()
+        #: where due wake-ups go (chatd.push.waker.Waker): ``due(device, delay_ms)``
+        self.pusher = pusher or NoPusher()
+        self.push_steps = PushSteps(store)
         self.batch = settings.drain_batch
         # a drain batch is one write; half the output limit leaves room for
         # the replies written while the client reads it (see
@@ -321,8 +333,19 @@ class Hub:
     def _accepted(self, receiver, result):
         try:
             self.route(receiver, int(result.id), result.entry)
+            if result.due is not None:
+                self.pusher.due(receiver, result.due)
         except Exception:
             self.log.failure("pushing a message to {receiver}", receiver=receiver)
+
+    def set_push(self, conn, pushkey, app):
+        """Store (pushkey "": remove) the push registration of the device
+        bound on ``conn``: Deferred that fires once it is stored."""
+        delivery = conn.delivery
+        if delivery is None:
+            raise PacketError("not_registered", "push needs a registered connection")
+        return self.push_steps.set(delivery.device, pushkey, app if pushkey else "",
+                                   self.clock.seconds())
 
     def route(self, receiver, server_id, entry):
         """Push a just-accepted message to its receiver, wherever it is bound."""

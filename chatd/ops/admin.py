@@ -225,7 +225,8 @@ def cmd_inbox(client, args):
     pipe.llen(inbox)
     pipe.lindex(inbox, 0)
     pipe.lrange(inbox, -args.last, -1)
-    token, seq, pending, head, last = pipe.execute()
+    pipe.hgetall(layout.key(device, layout.PUSH))
+    token, seq, pending, head, last, push = pipe.execute()
     if token is None:
         raise AdminError(UNKNOWN_ID, "%s is not registered (never, or purged)" % device)
     now = _store_ms(client)
@@ -243,7 +244,7 @@ def cmd_inbox(client, args):
     result = {"id": device, "revoked": token == layout.REVOKED,
               "last_id_given": int(seq or 0), "pending": pending,
               "oldest_age_s": None if oldest is None else round((now - oldest) / 1000, 3),
-              "last": messages}
+              "last": messages, "push": _push_view(push)}
     if args.json:
         return result
     lines = ["%s: %s" % (device, "registered, tokens revoked" if result["revoked"]
@@ -251,6 +252,14 @@ def cmd_inbox(client, args):
              "pending: %d" % pending,
              "oldest: %s" % ("-" if oldest is None else _age(now - oldest) + " old"),
              "last id given: %s" % (packets.format_id(int(seq)) if seq else "-")]
+    p = result["push"]
+    if p is None:
+        lines.append("push: none")
+    else:
+        lines.append("push: app %s, pushkey %s, set %s; last wake-up: %s" % (
+            p["app"], p["pushkey"], _when(p["set_at"] * 1000),
+            "-" if p["last_wakeup"] is None else "%s (%s)" % (
+                _when(p["last_wakeup"]), p["last_result"])))
     if messages:
         lines.append("last %d waiting (oldest first):" % len(messages))
         for m in messages:
@@ -261,12 +270,26 @@ def cmd_inbox(client, args):
     return "\n".join(lines)
 
 
+def _push_view(push):
+    """A push registration as chatd-admin shows it (never the full pushkey)."""
+    if not push or b"key" not in push:
+        return None
+    last = push.get(b"last")
+    return {"app": push.get(b"app", b"").decode("ascii", "replace"),
+            "pushkey": layout.mask_pushkey(push[b"key"]),
+            "set_at": int(push.get(b"ts", b"0")),
+            "last_wakeup": int(last) if last else None,
+            "last_result": (push.get(b"res") or b"").decode("ascii", "replace") or None}
+
+
 def cmd_revoke(client, args):
     device = args.id
     _check_id(device)
     # XX: only an id that is registered; it stays registered, no token matches
     if not client.set(layout.key(device, layout.TOKEN), layout.REVOKED, xx=True):
         raise AdminError(UNKNOWN_ID, "%s is not registered (never, or purged)" % device)
+    # and no wake-ups for it any more (contract 1.2)
+    client.delete(layout.key(device, layout.PUSH))
     told = _notify(client, device)
     if args.json:
         return {"id": device, "revoked": True, "nodes_told": told}

@@ -142,6 +142,34 @@ class ChatdCollector:
                                                 key=lambda kv: _label(kv[0])):
                 h.add_metric([node, _label(name)], list(zip(bounds, counts)), total)
         yield h
+        yield from _push_families(chat, node)
+
+
+PUSH_RESULTS = ("sent", "rejected", "failed", "retried", "dropped")
+
+
+def _push_families(chat, node):
+    """Push wake-ups (with --push-url): results, gateway latency, due."""
+    waker = getattr(chat, "waker", None)
+    stats = waker.stats if waker is not None else None
+    t = CounterMetricFamily("chatd_push", "Wake-ups sent to the push gateway, by result "
+                            "(retried: a 5xx, 429, timeout or connection failure, tried "
+                            "again; dropped: failing past --push-retry-for)",
+                            labels=["node", "result"])
+    for result in PUSH_RESULTS:
+        t.add_metric([node, result], stats.results.get(result, 0) if stats else 0)
+    yield t
+    h = HistogramMetricFamily("chatd_push_seconds", "Latency of push gateway requests",
+                              labels=["node"])
+    if stats is not None:
+        snap = stats.latency.snapshot().get("gateway")
+        if snap:
+            bounds = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+            h.add_metric([node], list(zip(bounds, snap[0])), snap[1])
+    yield h
+    yield _one(GaugeMetricFamily, "chatd_push_due", "Wake-ups due (found in the store's "
+               "due index by this node's last full scan, plus those in flight here)", node,
+               (stats.due_seen + waker.inflight) if stats else 0)
 
 
 def _one(kind, name, doc, node, value):

@@ -65,6 +65,22 @@ touches one slot):
     written in the ack's (the read's) own atomic step; a node moves each
     field (``receipt.lua``, idempotent) and then deletes it if unchanged
     (``unbox.lua``). Never expires.
+``chatd:{D}:push``
+    D's push registration (contract 1.2, a hash): ``key`` the pushkey,
+    ``app`` the app id, ``ts`` when it was set (unix seconds); and the state
+    of its wake-ups: ``last`` (ms) and ``res`` the last wake-up and its
+    result, ``bound`` (ms) D's last bind (``claim.lua``), ``lease`` (ms) a
+    node's claim on a wake-up in flight, ``cseq`` D's id counter at that
+    claim, ``fail`` (ms) and ``tries`` the first failure of a wake-up being
+    retried. Absent: no push registration. A register deletes it.
+``chatd:pushdue:{T}``
+    The due index (:func:`due_key`): a sorted set of destinationIds, scored
+    by when (ms) their wake-up may next be claimed. Sharded: D's entry is in
+    shard :func:`due_shard` (D's Cluster slot, modulo the shard count) and
+    the tag ``T`` of each shard (:func:`shard_tag`) hashes to that very slot,
+    so on Redis Cluster (16384 shards) D's index entry lives in D's slot and
+    ``send.lua`` writes it in the same atomic step as the message; on one
+    store :data:`DUE_SHARDS` shards keep it off any single hot key.
 ``chatd:{D}:notify``
     Not a key: D's sharded pub/sub channel. Its payloads, ASCII:
 
@@ -79,6 +95,7 @@ touches one slot):
         The operator revoked D's tokens (``chatd-admin revoke``/``purge``).
 """
 
+import binascii
 import hashlib
 import json
 
@@ -100,6 +117,11 @@ NOTIFY = b"notify"
 RECEIPTS = b"rcpt"
 RECEIPT_AT = b"rc:"
 OUTBOX = b"outbox"
+PUSH = b"push"
+#: due-index shards on one store, and on Redis Cluster (one per slot: an
+#: index entry must live in its device's slot there)
+DUE_SHARDS = 16
+DUE_SHARDS_CLUSTER = 16384
 #: the token value that ``chatd-admin revoke`` writes: no token matches it
 REVOKED = b"revoked"
 
@@ -124,6 +146,53 @@ def device_of(name, suffix):
 def pattern(suffix):
     """A SCAN pattern for one kind of key of every device."""
     return "chatd:{*}:" + suffix.decode("ascii")
+
+
+def slot(device):
+    """D's Redis Cluster slot (CRC16 of its hash tag, as the Cluster spec)."""
+    return binascii.crc_hqx(device.encode("ascii"), 0) & 16383
+
+
+_SHARD_TAGS = []
+
+
+def shard_tag(shard):
+    """A short text whose CRC16 slot is ``shard`` (0..16383): the hash tag of
+    that due-index shard. The table is made once, on first use."""
+    if not _SHARD_TAGS:
+        tags = [None] * 16384
+        left, n = 16384, 0
+        while left:
+            text = b"%x" % n
+            s = binascii.crc_hqx(text, 0) & 16383
+            if tags[s] is None:
+                tags[s] = text
+                left -= 1
+            n += 1
+        _SHARD_TAGS.extend(tags)
+    return _SHARD_TAGS[shard]
+
+
+def due_shard(device, shards):
+    return slot(device) % shards
+
+
+def due_key(shard):
+    """The key of one due-index shard."""
+    return b"chatd:pushdue:{%s}" % shard_tag(shard)
+
+
+def device_due_key(device, shards):
+    return due_key(due_shard(device, shards))
+
+
+def mask_pushkey(pushkey):
+    """A pushkey as logs and chatd-admin show it: never in full."""
+    if not pushkey:
+        return ""
+    if isinstance(pushkey, bytes):
+        pushkey = pushkey.decode("utf-8", "replace")
+    return "%s…(%d)" % (pushkey[:4], len(pushkey)) if len(pushkey) > 8 else "…(%d)" % len(pushkey)
 
 
 def channel(device):

@@ -31,6 +31,8 @@ class SendResult:
     status: str
     id: Optional[str] = None
     entry: Optional[bytes] = None
+    #: ms until the receiver's wake-up is due, if this message made one due
+    due: Optional[int] = None
 
 
 _STATUS = {b"a": "accepted", b"d": "duplicate", b"u": "unknown_receiver",
@@ -75,6 +77,13 @@ class Store(ReceiptSteps):
         # the send script's fixed arguments, encoded once
         self._send_args = [str(v).encode("ascii") for v in (
             self._dedup_ms, self._inbox_limit, self._ttl_ms, self._ref_ms)]
+        # push wake-ups (off without --push-url: -1)
+        push = getattr(settings, "push_url", None)
+        self._push_args = [b"%d" % (int(settings.push_interval * 1000) if push else -1),
+                           b"%d" % int(getattr(settings, "push_unacked", 15) * 1000)]
+        #: shards of the due index: one per slot on a Redis Cluster
+        self.due_shards = (layout.DUE_SHARDS_CLUSTER if getattr(client, "topology", None)
+                           is not None else layout.DUE_SHARDS)
         self._sends = []   # (keys, has_ref, tail, Deferred) not yet sent
         self._acks = {}    # inbox key -> [highest upto, [Deferreds waiting]]
         self._flush_call = None
@@ -95,7 +104,7 @@ class Store(ReceiptSteps):
         prefix = _keys(device)
         used = layout.proof_key(device, ticket) if ticket else prefix + layout.PROOF + b"-"
         d = self.client.script("register", [prefix + layout.TOKEN, used,
-                                             prefix + layout.ROTATION], [
+                                             prefix + layout.ROTATION, prefix + layout.PUSH], [
             token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0)])
         return d.addCallback(lambda status: status.decode("ascii"))
 
@@ -135,8 +144,9 @@ class Store(ReceiptSteps):
         newest (see claim.lua)."""
         prefix = _keys(device)
         d = self.client.script("claim", [prefix + layout.NODE, prefix + layout.EPOCH,
-                                          layout.channel(device), prefix + layout.TOKEN],
-                               [self.node_id, lease_ms, token_hash or b""])
+                                          layout.channel(device), prefix + layout.TOKEN,
+                                          prefix + layout.PUSH],
+                               [self.node_id, lease_ms, token_hash or b"", self._now_ms()])
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):
@@ -183,12 +193,13 @@ class Store(ReceiptSteps):
         callable, not a Deferred: one per message was a tenth of chatd's
         time under load."""
         prefix = _keys(receiver)
-        # the six keys of send.lua, in its order (TOKEN .. NODE)
+        # the eight keys of send.lua, in its order (TOKEN .. DUE)
         keys = [prefix + layout.TOKEN, prefix + layout.SEQ, prefix + layout.INBOX,
                 layout.dedup_key(receiver, raw or text.encode("utf-8")),
                 prefix + layout.REF + b"-" if ref is None
                 else layout.ref_key(receiver, sender, ref),
-                prefix + layout.NODE]
+                prefix + layout.NODE, prefix + layout.PUSH,
+                layout.device_due_key(receiver, self.due_shards)]
         self._sends.append((keys, ref is not None, layout.push_tail(sender, receiver, text),
                             done))
         self._queued(len(self._sends))
@@ -249,7 +260,7 @@ class Store(ReceiptSteps):
             tails.append(tail)
         d = self.client.script("send", keys, [
             b"%d" % now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
-            self.node_id, *tails])
+            self.node_id, *self._push_args, *tails])
         d.addCallbacks(self._sent, self._failed, (sends,), None, (sends,))
 
     def _sent(self, reply, sends):
@@ -260,6 +271,9 @@ class Store(ReceiptSteps):
             code, server_id = reply[2 * i], reply[2 * i + 1]
             if code == b"a":  # the stored message, as send.lua built it
                 result = SendResult("accepted", layout.entry_id_text(server_id), server_id)
+            elif code[:1] == b"a":  # and a wake-up made due (ms until due)
+                result = SendResult("accepted", layout.entry_id_text(server_id), server_id,
+                                    int(float(code[1:])))
             elif code == b"ra":
                 result = SendResult("accepted", server_id.decode("ascii"))
             else:

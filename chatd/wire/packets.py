@@ -19,7 +19,11 @@ from chatd.wire.parsing import MAX_DEPTH, _NOT_A_PACKET, PacketError, _finite_fl
 ID_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,64}\Z")
 #: the flag values that mean "yes" (the seed also sent 'True' and 't')
 TRUE_FLAGS = ("true", True, "True", "t")
-KINDS = ("register", "reconnect", "message", "ack", "ping", "read")
+KINDS = ("register", "reconnect", "message", "ack", "ping", "read", "push")
+#: a push registration's app id (1.2): 1-64 characters from A-Z a-z 0-9 _ . -
+APP_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
+#: the longest pushkey, in UTF-8 bytes
+MAX_PUSHKEY = 4096
 #: the longest ``ref`` a client may attach to a message
 MAX_REF = 128
 #: server ids are zero-padded decimals, so they sort the same as text and as numbers
@@ -38,8 +42,9 @@ class Packet:
 
     sender = receiver = token = text = ref = proof = ack = ping = raw = None
     receipts = False  # register/reconnect: the device opts in (1.2)
+    pushkey = app = None
     _FIELDS = ("kind", "sender", "receiver", "token", "text", "ref", "proof", "ack",
-               "ping", "raw", "receipts")
+               "ping", "raw", "receipts", "pushkey", "app")
 
     def __init__(self, kind, **fields):
         self.kind = kind
@@ -218,7 +223,7 @@ def validate(obj, max_message=16384):
     if len(kinds) != 1:
         raise PacketError(
             "unknown_packet",
-            "a packet needs exactly one of register, reconnect, message, ack, ping, read"
+            "a packet needs exactly one of register, reconnect, message, ack, ping, read, push"
             + (" (got %s)" % ", ".join(kinds) if kinds else ""),
             ref if ref_ok else None)
     kind = kinds[0]
@@ -237,6 +242,8 @@ def validate(obj, max_message=16384):
         return Packet("ping", ping=obj["ping"], ref=ref)
     if kind == "read":
         return _validate_read(obj, ref)
+    if kind == "push":
+        return _validate_push(obj, ref)
     _check_flag(obj, kind, ref)
     sender = _required_id(obj, "sender", ref)
     receipts = _flag(obj.get("receipts"))
@@ -303,6 +310,24 @@ def _validate_message(obj, ref, max_message):
     if ref is not None:
         packet.ref = ref
     return packet
+
+
+def _validate_push(obj, ref):
+    """``{"push": "<pushkey>", "app": "<app id>"}``; ``{"push": ""}`` removes."""
+    pushkey = obj["push"]
+    if not _is_text(pushkey) or len(pushkey.encode("utf-8")) > MAX_PUSHKEY:
+        raise PacketError("bad_field", "field 'push' must be a pushkey string of "
+                          "1-%d bytes (\"\" removes the registration)" % MAX_PUSHKEY,
+                          ref, "push")
+    if pushkey == "":
+        return Packet("push", pushkey="", ref=ref)
+    app = obj.get("app")
+    if app is None:
+        raise PacketError("missing_field", "field 'app' is required", ref, "app")
+    if not isinstance(app, str) or not APP_RE.match(app):
+        raise PacketError("bad_field", "field 'app' must be an app id of 1-64 "
+                          "characters from A-Z a-z 0-9 _ . -", ref, "app")
+    return Packet("push", pushkey=pushkey, app=app, ref=ref)
 
 
 #: the characters that JSON (the stored message) escapes in 6 bytes

@@ -253,6 +253,23 @@ class Session(Budget, ReplyOrder, Liveness, Output):
             return
         d.addBoth(done)
 
+    def handle_push(self, packet):
+        """A push registration (1.2): ``push_set`` once it is stored."""
+        d = self.hub.set_push(self, packet.pushkey, packet.app)
+        slot = self._owe()
+        app = packet.app if packet.pushkey else None
+
+        def stored(_):
+            self._fill(slot, packets.reply({"type": "push_set", "app": app}))
+
+        def failed(f):
+            code, data = _answer_failure(f, packet.ref, self.log)
+            self.stats.count(error=code)
+            self._fill(slot, data)
+
+        d.addCallbacks(stored, failed)
+        d.addBoth(lambda _: self._done())
+
     def handle_ping(self, packet):
         data = packets.reply({"type": "pong", "ping": packet.ping})
         self._rate.charge(len(data))  # the echo may be bigger than the ping

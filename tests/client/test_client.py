@@ -15,12 +15,11 @@ import os
 import re
 import socket
 import stat
-import sys
 import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -29,7 +28,7 @@ from chatd.client.connection import Session, id_order
 from chatd.client.tokens import TokenFile, default_state_dir
 from chatd.client.ui import Command, parse_command
 from tests.clients import RecordingUi
-from tests.helpers import DEADLINE, registered, wait_until, with_deadline
+from tests.helpers import registered, wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -385,101 +384,6 @@ def test_one_shot_gives_up_when_it_cannot_connect(tmp_path):
 
 
 # -- the real client, as a subprocess --------------------------------------------------------
-
-class ClientProcess(protocol.ProcessProtocol):
-    """A running chatd-client: its output as text, awaitable patterns, its exit."""
-
-    def __init__(self):
-        self.out = ""
-        self.err = ""
-        self.code = None
-        self._waiting = []  # (stream, regex, count, Deferred)
-        self._ended = []
-
-    def outReceived(self, data):
-        self.out += data.decode("utf-8", "replace")
-        self._check()
-
-    def errReceived(self, data):
-        self.err += data.decode("utf-8", "replace")
-        self._check()
-
-    def processEnded(self, reason):
-        self.code = reason.value.exitCode if reason.value.signal is None \
-            else -reason.value.signal
-        self._check()
-        ended, self._ended = self._ended, []
-        for d in ended:
-            d.callback(self.code)
-
-    def _check(self):
-        for waiter in list(self._waiting):
-            stream, regex, count, d = waiter
-            found = regex.findall(getattr(self, stream))
-            if len(found) >= count:
-                self._waiting.remove(waiter)
-                d.callback(found)
-            elif self.code is not None:
-                self._waiting.remove(waiter)
-                d.errback(AssertionError("the client exited (%s) before printing %r\n"
-                                         "stdout: %s\nstderr: %s" % (
-                                             self.code, regex.pattern, self.out, self.err)))
-
-    async def wait_for(self, pattern, stream="out", count=1, timeout=DEADLINE):
-        """Wait until ``pattern`` has appeared ``count`` times on the stream."""
-        d = defer.Deferred()
-        self._waiting.append((stream, re.compile(pattern), count, d))
-        self._check()
-        try:
-            return await with_deadline(d, timeout, "%r on the client's std%s" % (pattern, stream))
-        except AssertionError as e:
-            raise AssertionError("%s\nstdout: %s\nstderr: %s" % (e, self.out, self.err)) from None
-
-    def write(self, text):
-        self.transport.write(text.encode())
-
-    def close_stdin(self):
-        self.transport.closeStdin()
-
-    async def exited(self, timeout=DEADLINE):
-        if self.code is None:
-            d = defer.Deferred()
-            self._ended.append(d)
-            try:
-                await with_deadline(d, timeout, "exit of the client")
-            except AssertionError as e:
-                raise AssertionError("%s\nstdout: %s\nstderr: %s" % (e, self.out, self.err)) \
-                    from None
-        return self.code
-
-
-@pytest.fixture
-def state_dir(tmp_path):
-    return tmp_path / "state"
-
-
-@pytest_twisted.async_yield_fixture
-async def client(state_dir):
-    """Start ``chatd-client 127.0.0.1 PORT --state-dir ... ARGS``: ``client(port, *args)``."""
-    from twisted.internet import reactor
-    started = []
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    env["PYTHONUNBUFFERED"] = "1"
-
-    def run(port, *args, pty=False):
-        p = ClientProcess()
-        argv = [sys.executable, "-m", "chatd.client.cli", "127.0.0.1", str(port),
-                "--state-dir", str(state_dir)] + list(args)
-        reactor.spawnProcess(p, sys.executable, argv, env=env, usePTY=pty)
-        started.append(p)
-        return p
-
-    yield run
-    for p in started:
-        if p.code is None:
-            p.transport.signalProcess("KILL")
-            await p.exited()
-
 
 def token_of(state_dir, device, port):
     path = state_dir / ("127.0.0.1_%d_%s.json" % (port, device))

@@ -5,8 +5,11 @@
 --
 -- KEYS[1] presence ("<node id> <epoch>", with a lease), KEYS[2] epoch
 --   counter (never expires), KEYS[3] the device's notify channel, KEYS[4]
---   the device's newest token hash
--- ARGV: node id, lease_ms, the token hash the bind was given ("": none)
+--   the device's newest token hash, KEYS[5] its push registration (if it
+--   has one, the time of this bind is noted there: a wake-up for messages
+--   pushed on this connection waits --push-unacked from it, push_claim.lua)
+-- ARGV: node id, lease_ms, the token hash the bind was given ("": none),
+--   now_ms
 -- Returns the new epoch. Epochs only grow: of two binds of one device, the
 -- later one has the higher epoch, and a holder with a lower one closes.
 -- Returns -1 (nothing claimed) when the bind's token is no longer the
@@ -19,5 +22,8 @@ local old = redis.call("GET", KEYS[1])
 redis.call("SET", KEYS[1], ARGV[1] .. " " .. epoch, "PX", ARGV[2])
 if old then
   redis.call("SPUBLISH", KEYS[3], "k " .. epoch .. " " .. ARGV[1])
+end
+if ARGV[4] and redis.call("EXISTS", KEYS[5]) == 1 then
+  redis.call("HSET", KEYS[5], "bound", ARGV[4])
 end
 return epoch

@@ -5,7 +5,8 @@
 -- KEYS[1] the token hash (absent: never registered; "revoked": the operator
 --   revoked it, see chatd-admin), KEYS[2] the used-ticket marker of the
 --   register's proof (unused without one), KEYS[3] the token rotation record
---   (see token.lua): a register starts it afresh.
+--   (see token.lua): a register starts it afresh, KEYS[4] the push
+--   registration (a register may be a new phone: it is removed).
 -- ARGV: token_hash, claim ("1": the id must be free or revoked), ticket_ms
 --   (the ticket's remaining life; "0": no ticket).
 -- Returns "ok", "taken" (claim: the id belongs to someone) or "used" (the
@@ -19,5 +20,5 @@ if ticket_ms > 0 and not redis.call("SET", KEYS[2], "1", "NX", "PX", ticket_ms) 
   return "used"
 end
 redis.call("SET", KEYS[1], ARGV[1])
-redis.call("DEL", KEYS[3])
+redis.call("DEL", KEYS[3], KEYS[4])
 return "ok"

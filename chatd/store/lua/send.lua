@@ -2,16 +2,25 @@
 -- whole rule of the contract for each one (ref retry, receiver check, dedup,
 -- inbox TTL and limit, enqueue), one round trip for the batch.
 --
--- KEYS, six per message (chatd/store/steps.py, Store.send_then), all of the
--- receiver's hash tag, in this order:
-local TOKEN, SEQ, INBOX, DEDUP, REF, NODE = 1, 2, 3, 4, 5, 6
-local PER_MESSAGE = 6
+-- KEYS, eight per message (chatd/store/steps.py, Store.send_then), all of the
+-- receiver's slot (the first seven carry its hash tag), in this order:
+local TOKEN, SEQ, INBOX, DEDUP, REF, NODE, PUSH, DUE = 1, 2, 3, 4, 5, 6, 7, 8
+local PER_MESSAGE = 8
 --   TOKEN the token hash (exists = registered), SEQ the id counter (never
 --   expires), INBOX the list of stored messages (oldest first), DEDUP the
 --   dedup marker of the text, REF the (sender, ref) record (unused when the
---   message has no ref), NODE the presence record ("<node id> <epoch>").
+--   message has no ref), NODE the presence record ("<node id> <epoch>"),
+--   PUSH the push registration and wake-up state, DUE the receiver's shard
+--   of the due index (in its slot: see chatd/store/layout.py).
 -- ARGV: now_ms, dedup_window_ms, inbox_limit, inbox_ttl_ms, ref_ttl_ms,
---   late_ms, refs, node id, then one tail per message.
+--   late_ms, refs, node id, push_interval_ms (-1: push is off),
+--   push_unacked_ms, then one tail per message.
+--   A message accepted for a receiver with a push registration makes its
+--   wake-up due in this same step (an entry in DUE, scored by when it may be
+--   claimed): at once if the receiver is bound nowhere (but no sooner than
+--   push_interval after its last wake-up), after push_unacked if it is bound
+--   (checked again at the claim: push_claim.lua). Its code is then
+--   "a<ms until due>" instead of "a".
 --   late_ms: the store's clock time after which the sender has been told
 --     "unavailable"; a batch run later stores nothing (0: no check).
 --   refs: one character per message, "1" if it has a ref.
@@ -42,10 +51,13 @@ local ref_ms = ARGV[5]
 local cutoff = tonumber(now) - tonumber(ttl_ms)
 local refs = ARGV[7]
 local node = ARGV[8] .. " "
+local interval = tonumber(ARGV[9])
+local unacked = tonumber(ARGV[10])
+local TAILS = 10
 -- what is read once per receiver per batch (nothing else changes them while
 -- the function runs, and the store's clock stands still): whether it is
 -- registered, where it is bound, whether its inbox's TTL is renewed
-local known, bound, renewed = {}, {}, {}
+local known, bound, renewed, woken = {}, {}, {}, {}
 
 -- Append a stored message to the inbox, within the limit: the id, or nil
 -- (the inbox is full; the counter is left as it was). Push first and take
@@ -68,13 +80,47 @@ local function enqueue(key, tail)
   return id, entry
 end
 
--- Tell the node that holds the receiver, if it is another one.
-local function notify(key, inbox, entry)
+-- Where the receiver is bound ("<node id> <epoch>"), or false.
+local function where(key, inbox)
   local at = bound[inbox]
   if at == nil then
     at = redis.call("GET", key(NODE)) or false
     bound[inbox] = at
   end
+  return at
+end
+
+-- A wake-up is due (once per receiver per batch): "" or the ms until due.
+-- The registration's "due" field mirrors the device's score in DUE (every
+-- step that scores or removes it keeps it), so that a wake-up already due
+-- as soon as this one would be costs one HMGET and nothing more.
+local function wake(key, inbox)
+  if interval < 0 or woken[inbox] then return "" end
+  woken[inbox] = true
+  local reg = redis.call("HMGET", key(PUSH), "key", "last", "tries", "lease", "due")
+  if not reg[1] then return "" end
+  local t = tonumber(now)
+  -- a wake-up in flight: its end (push_done.lua) makes the next one due if
+  -- messages came meanwhile (the id counter moved)
+  if (tonumber(reg[4]) or 0) > t then return "" end
+  local due = tonumber(reg[5])
+  -- a wake-up being retried keeps its back-off
+  if reg[3] and due then return "" end
+  local score
+  if where(key, inbox) then
+    score = t + unacked
+  else
+    score = math.max(t, (tonumber(reg[2]) or 0) + interval)
+  end
+  if due and due <= score then return "" end
+  redis.call("ZADD", key(DUE), score, string.match(inbox, "^chatd:{(.-)}:"))
+  redis.call("HSET", key(PUSH), "due", score)
+  return tostring(score - t)
+end
+
+-- Tell the node that holds the receiver, if it is another one.
+local function notify(key, inbox, entry)
+  local at = where(key, inbox)
   if at and string.sub(at, 1, #node) ~= node then
     redis.call("SPUBLISH", channel_of(inbox), "m " .. entry)
   end
@@ -113,14 +159,14 @@ local function send_one(key, tail, has_ref)
   end
   if ref then redis.call("SET", ref, "a:" .. id, "PX", ref_ms) end
   notify(key, inbox, entry)
-  return "a", entry
+  return "a" .. wake(key, inbox), entry
 end
 
 local out = {}
 for i = 1, #refs do
   local base = (i - 1) * PER_MESSAGE
   local function key(which) return KEYS[base + which] end
-  local code, value = send_one(key, ARGV[8 + i], string.byte(refs, i) == 49)
+  local code, value = send_one(key, ARGV[TAILS + i], string.byte(refs, i) == 49)
   out[#out + 1] = code
   out[#out + 1] = value
 end
