@@ -34,7 +34,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from chatd.errors import StoreUnavailable
-from chatd.hub.router import Superseded
+from chatd.hub.binding import Superseded
 
 #: most devices renewed in one store call (about a millisecond of the store)
 RENEW_BATCH = 500

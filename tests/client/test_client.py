@@ -19,15 +19,13 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, task
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted.internet import error
 
 from chatd.client import cli, formatting
-from chatd.client.connection import Session, id_order
+from chatd.client.connection import id_order
 from chatd.client.tokens import TokenFile, default_state_dir
 from chatd.client.ui import Command, parse_command
-from tests.clients import RecordingUi
+from tests.fixtures.client_session import make_session, push
 from tests.helpers import registered, wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -175,50 +173,6 @@ def test_token_file(tmp_path):
 
 
 # -- the session, against a fake transport ----------------------------------------------
-
-class FakeServer:
-    """Stands in for the network: connections are StringTransports; the
-    test reads what the client wrote and makes up the server's lines."""
-
-    def __init__(self):
-        self.refuse = False
-        self.proto = None
-        self.transport = None
-
-    def connect(self, proto):
-        if self.refuse:
-            return defer.fail(error.ConnectionRefusedError())
-        self.proto, self.transport = proto, StringTransport()
-        proto.makeConnection(self.transport)
-        return defer.succeed(proto)
-
-    def written(self):
-        data = self.transport.value()
-        self.transport.clear()
-        return [json.loads(line) for line in data.splitlines()]
-
-    def say(self, *replies):
-        """One read holding these lines (the client acks once per read)."""
-        self.proto.dataReceived(b"".join(
-            json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in replies))
-
-    def drop(self):
-        self.proto.connectionLost(Failure(error.ConnectionLost()))
-
-
-def push(n, text):
-    return {"type": "message", "id": "%016d" % n, "sent_at": 0, "sender": "bob",
-            "receiver": "alice", "message": text}
-
-
-def make_session(tmp_path, token=None, **kw):
-    tokens = TokenFile(str(tmp_path), "h", 1, "alice")
-    if token:
-        tokens.save(token)
-    server, ui, clock = FakeServer(), RecordingUi(), task.Clock()
-    session = Session("alice", tokens, ui, server.connect, clock, "h:1", **kw)
-    return session, server, ui, clock, tokens
-
 
 def test_session_registers_then_reconnects_with_the_saved_token(tmp_path):
     session, server, ui, clock, tokens = make_session(tmp_path)

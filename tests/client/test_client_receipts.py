@@ -9,7 +9,7 @@ import json
 import pytest_twisted
 
 from chatd.client.formatting import format_receipt
-from tests.client.test_client import client, make_session, push, state_dir  # noqa: F401
+from tests.fixtures.client_session import make_session, push
 from tests.helpers import registered, wait_until
 
 ensure = pytest_twisted.ensureDeferred
