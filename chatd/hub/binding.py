@@ -154,7 +154,10 @@ class Binding:
         newest (two copies of one token at once: the bind that keeps the id
         is the one with the valid token)."""
         try:
-            epoch = yield self.remote.claim(device, token_hashes[0] if rotated else None)
+            if conn.closed:  # given up on meanwhile: claim nothing, kick no one
+                return
+            epoch = yield self.remote.claim(device, token_hashes[0] if rotated else None,
+                                            int(conn.opened_at * 1000))
         except Superseded:
             epoch = None
         delivery = None

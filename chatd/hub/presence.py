@@ -78,7 +78,7 @@ class Presence:
     # -- the hub's side --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def claim(self, device, token_hash=None):
+    def claim(self, device, token_hash=None, opened_ms=None):
         """Subscribe, then claim D for this node: Deferred of its epoch.
         Fails with StoreUnavailable (nothing held), or Superseded."""
         self._claiming[device] = self._claiming.get(device, 0) + 1
@@ -91,13 +91,14 @@ class Presence:
                 self.log.warn("subscribing to {device}'s notifications: {e!r}",
                               device=device, e=e)
             try:
-                epoch = yield self.store.claim(device, self.lease_ms, token_hash)
+                epoch = yield self.store.claim(device, self.lease_ms, token_hash, opened_ms)
             except Exception:
                 self.notifications.unsubscribe(device)
                 raise
             if epoch < 0 or self._latest.get(device, 0) > epoch:
                 # a later bind elsewhere, or (epoch -1) the token this bind was
-                # given was rotated away by another reconnect since
+                # given was rotated away by another reconnect since, or (-2) a
+                # connection opened after this one holds the device
                 self.notifications.unsubscribe(device)
                 raise Superseded(device)
             return epoch

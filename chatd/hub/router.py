@@ -43,6 +43,10 @@ class Connection:
     def reconnected(self, device, pending, token):
         """Send the ``reconnected`` reply (with the device's next token)."""
 
+    #: when the connection was opened (seconds, the node's clock): of two
+    #: connections of one device, the one opened later keeps it
+    opened_at = 0.0
+
     def peer(self):
         """Where the client is (host:port), for the logs."""
 
@@ -67,7 +71,7 @@ class NoRemote:
     its inbox and is pushed when the receiver next registers or reconnects;
     nothing is claimed in the store."""
 
-    def claim(self, device, token_hash=None):
+    def claim(self, device, token_hash=None, opened_ms=None):
         return defer.succeed(0)
 
     def release(self, device, epoch):

@@ -45,6 +45,12 @@ touches one slot):
     Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
     with a lease (``PX``) that node keeps renewing (:mod:`chatd.hub.presence`);
     a dead node's records run out on their own.
+``chatd:{D}:since``
+    When the connection that holds D (``node``) was opened (ms, the node's
+    clock): a claim from a connection opened earlier loses (``claim.lua``),
+    so a bind still on its way from a connection the phone has left never
+    takes D from its newer one. Never expires (only read while ``node``
+    exists).
 ``chatd:{D}:epoch``
     D's bind counter: every register/reconnect takes the next epoch; the
     highest one holds D. Never expires (like ``seq``).
@@ -112,6 +118,7 @@ PROOF = b"proof:"
 DEDUP = b"dedup:"
 REF = b"ref:"
 NODE = b"node"
+SINCE = b"since"
 EPOCH = b"epoch"
 NOTIFY = b"notify"
 RECEIPTS = b"rcpt"

@@ -138,15 +138,17 @@ class Store(ReceiptSteps):
 
     # -- presence (see chatd.hub.presence) ------------------------------------------------
 
-    def claim(self, device, lease_ms, token_hash=None):
+    def claim(self, device, lease_ms, token_hash=None, opened_ms=None):
         """Bind D to this node: Deferred of its new epoch (an int); -1 when
         ``token_hash`` (the new token the bind was given) is no longer D's
-        newest (see claim.lua)."""
+        newest, -2 when D is held by a connection opened after ``opened_ms``
+        (the binding connection's; see claim.lua)."""
         prefix = _keys(device)
         d = self.client.script("claim", [prefix + layout.NODE, prefix + layout.EPOCH,
                                           layout.channel(device), prefix + layout.TOKEN,
-                                          prefix + layout.PUSH],
-                               [self.node_id, lease_ms, token_hash or b"", self._now_ms()])
+                                          prefix + layout.PUSH, prefix + layout.SINCE],
+                               [self.node_id, lease_ms, token_hash or b"", self._now_ms(),
+                                b"" if opened_ms is None else b"%d" % opened_ms])
         return d.addCallback(int)
 
     def renew(self, held, lease_ms):

@@ -74,7 +74,7 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
     def connectionMade(self):
         f = self.factory
         self.settings = s = f.settings
-        now = f.clock.seconds()
+        now = self.opened_at = f.clock.seconds()
         self._rate = ratelimit.limit(s.rate_limit, s.rate_burst, now)
         self.last_seen = now
         self._pinged = False
