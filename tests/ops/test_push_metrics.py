@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import formatEvent, globalLogPublisher
 
 from chatd.ops.metrics import registry_for
+from tests.fixtures.gateway import away, message
 from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -38,15 +39,8 @@ async def test_push_metrics_and_logs(chatd, clients, redis, gateway):
         gateway.mode = lambda req: "503" if len(gateway.requests) == 1 else "reject"
         node = await chatd(push_url=gateway.url, push_interval=1.0, push_timeout=1.0)
         assert value(node.service, "chatd_push_total", result="sent") == 0
-        c = await clients(node)
-        await c.register("bob")
-        c.send({"push": PUSHKEY, "app": "com.x"})
-        await c.expect("push_set")
-        await c.close()
-        alice = await clients(node)
-        await alice.register("alice")
-        alice.send({"message": "m", "receiver": "bob"})
-        await alice.expect("accepted")
+        await away(clients, node, "bob", PUSHKEY, "com.x")
+        alice, _ = await message(clients, node, "bob", "m")
         await gateway.next()
         await gateway.next()
         await wait_until(lambda: value(node.service, "chatd_push_total",

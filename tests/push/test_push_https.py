@@ -4,6 +4,7 @@ refused unless --push-ca-file names it)."""
 import pytest_twisted
 from twisted.internet import endpoints
 
+from tests.fixtures.gateway import away, message
 from tests.helpers import make_certificate, ssl_port, wait_until
 
 ensure = pytest_twisted.ensureDeferred
@@ -19,15 +20,8 @@ async def https_gateway(gateway, tmp_path):
 
 async def one_wakeup(chatd, clients, url, **settings):
     node = await chatd(push_url=url, push_timeout=2.0, push_interval=1.0, **settings)
-    c = await clients(node)
-    await c.register("bob")
-    c.send({"push": "pk-bob", "app": "com.x"})
-    await c.expect("push_set")
-    await c.close()
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "m", "receiver": "bob"})
-    await alice.expect("accepted")
+    await away(clients, node, "bob", "pk-bob", "com.x")
+    alice, _ = await message(clients, node, "bob", "m")
     return node
 
 

@@ -10,6 +10,7 @@ import signal
 import pytest
 import pytest_twisted
 
+from tests.fixtures.gateway import away, message
 from tests.fixtures.nodes import ChatdNodes
 from tests.helpers import wait_until
 
@@ -35,15 +36,8 @@ def nodes(own_redis, tmp_short):
 async def test_sigkill_in_the_middle_of_the_gateway_call(nodes, opened, own_redis, gateway):
     gateway.mode = lambda req: "hang" if len(gateway.requests) == 1 else "ok"
     a, b = await nodes(2, "--push-url", gateway.url, *ARGS)
-    bob = await opened(a)
-    await bob.register("bob")
-    bob.send({"push": "pk-bob-0123456789", "app": "com.x"})
-    await bob.expect("push_set")
-    await bob.close()
-    alice = await opened(a)
-    await alice.register("alice")
-    alice.send({"message": "wake up", "receiver": "bob"})
-    accepted = await alice.expect("accepted")
+    await away(opened, a, "bob", "pk-bob-0123456789", "com.x")
+    alice, accepted = await message(opened, a, "bob", "wake up")
     first = await gateway.next()
     sender = a if node_id(a) in first.headers["user-agent"] else b
     other = b if sender is a else a
@@ -63,15 +57,8 @@ async def test_a_node_killed_right_after_accepted_loses_no_wakeup(
     sending node dies, another node sends the wake-up once it is back."""
     gateway.mode = "503"
     a, b = await nodes(2, "--push-url", gateway.url, *ARGS)
-    bob = await opened(b)
-    await bob.register("bob")
-    bob.send({"push": "pk-bob", "app": "com.x"})
-    await bob.expect("push_set")
-    await bob.close()
-    alice = await opened(a)
-    await alice.register("alice")
-    alice.send({"message": "wake up", "receiver": "bob"})
-    await alice.expect("accepted")
+    await away(opened, b, "bob", "pk-bob", "com.x")
+    alice, _ = await message(opened, a, "bob", "wake up")
     a.kill(signal.SIGKILL)
     gateway.mode = "ok"
     while True:
@@ -90,15 +77,8 @@ async def test_gateway_down_then_back(chatd, clients, redis, gateway):
     await gateway.port.stopListening()   # down: connections refused
     node = await chatd(push_url=url, push_interval=1.0, push_timeout=1.0,
                        push_retry_for=60.0)
-    c = await clients(node)
-    await c.register("bob")
-    c.send({"push": "pk-bob", "app": "com.x"})
-    await c.expect("push_set")
-    await c.close()
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "m", "receiver": "bob"})
-    await alice.expect("accepted")
+    await away(clients, node, "bob", "pk-bob", "com.x")
+    alice, _ = await message(clients, node, "bob", "m")
     waker = node.service.waker
     await wait_until(lambda: waker.stats.results["retried"] >= 2, 15, "two failed tries")
     gateway.port = reactor.listenTCP(port, site, interface="127.0.0.1")  # back
@@ -138,15 +118,8 @@ async def test_a_long_call_keeps_its_lease(chatd, clients, redis, gateway):
     settings = dict(push_url=gateway.url, push_timeout=LEASE + 4, push_interval=1.0)
     a = await chatd(**settings)
     await chatd(**settings)
-    c = await clients(a)
-    await c.register("bob")
-    c.send({"push": "pk-bob", "app": "com.x"})
-    await c.expect("push_set")
-    await c.close()
-    alice = await clients(a)
-    await alice.register("alice")
-    alice.send({"message": "m", "receiver": "bob"})
-    await alice.expect("accepted")
+    await away(clients, a, "bob", "pk-bob", "com.x")
+    alice, _ = await message(clients, a, "bob", "m")
     first = await gateway.next()
     second = await gateway.next(timeout=LEASE + 10)
     # the retry after the deadline, not another node's copy while it hung

@@ -7,21 +7,12 @@ gateway in the test process (tests/fixtures/gateway.py).
 
 import pytest_twisted
 
+from tests.fixtures.gateway import away, message
 from tests.helpers import wait_until
 
 ensure = pytest_twisted.ensureDeferred
 
 PUSH = dict(push_interval=1.0, push_unacked=0.5, push_timeout=1.0, push_retry_for=30.0)
-
-
-async def away(clients, node, device, pushkey="pk-0123456789abcdef", app="com.example.chat"):
-    """``device`` registered with a push registration, then gone."""
-    c = await clients(node)
-    await c.register(device)
-    c.send({"push": pushkey, "app": app})
-    await c.expect("push_set", app=app)
-    await c.close()
-    return c.token
 
 
 def push_state(redis, device):
@@ -33,10 +24,7 @@ def push_state(redis, device):
 async def test_a_message_for_an_away_device_wakes_it(chatd, clients, redis, gateway):
     node = await chatd(push_url=gateway.url, **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "secret text", "receiver": "bob"})
-    accepted = await alice.expect("accepted")
+    alice, accepted = await message(clients, node, "bob", "secret text")
     req = await gateway.next()
     assert req.content_type == "application/json"
     assert req.body == {"notification": {
@@ -52,10 +40,7 @@ async def test_a_message_for_an_away_device_wakes_it(chatd, clients, redis, gate
 async def test_content_sender_and_full(chatd, clients, redis, gateway):
     node = await chatd(push_url=gateway.url, push_content="full", **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "hello bob", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "hello bob")
     n = (await gateway.next()).notification
     assert n["sender"] == "alice" and n["content"] == {"body": "hello bob"}
 
@@ -101,10 +86,7 @@ async def test_rejected_removes_the_registration(chatd, clients, redis, gateway)
     gateway.mode = "reject"
     node = await chatd(push_url=gateway.url, **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "one", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "one")
     await gateway.next()
     await wait_until(lambda: push_state(redis, "bob") == {})
     assert node.service.waker.stats.results["rejected"] == 1
@@ -118,10 +100,7 @@ async def test_503_is_retried_with_backoff_then_sent(chatd, clients, redis, gate
     gateway.mode = "503"
     node = await chatd(push_url=gateway.url, **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "one", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "one")
     first = await gateway.next()
     alice.send({"message": "two", "receiver": "bob"})  # keeps the back-off
     await alice.expect("accepted")
@@ -141,10 +120,7 @@ async def test_other_4xx_is_not_retried(chatd, clients, redis, gateway):
     gateway.mode = "400"
     node = await chatd(push_url=gateway.url, **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "one", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "one")
     await gateway.next()
     await wait_until(lambda: push_state(redis, "bob").get("res") == "failed")
     await gateway.none_within(2.5)
@@ -156,10 +132,7 @@ async def test_hang_times_out_and_is_retried(chatd, clients, redis, gateway):
     gateway.mode = lambda req: "hang" if len(gateway.requests) == 1 else "ok"
     node = await chatd(push_url=gateway.url, **PUSH)
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "one", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "one")
     first = await gateway.next()
     second = await gateway.next()
     assert second.at - first.at >= PUSH["push_timeout"]
@@ -171,10 +144,7 @@ async def test_retries_stop_after_retry_for(chatd, clients, redis, gateway):
     gateway.mode = "503"
     node = await chatd(push_url=gateway.url, **dict(PUSH, push_retry_for=1.5))
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "one", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "one")
     await wait_until(lambda: push_state(redis, "bob").get("res") == "dropped", 15)
     assert node.service.waker.stats.results["dropped"] == 1
     assert redis.command("ZCARD", "chatd:pushdue:{%s}" % _tag("bob")) == 0
@@ -185,10 +155,7 @@ async def test_coalescing_one_more_per_interval_with_the_latest_count(
         chatd, clients, redis, gateway):
     node = await chatd(push_url=gateway.url, **dict(PUSH, push_interval=2.0))
     await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "m1", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "m1")
     first = await gateway.next()
     assert first.unread == 1
     for i in range(2, 6):
@@ -205,10 +172,7 @@ async def test_a_device_that_binds_before_its_wakeup_gets_none(chatd, clients, r
     node = await chatd(push_url=gateway.url,
                        **dict(PUSH, push_interval=2.0, push_unacked=30.0))
     token = await away(clients, node, "bob")
-    alice = await clients(node)
-    await alice.register("alice")
-    alice.send({"message": "m1", "receiver": "bob"})
-    await alice.expect("accepted")
+    alice, _ = await message(clients, node, "bob", "m1")
     await gateway.next()
     alice.send({"message": "m2", "receiver": "bob"})  # due again after the interval
     await alice.expect("accepted")
