@@ -129,7 +129,7 @@ class RedisClient:
         return d.addErrback(self._unavailable, args[0])
 
     def script(self, name, keys, args):
-        """Run ``chatd/lua/<name>.lua`` (a function of chatd's library);
+        """Run ``chatd/store/lua/<name>.lua`` (a function of chatd's library);
         Deferred of its reply.
 
         The library is on the store before any call (see :meth:`_connected`).

@@ -31,7 +31,7 @@ _FLAGS = re.compile(rb"^-- flag: ([a-z-]+)", re.M)
 
 class Library:
     """chatd's Lua as one function library: ``_prelude.lua`` once, then each
-    ``chatd/lua/<name>.lua`` as the body of a function ``chatd_<v>_<name>``
+    ``chatd/store/lua/<name>.lua`` as the body of a function ``chatd_<v>_<name>``
     (its KEYS and ARGV are the function's arguments, so a body reads as a
     script). ``<v>`` is a hash of the whole source: nodes of two versions
     (a rolling upgrade) share a store without replacing each other's code."""

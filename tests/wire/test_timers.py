@@ -1,5 +1,5 @@
 """
-The connections' timer wheel (chatd/timers.py): a deadline fires never
+The connections' timer wheel (chatd/wire/timers.py): a deadline fires never
 early, at most a tick late, once; rescheduling replaces it; a cancelled one
 never fires; no call is pending once nothing is scheduled.
 
