@@ -133,6 +133,7 @@ class Session:
         self.binding = False         # a register/reconnect is unanswered
         self.ready = False           # messages may be sent on this connection
         self.shown = None            # id_order() of the highest id shown
+        self.come_back = 0.0  # seconds the server asked us to wait (retry_after_ms)
         self.delay = BACKOFF_FIRST
         self.ever_connected = False
         self.failed_dials = 0        # since the last connection was made
@@ -207,6 +208,9 @@ class Session:
 
     def _reconnect_later(self, why, verb):
         delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_MAX)
+        # a server that stops says when to come back (retry_after_ms, 1.2):
+        # its clients then do not all come back at once
+        delay, self.come_back = max(delay, self.come_back), 0.0
         self.ui.notice("%s; %s in %.1f s" % (why, verb, delay))
         self._retry = self.clock.callLater(delay, self._dial)
 
@@ -335,6 +339,9 @@ class Session:
             self.ui.fatal(1, revoked_words(self.device))
             return
         if code in CLOSING_CODES:
+            after = reply.get("retry_after_ms")
+            if isinstance(after, int) and not isinstance(after, bool) and after > 0:
+                self.come_back = min(after / 1000.0, 600.0)
             # said when the connection closes, with when we try again
             self._why_closed = "the server closed the connection: %s" % describe_error(reply)
             return

@@ -6,6 +6,7 @@ shutdown.
 """
 
 import collections
+import random
 
 from twisted.internet import defer, protocol
 
@@ -94,12 +95,32 @@ class ChatFactory(protocol.Factory):
         idle = defer.DeferredList([c.when_idle() for c in conns], consumeErrors=True)
         yield _within(idle, self.settings.redis_timeout + 1, self.clock)
         gone = []
-        for c in list(self.connections):
+        left = list(self.connections)
+        for c in left:
             gone.append(c.when_closed())
-            c.close("shutdown", "the server is stopping; reconnect later")
+            c.close("shutdown", "the server is stopping; reconnect later",
+                    retry_after_ms=retry_after_ms(len(left)))
         yield _within(defer.DeferredList(gone, consumeErrors=True), grace, self.clock)
         for c in list(self.connections):
             c.framing.abort()
+
+
+#: when told ``shutdown``, a client comes back after RETRY_AFTER_MS plus a
+#: random part of a window that grows with the connections told (SPREAD_MS
+#: each, at least RETRY_WINDOW_MIN_MS, at most RETRY_WINDOW_MAX_MS): a restart
+#: must not make its own reconnect storm
+RETRY_AFTER_MS = 500
+SPREAD_MS = 1
+RETRY_WINDOW_MIN_MS = 5000
+RETRY_WINDOW_MAX_MS = 30000
+
+
+def retry_after_ms(connections, rng=random):
+    """The ``retry_after_ms`` of one ``shutdown`` (1.2 extension), for a stop
+    that closes ``connections`` at once: 80,000 phones come back spread over
+    30 s (about 2,700 a second), a few over 5 s."""
+    window = min(RETRY_WINDOW_MAX_MS, max(RETRY_WINDOW_MIN_MS, connections * SPREAD_MS))
+    return RETRY_AFTER_MS + rng.randrange(window)
 
 
 def _files_limit():

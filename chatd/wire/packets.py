@@ -442,10 +442,12 @@ def accepted(server_id, receiver, ref):
         b"null" if ref is None else _dumps(ref).encode("utf-8"))
 
 
-def error(code, reason, ref=None, field=None):
+def error(code, reason, ref=None, field=None, retry_after_ms=None):
     obj = {"type": "error", "code": code, "reason": reason, "ref": ref}
     if field is not None:
         obj["field"] = field
+    if retry_after_ms is not None:
+        obj["retry_after_ms"] = retry_after_ms
     return reply(obj)
 
 

@@ -222,8 +222,9 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
 
     # -- closing -------------------------------------------------------------------
 
-    def close(self, code, reason):
-        """Send a closing error, then close (cut after a grace if unread)."""
+    def close(self, code, reason, retry_after_ms=None):
+        """Send a closing error, then close (cut after a grace if unread);
+        ``retry_after_ms``: when the client should come back (``shutdown``)."""
         if self._closing:
             return
         self.stats.count(error=code)
@@ -231,7 +232,8 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
             self._flush_out()  # what was said before comes first
             if self._closing:
                 return  # that was too much for a client that does not read
-        self.framing.write_closing(packets.error(code, reason), code)
+        self.framing.write_closing(
+            packets.error(code, reason, retry_after_ms=retry_after_ms), code)
         self._closing = True
         self._out = None
         if self._backlog is not None:

@@ -305,6 +305,17 @@ def test_session_says_why_the_server_closed_and_stops_when_replaced(tmp_path):
     assert ui.notices[-1] == ("the server closed the connection: the server is stopping "
                               "(shutdown); reconnecting in 0.5 s")
     clock.advance(0.5)
+    assert server.written()[0]["reconnect"] == "true"
+    # a shutdown that says when to come back (retry_after_ms, 1.2) is waited for
+    server.say({"type": "reconnected", "sender": "alice", "pending": 0})
+    server.say({"type": "error", "code": "shutdown", "reason": "the server is stopping",
+                "ref": None, "retry_after_ms": 7250})
+    server.drop()
+    assert ui.notices[-1].endswith("(shutdown); reconnecting in 7.2 s"), ui.notices[-1]
+    clock.advance(7.0)
+    assert server.written() == []  # not yet
+    clock.advance(0.3)
+    assert server.written()[0]["reconnect"] == "true"
     server.say({"type": "reconnected", "sender": "alice", "pending": 0})
     server.say({"type": "error", "code": "session_replaced", "reason": "elsewhere", "ref": None})
     assert ui.fatals and ui.fatals[0][0] == 1
@@ -529,8 +540,9 @@ async def test_reconnects_by_itself_and_sends_what_was_typed_meanwhile(chatd, cl
     alice = client(port, "--id", "alice", "--to", "bob")
     await alice.wait_for("registered as alice")
     await node.stop()
+    # it waits as long as the server's shutdown said (retry_after_ms, 1.2)
     await alice.wait_for(r"the server closed the connection: .*\(shutdown\); "
-                         r"reconnecting in 0\.5 s")
+                         r"reconnecting in \d+\.\d s")
     alice.write("did you miss me?\n")
     await alice.wait_for("not connected; what you type is sent once the connection is back")
     node = await chatd(port="tcp:%d:interface=127.0.0.1" % port)

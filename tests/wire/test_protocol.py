@@ -561,13 +561,32 @@ async def test_slow_consumer_is_cut_and_keeps_its_messages(chatd, clients, redis
 
 
 @ensure
-async def test_shutdown_tells_clients(chatd, clients):
+async def test_shutdown_tells_clients_when_to_come_back(chatd, clients):
+    """``shutdown`` carries ``retry_after_ms`` (1.2 extension): when to come
+    back, spread over a window, so a restart makes no storm of its own."""
+    from chatd.wire.factory import RETRY_AFTER_MS, RETRY_WINDOW_MIN_MS
     node, a, b = await pair(chatd, clients)
     await node.stop()
-    await a.error("shutdown")
-    await b.error("shutdown")
+    for c in (a, b):
+        err = await c.error("shutdown")
+        after = err["retry_after_ms"]
+        assert isinstance(after, int)
+        assert RETRY_AFTER_MS <= after < RETRY_AFTER_MS + RETRY_WINDOW_MIN_MS
     await a.wait_closed()
     await b.wait_closed()
+
+
+def test_retry_after_spreads_with_the_connections():
+    """The window grows with the connections told, within its bounds."""
+    import random
+
+    from chatd.wire import factory
+    rng = random.Random(7)
+    few = [factory.retry_after_ms(3, rng) for _ in range(2000)]
+    many = [factory.retry_after_ms(80000, rng) for _ in range(2000)]
+    assert min(few) >= factory.RETRY_AFTER_MS and max(few) < factory.RETRY_AFTER_MS + 5000
+    assert max(many) < factory.RETRY_AFTER_MS + factory.RETRY_WINDOW_MAX_MS
+    assert max(many) > factory.RETRY_AFTER_MS + 20000  # spread over most of 30 s
 
 
 # -- proof mode -------------------------------------------------------------------------

@@ -91,8 +91,11 @@ function connect() {
       showStatus("offline", "offline");
       return;
     }
-    // back off: 0.5 s, 1 s, 2 s ... 30 s, with some jitter
-    const delay = Math.min(30000, 500 * 2 ** state.retries) * (0.8 + 0.4 * Math.random());
+    // back off: 0.5 s, 1 s, 2 s ... 30 s, with some jitter; a server that
+    // stops says when to come back (retry_after_ms, 1.2)
+    const backoff = Math.min(30000, 500 * 2 ** state.retries) * (0.8 + 0.4 * Math.random());
+    const delay = Math.max(backoff, Math.min(state.comeBack || 0, 600000));
+    state.comeBack = 0;
     state.retries += 1;
     showStatus("offline", "offline, reconnecting in " + Math.ceil(delay / 1000) + " s");
     state.retryTimer = setTimeout(connect, delay);
@@ -241,6 +244,11 @@ function failed(p) {
     return;
   }
   switch (p.code) {
+    case "shutdown":
+      if (Number.isInteger(p.retry_after_ms) && p.retry_after_ms > 0) {
+        state.comeBack = p.retry_after_ms;
+      }
+      break;
     case "session_replaced":
       state.stopped = true;
       notify("This id was opened somewhere else (another tab or device), so this page " +
