@@ -104,3 +104,17 @@ def test_a_big_literal_with_a_tuple_is_refused_small_ones_still_read():
     with pytest.raises(PacketError) as e:
         packets.parse_line(big)
     assert e.value.code == "bad_packet" and "send JSON" in e.value.reason
+
+
+@pytest.mark.parametrize("line", ["\u0660", "{'a': \u0660}", "{'a': 1\u0660}",
+                                  "{'a': \u0660.5}", "{'ping': [\u0661, 2]}"])
+def test_digits_of_other_scripts_are_read_as_the_token_parser_reads_them(line):
+    """A digit of another script (found by hypothesis: the fast reader raised
+    UnicodeEncodeError, which cost the client its connection): a packet or
+    a PacketError, never another exception; a ping's value as the token
+    parser reads it."""
+    try:
+        got = packets.parse_line(line.encode("utf-8"))
+    except PacketError:
+        return
+    assert got.kind == "ping" and _same(got.ping, literal.parse_literal(line)["ping"])
