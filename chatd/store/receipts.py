@@ -95,8 +95,14 @@ class ReceiptSteps:
         field, _, value = item.partition(b"=")
         sender, _, status = field.decode("ascii").partition(" ")
         upto, _, at = value.partition(b" ")
-        d = self.client.script("receipt", [_keys(sender) + layout.RECEIPTS], [
-            sender, receiver, status, upto, at, self.node_id, self._ttl_ms])
+        p = _keys(sender)
+        # every key make_receipt touches, declared: on a slot being migrated
+        # the step is refused whole (and retried), never stopped halfway
+        d = self.client.script("receipt", [
+            p + layout.RECEIPTS, p + layout.INBOX, p + layout.SEQ, p + layout.NODE,
+            p + layout.EPOCH, p + layout.RECEIPT_AT + status.encode() + b":"
+            + (receiver if isinstance(receiver, bytes) else receiver.encode())],
+            [sender, receiver, status, upto, at, self.node_id, self._ttl_ms])
 
         def moved(reply):
             if reply:

@@ -3,7 +3,9 @@
 -- trip for the batch; and make the senders' delivered receipts (1.2) in the
 -- same atomic step.
 --
--- KEYS: inboxes; ARGV: for each, the highest acked id; then receipts mode
+-- KEYS: inboxes (then, in mode "o", each one's outbox, declared so that a
+--   slot being migrated is refused up front, before anything is done);
+-- ARGV: for each inbox, the highest acked id; then receipts mode
 --   ("0" none: --receipts off; "d" direct: into the senders' inboxes, one
 --   store; "o" outbox: into each receiver's outbox, Redis Cluster), now_ms,
 --   node id, inbox_ttl_ms.
@@ -15,6 +17,7 @@
 -- from the head's id; the entry there is checked, and a slow walk is the
 -- fallback (it never runs while the ids are consecutive).
 local n = #KEYS
+if #ARGV > n then n = #ARGV - 4 end  -- a receipts mode follows the ids
 local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
 local removed = 0
 local out = {0}
@@ -50,7 +53,7 @@ for i = 1, n do
         end
       end
     else
-      local outbox = KEY_HEAD .. r .. "}:" .. K_OUTBOX
+      local outbox = KEYS[n + i]
       for _, s in ipairs(order) do to_outbox(outbox, s, "delivered", high[s], now) end
       -- everything in it, left over from a node that died mid-way included
       local all = redis.call("HGETALL", outbox)
