@@ -173,8 +173,10 @@ class Delivery:
             self._ack_busy = False
             if failure is None:
                 self._ack_sent = max(self._ack_sent, upto)
-                if not self.closed:
-                    self._send_ack()
+                # an ack folded in meanwhile is stored even if the connection
+                # has closed since: the device did show those messages (a
+                # listener that exits right after its last ack lost it)
+                self._send_ack()
                 return
             if not failure.check(StoreUnavailable):
                 self.log.failure("storing an ack of {device}", failure, device=self.device)
