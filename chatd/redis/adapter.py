@@ -15,8 +15,8 @@ an upgrade of txredisapi is checked against this module alone:
 * the sharded pub/sub replies (``smessage``, ``ssubscribe``), which
   txredisapi's subscriber protocol does not know.
 
-Errors of txredisapi are turned into chatd's here too (:func:`is_error_reply`,
-:data:`ConnectionLost`), so the store client names no txredisapi class.
+Error replies are named here too (:data:`ErrorReply`), so the store client
+names no txredisapi class.
 """
 
 import dataclasses
@@ -33,8 +33,6 @@ from chatd.netio import write_now
 
 #: an error reply of the store (``-ERR ...``), as txredisapi raises it
 ErrorReply = txredisapi.ResponseError
-#: what txredisapi raises for a call on a lost connection
-ConnectionLost = txredisapi.ConnectionError
 
 _log = Logger(namespace="chatd.redis")
 
@@ -229,5 +227,5 @@ def write(conn, *args):
 
 def cut(conn):
     """Abort a connection: txredisapi fails every call on it with
-    ConnectionLost and reconnects."""
+    its ConnectionError and reconnects."""
     conn.transport.abortConnection()

@@ -63,16 +63,16 @@ local known, bound, renewed, woken = {}, {}, {}, {}
 -- (the inbox is full; the counter is left as it was). Push first and take
 -- it back if that went over (rare): one call less per message than counting
 -- first; expired messages are only looked for when the inbox seems full.
-local function enqueue(key, tail)
-  local seq = redis.call("INCR", key(SEQ))
+local function enqueue(base, tail)
+  local seq = redis.call("INCR", KEYS[base + SEQ])
   local id = string.format("%016d", seq)
   local entry = ENTRY_HEAD .. id .. ENTRY_MID .. now .. tail
-  local inbox = key(INBOX)
+  local inbox = KEYS[base + INBOX]
   if redis.call("RPUSH", inbox, entry) > limit then
     redis.call("RPOP", inbox)
     drop_expired(inbox, cutoff)
     if redis.call("LLEN", inbox) >= limit then
-      redis.call("SET", key(SEQ), seq - 1)
+      redis.call("SET", KEYS[base + SEQ], seq - 1)
       return nil
     end
     redis.call("RPUSH", inbox, entry)
@@ -81,10 +81,10 @@ local function enqueue(key, tail)
 end
 
 -- Where the receiver is bound ("<node id> <epoch>"), or false.
-local function where(key, inbox)
+local function where(base, inbox)
   local at = bound[inbox]
   if at == nil then
-    at = redis.call("GET", key(NODE)) or false
+    at = redis.call("GET", KEYS[base + NODE]) or false
     bound[inbox] = at
   end
   return at
@@ -94,10 +94,10 @@ end
 -- The registration's "due" field mirrors the device's score in DUE (every
 -- step that scores or removes it keeps it), so that a wake-up already due
 -- as soon as this one would be costs one HMGET and nothing more.
-local function wake(key, inbox)
+local function wake(base, inbox)
   if interval < 0 or woken[inbox] then return "" end
   woken[inbox] = true
-  local reg = redis.call("HMGET", key(PUSH), "key", "last", "tries", "lease", "due")
+  local reg = redis.call("HMGET", KEYS[base + PUSH], "key", "last", "tries", "lease", "due")
   if not reg[1] then return "" end
   local t = tonumber(now)
   -- a wake-up in flight: its end (push_done.lua) makes the next one due if
@@ -107,29 +107,30 @@ local function wake(key, inbox)
   -- a wake-up being retried keeps its back-off
   if reg[3] and due then return "" end
   local score
-  if where(key, inbox) then
+  if where(base, inbox) then
     score = t + unacked
   else
     score = math.max(t, (tonumber(reg[2]) or 0) + interval)
   end
   if due and due <= score then return "" end
-  redis.call("ZADD", key(DUE), score, string.match(inbox, "^chatd:{(.-)}:"))
-  redis.call("HSET", key(PUSH), "due", score)
+  redis.call("ZADD", KEYS[base + DUE], score, string.match(inbox, "^chatd:{(.-)}:"))
+  redis.call("HSET", KEYS[base + PUSH], "due", score)
   return tostring(score - t)
 end
 
 -- Tell the node that holds the receiver, if it is another one.
-local function notify(key, inbox, entry)
-  local at = where(key, inbox)
+local function notify(base, inbox, entry)
+  local at = where(base, inbox)
   if at and string.sub(at, 1, #node) ~= node then
     redis.call("SPUBLISH", channel_of(inbox), "m " .. entry)
   end
 end
 
 -- The whole rule for one message: its code and value (see above).
-local function send_one(key, tail, has_ref)
-  local ref = has_ref and key(REF) or nil
-  local inbox = key(INBOX)
+-- (``base``: the offset of the message's keys in KEYS)
+local function send_one(base, tail, has_ref)
+  local ref = has_ref and KEYS[base + REF] or nil
+  local inbox = KEYS[base + INBOX]
   local first = ref and redis.call("GET", ref)
   if first then
     if first == "d" then return "rd", "" end
@@ -137,20 +138,20 @@ local function send_one(key, tail, has_ref)
   end
   local registered = known[inbox]
   if registered == nil then
-    registered = redis.call("EXISTS", key(TOKEN)) == 1
+    registered = redis.call("EXISTS", KEYS[base + TOKEN]) == 1
     known[inbox] = registered
   end
   if not registered then return "u", "" end
-  if window > 0 and not redis.call("SET", key(DEDUP), "1", "PX", ARGV[2], "NX") then
+  if window > 0 and not redis.call("SET", KEYS[base + DEDUP], "1", "PX", ARGV[2], "NX") then
     -- the marker of an accepted copy is there: SET NX leaves it as it is
     -- (anchored on the accepted copy: a suppressed copy does not extend it)
     if ref then redis.call("SET", ref, "d", "PX", ref_ms) end
     return "d", ""
   end
-  local id, entry = enqueue(key, tail)
+  local id, entry = enqueue(base, tail)
   if not id then
     -- not accepted: no dedup marker either (SET NX just made it)
-    if window > 0 then redis.call("DEL", key(DEDUP)) end
+    if window > 0 then redis.call("DEL", KEYS[base + DEDUP]) end
     return "f", ""
   end
   if not renewed[inbox] then
@@ -158,15 +159,14 @@ local function send_one(key, tail, has_ref)
     renewed[inbox] = true
   end
   if ref then redis.call("SET", ref, "a:" .. id, "PX", ref_ms) end
-  notify(key, inbox, entry)
-  return "a" .. wake(key, inbox), entry
+  notify(base, inbox, entry)
+  return "a" .. wake(base, inbox), entry
 end
 
 local out = {}
 for i = 1, #refs do
-  local base = (i - 1) * PER_MESSAGE
-  local function key(which) return KEYS[base + which] end
-  local code, value = send_one(key, ARGV[TAILS + i], string.byte(refs, i) == 49)
+  local code, value = send_one((i - 1) * PER_MESSAGE, ARGV[TAILS + i],
+                               string.byte(refs, i) == 49)
   out[#out + 1] = code
   out[#out + 1] = value
 end
