@@ -86,7 +86,7 @@ class Binding:
         # connection that holds it is still fine)
         status = yield self.store.register(
             device, token_hash, claim=s.registration == "claim" and current is None,
-            ticket=proof if ticket_ms else None, ticket_ms=ticket_ms)
+            ticket=proof if ticket_ms else None, ticket_ms=ticket_ms, receipts=receipts)
         if status == "taken":
             raise PacketError("forbidden", "%s is registered already and this server "
                               "lets only its first register keep it; reconnect with its "
@@ -95,7 +95,6 @@ class Binding:
         if status == "used":
             raise PacketError("forbidden", "this proof was used already; each is good "
                               "for one register: get a new one", field="proof")
-        yield self.store.set_receipts(device, receipts)
         current = self.delivery(conn)
         if current is not None:
             # registering again on the same connection: a new token, same pushes
@@ -114,9 +113,9 @@ class Binding:
         presented = tokens.token_hash(token)
         new = tokens.new_token() if self.settings.token_rotation else None
         status = yield self.store.use_token(device, presented,
-                                            tokens.token_hash(new) if new else None)
+                                            tokens.token_hash(new) if new else None,
+                                            receipts=receipts)
         self._check_use(conn, device, status)
-        yield self.store.set_receipts(device, receipts)
         valid = (tokens.token_hash(new), presented) if new else (presented,)
         token = new or token
         current = self.delivery(conn)

@@ -57,7 +57,7 @@ touches one slot):
 ``chatd:{D}:rcpt``
     Receipts opt-in (contract 1.2): ``1`` while D's last register or
     reconnect carried ``"receipts": "true"``; absent = off. Written at every
-    bind (:meth:`chatd.store.steps.Store.set_receipts`). Never expires.
+    bind, in the step that checks the token (``register.lua``, ``token.lua``). Never expires.
 ``chatd:{D}:rc:<status>:<R>``
     D's newest receipt for (receiver R, status ``delivered``/``read``):
     ``"<upto> <id> <mark>"``, the upto it said (never goes down), its id in

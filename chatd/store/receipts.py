@@ -46,13 +46,6 @@ class ReceiptSteps:
         """Receipts go through outboxes (Redis Cluster, receipts on)."""
         return self._rmode == b"o"
 
-    def set_receipts(self, device, on):
-        """Store D's opt-in (a register or reconnect): on, or off."""
-        key = _keys(device) + layout.RECEIPTS
-        if on:
-            return self.client.call(b"SET", key, b"1")
-        return self.client.call(b"DEL", key)
-
     def read(self, device, sender, upto):
         """D has shown every message from ``sender`` up to ``upto`` (an
         int): Deferred of False if ``upto`` is higher than any id D was ever

@@ -96,7 +96,8 @@ class Store(ReceiptSteps):
 
     # -- single calls ----------------------------------------------------------------
 
-    def register(self, device, token_hash, claim=False, ticket=None, ticket_ms=0):
+    def register(self, device, token_hash, claim=False, ticket=None, ticket_ms=0,
+                 receipts=False):
         """Store D's new token (hash); every older token is revoked by it.
         Deferred of ``"ok"``; or, changing nothing, ``"taken"`` (``claim``:
         D is registered and not revoked) or ``"used"`` (the proof ``ticket``,
@@ -104,21 +105,25 @@ class Store(ReceiptSteps):
         prefix = _keys(device)
         used = layout.proof_key(device, ticket) if ticket else prefix + layout.PROOF + b"-"
         d = self.client.script("register", [prefix + layout.TOKEN, used,
-                                             prefix + layout.ROTATION, prefix + layout.PUSH], [
-            token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0)])
+                                             prefix + layout.ROTATION, prefix + layout.PUSH,
+                                             prefix + layout.RECEIPTS], [
+            token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0),
+            b"1" if receipts else b"0"])
         return d.addCallback(lambda status: status.decode("ascii"))
 
-    def use_token(self, device, presented_hash, new_hash=None):
+    def use_token(self, device, presented_hash, new_hash=None, receipts=None):
         """Use D's token (a reconnect, or a one-shot send): Deferred of
         ``"newest"`` or ``"prev"`` (valid; ``new_hash`` given: D's newest
         token is now that one), ``"bad"``, ``"reuse"`` (a token that was
         superseded after its successor was used: every token of D is
         revoked now, and the node holding D told), or ``"reused"`` (D's
-        tokens were revoked by a reuse before). See token.lua."""
+        tokens were revoked by a reuse before). ``receipts`` (a reconnect):
+        D's receipts opt-in, stored with a valid use. See token.lua."""
         prefix = _keys(device)
         d = self.client.script("token", [prefix + layout.TOKEN, prefix + layout.ROTATION,
-                                          layout.channel(device)],
-                               [presented_hash, new_hash or b"", layout.RETIRED_KEPT])
+                                          layout.channel(device), prefix + layout.RECEIPTS],
+                               [presented_hash, new_hash or b"", layout.RETIRED_KEPT,
+                                b"" if receipts is None else b"1" if receipts else b"0"])
         return d.addCallback(lambda status: status.decode("ascii"))
 
     def token_hash(self, device):

@@ -7,6 +7,7 @@
 --   register's proof (unused without one), KEYS[3] the token rotation record
 --   (see token.lua): a register starts it afresh, KEYS[4] the push
 --   registration (a register may be a new phone: it is removed).
+-- KEYS[5] the receipts opt-in. ARGV[4]: "1" the register opts in, else not.
 -- ARGV: token_hash, claim ("1": the id must be free or revoked), ticket_ms
 --   (the ticket's remaining life; "0": no ticket).
 -- Returns "ok", "taken" (claim: the id belongs to someone) or "used" (the
@@ -21,4 +22,6 @@ if ticket_ms > 0 and not redis.call("SET", KEYS[2], "1", "NX", "PX", ticket_ms) 
 end
 redis.call("SET", KEYS[1], ARGV[1])
 redis.call("DEL", KEYS[3], KEYS[4])
+-- the receipts opt-in (1.2) holds until the next register or reconnect
+if ARGV[4] == "1" then redis.call("SET", KEYS[5], "1") else redis.call("DEL", KEYS[5]) end
 return "ok"

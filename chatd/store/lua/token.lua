@@ -48,6 +48,13 @@ local function was_retired(hash)
   return false
 end
 
+-- A reconnect's receipts opt-in (1.2), stored with a valid use: ARGV[4]
+-- "1" on, "0" off, "" (a one-shot send) unchanged; KEYS[4] the opt-in.
+local function opt_in()
+  if ARGV[4] == "1" then redis.call("SET", KEYS[4], "1")
+  elseif ARGV[4] == "0" then redis.call("DEL", KEYS[4]) end
+end
+
 if presented == newest then
   if new ~= "" then
     -- the newest is used: its predecessor retires, and it becomes the
@@ -58,12 +65,14 @@ if presented == newest then
     redis.call("HSET", KEYS[2], "used", "1", "retired", retire(prev))
     redis.call("HDEL", KEYS[2], "prev")
   end
+  opt_in()
   return "newest"
 end
 if prev and presented == prev and not used then
   -- the grace: the newest was never used (its reply may have been lost);
   -- a rotation replaces it, unused, by another (it is simply invalid now)
   if new ~= "" then redis.call("SET", KEYS[1], new) end
+  opt_in()
   return "prev"
 end
 if (prev and presented == prev) or was_retired(presented) then
