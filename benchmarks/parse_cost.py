@@ -30,6 +30,8 @@ def lines():
     yield "literal tuples [(1,),...]", _fill(b"{'ping':[", b"(1,)", b",", b"]}")
     yield "literal short strings ['a',...]", _fill(b"{'ping':[", b"'a'", b",", b"]}")
     yield "literal empty strings ['',...]", _fill(b"{'ping':[", b"''", b",", b"]}")
+    yield "literal mixed quotes ['',\"\",...]", _fill(b"{'ping':[", b"'',\"\"", b",", b"]}")
+    yield "literal escaped quotes ['\\'',...]", _fill(b"{'ping':[", b"'\\''", b",", b"]}")
     yield "literal escapes '\\n\\n...'", _fill(b"{'ping':'", b"\\n", b"", b"'}")
     yield "literal escapes ['\\x01',...]", _fill(b"{'ping':[", b"'\\x01'", b",", b"]}")
     yield "literal odd numbers [01,.5,...]", _fill(b"{'ping':[", b"01,.5", b",", b"]}")

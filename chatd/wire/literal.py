@@ -22,28 +22,28 @@ REFUSE = "refuse"
 #: :func:`to_json` says: leave this one to the token-by-token parser
 SLOW = "slow"
 
-#: a string token, in either quote (as the token parser reads them)
-_STRING = re.compile(r"""('(?:[^'\\\n]|\\.)*+'|"(?:[^"\\\n]|\\.)*+")""", re.DOTALL)
-#: what is left between the strings (each one a \x00): tokens only (runs
-#: of punctuation and space, numbers, names), as the token parser reads them
-_CODE = re.compile(r"""(?:[{}\[\]():,\x00\s]++
-    |-?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+
-    |True|False|None|true|false|null)*+""", re.VERBOSE)
-#: the quick check (:func:`_plain`): what may be left of the code once its
-#: names are blanked out and its dots checked
-_PLAIN = str.maketrans("", "", "0123456789{}[]():, \t\n\r\x00")
-_NAME_WORDS = ("True", "False", "None", "true", "false", "null")
-#: a dot that no number token can take, or two dots that one might take
-_ODD_DOT = re.compile(r"(?<!\d)\.(?!\d)|\.\d*\.")
+#: a string token, in either quote (as the token parser reads them): the
+#: quote, then the body (the split keeps both: no Python per string)
+_STRING = re.compile(r"""(['"])((?:(?!\1)[^\\\n]|\\.)*+)\1""", re.DOTALL)
+#: the shape check (:func:`_tokens_only`): digits to 0, E to e, every
+#: separator (punctuation, space of any ASCII kind, a string's place) to a
+#: space; the rest (names, dots, signs, anything else) kept
+_SEPARATORS = b"{}[]():,\x00 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+_SHAPE = bytes.maketrans(b"0123456789E" + _SEPARATORS, b"0" * 10 + b"e" + b" " * len(_SEPARATORS))
+_NAME_WORDS = (b"True", b"False", b"None", b"true", b"false", b"null")
 #: an integer of more than 4000 characters (the token parser refuses those)
 _HUGE_INT = re.compile(r"(?<![\w.+\-])(?:-\d{4000,}+|\d{4001,}+)(?![.eE])")
-_TRAILING_COMMA = re.compile(r",(?=\s*+[}\]])")
-#: zeros that lead a number (the literal starts with "{": never at 0)
-_LEADING_ZEROS = re.compile(r"0(?<=[^\w.]0)0*(?=\d)")
-_BARE_DOT_END = re.compile(r"\.(?!\d)")
-_BARE_DOT_START = re.compile(r"\.(?<!\d\.)")
-_ODD_SPACE = re.compile(r"[^\S \t\n\r]")
-_ODD_ASCII_SPACE = b"\x0b\x0c\x1c\x1d\x1e\x1f"
+#: a number with a leading zero shows as one of these (:func:`_odd_zeros`)
+_ZERO_SHAPE = bytes.maketrans(b"123456789{}[]():,\x00\t\n\r", b"1" * 9 + b" " * 12)
+_LEADING_ZEROS = (b" 00", b" 01", b"-00", b"-01")
+#: what may stand right after a number's last dot, or right before its
+#: first, other than a digit (anything else is refused later, as JSON)
+_AFTER_DOT = ",]}):\x00 \t\reE"
+_BEFORE_DOT = ",[{(:\x00 \t\r-"
+_ODD_ASCII_SPACE = "\x0b\x0c\x1c\x1d\x1e\x1f"
+_ODD_ASCII_TO_SPACE = str.maketrans(_ODD_ASCII_SPACE, " " * len(_ODD_ASCII_SPACE))
+#: the space the token parser reads (``\s``) beyond ASCII's, to a space
+_UNICODE_SPACE = {c: " " for c in range(128, 0x3001) if chr(c).isspace()}
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _SPACE = b" \t\n\r"
 
@@ -64,40 +64,75 @@ def _unescape(body):
     return body.encode("raw_unicode_escape").decode("unicode_escape")
 
 
-def _plain(code):
-    """True if the code (the literal between its strings) holds only what
-    :data:`_CODE` reads as tokens, found at C speed: digits with at most a
-    dot each, punctuation, ASCII space, string places and names (no sign,
-    exponent or odd space). False means: ask :data:`_CODE` (a pass of the
-    regex engine per token, about ten times the cost)."""
+def _tokens_only(code):
+    """True if the code (the literal between its strings, as ASCII bytes,
+    each string's place a \\x00) is a run of the token parser's tokens:
+    punctuation, space, names and numbers (``-?(\\d+(\\.\\d*)?|\\.\\d+)
+    ([eE][+-]?\\d+)?``). Found with ``bytes`` methods over the whole code, a
+    dozen passes at C speed and none per token: the numbers are reduced to
+    their shape (every run of digits one 0) and each valid shape then to a
+    single 0. Where two tokens of a valid literal cannot stand together (two
+    numbers, a number and a name), it may say True or False: the token
+    parser refuses those anyway, and so does JSON after :func:`to_json`."""
     c = code
     for name in _NAME_WORDS:
         if name in c:
-            c = c.replace(name, " ")
-    if "." in c:
-        if _ODD_DOT.search(c):
+            c = c.replace(name, b" ")
+    c = c.translate(_SHAPE)
+    while b"00" in c:
+        c = c.replace(b"00", b"0")
+    if b"e" in c:
+        c = c.replace(b"e+0", b"e0").replace(b"e-0", b"e0")
+    if b"-" in c:
+        c = c.replace(b"-0", b"0").replace(b"-.0", b".0")
+    if b"e" in c:
+        c = c.replace(b"0.e0", b"0").replace(b"0e0", b"0")
+        if b"e" in c:
             return False
-        c = c.replace(".", "")
-    return not c.translate(_PLAIN)
+    if b"." in c:
+        if b".." in c or b".0." in c:
+            return False
+        c = c.replace(b"0.0", b"0").replace(b"0.", b"0").replace(b".0", b"0")
+    return not c.translate(None, b"0 ")
+
+
+def _split(text):
+    """text -> (codes, bodies): the literal between its strings, and each
+    string's body (escapes as written), or None (a string is not closed)."""
+    if "\n" not in text:
+        # one kind of quote, never escaped (the seed's own form): the quotes
+        # alone mark the strings, found by str.split at C speed
+        for quote, other in (("'", '"'), ('"', "'")):
+            if other not in text and "\\" + quote not in text:
+                parts = text.split(quote)
+                if len(parts) % 2 == 0:
+                    return None
+                return parts[0::2], parts[1::2]
+    parts = _STRING.split(text)
+    return parts[0::3], parts[2::3]
 
 
 def to_json(text):
     """A dict literal (str) -> the JSON text of the same value, REFUSE (it is
     not a literal the token parser accepts) or SLOW (ask that parser)."""
-    parts = _STRING.split(text)
-    codes = parts[0::2]
-    code = "\x00".join(codes)
-    if "\x00" in "".join(codes) or not (_plain(code) or _CODE.fullmatch(code)):
+    split = _split(text)
+    if split is None:
         return REFUSE
-    if "(" in code:
-        return SLOW  # a tuple: the JSON would read a list
+    codes, bodies = split
+    code = "\x00".join(codes)
+    if code.count("\x00") != len(codes) - 1:
+        return REFUSE  # a NUL outside the strings
     if not code.isascii():
-        code = _ODD_SPACE.sub(" ", code)  # what is left of it is space...
+        code = code.translate(_UNICODE_SPACE)  # what is left of it is space...
         if not code.isascii():
             return SLOW  # ...or digits of another script, which the token parser reads
     raw = code.encode("ascii")
-    if len(raw.translate(None, _ODD_ASCII_SPACE)) != len(raw):
-        code = _ODD_SPACE.sub(" ", code)
+    if not _tokens_only(raw):
+        return REFUSE
+    if "(" in code:
+        return SLOW  # a tuple: the JSON would read a list
+    if len(raw.translate(None, _ODD_ASCII_SPACE.encode())) != len(raw):
+        code = code.translate(_ODD_ASCII_TO_SPACE)
         raw = code.encode("ascii")
     tight = raw.translate(None, _SPACE)
     if b"[," in tight or b"{," in tight or b",," in tight or b":," in tight:
@@ -105,22 +140,37 @@ def to_json(text):
     if b"0" * 4000 in raw.translate(_DIGITS) and _HUGE_INT.search(code):
         return REFUSE
     if b",]" in tight or b",}" in tight:
-        code = _TRAILING_COMMA.sub("", code)
+        code = code.replace(",]", "]").replace(",}", "}")
+        tight = code.encode("ascii").translate(None, _SPACE)
+        if b",]" in tight or b",}" in tight:
+            return SLOW  # a trailing comma with space after it
     if "." in code:
-        code = _BARE_DOT_START.sub("0.", _BARE_DOT_END.sub(".0", code))
-    code = _LEADING_ZEROS.sub("", code)
-    code = code.replace("True", "true").replace("False", "false").replace("None", "null")
-    bodies = [s[1:-1] for s in parts[1::2]]
+        # a dot with no digit after it, or none before it: JSON wants one
+        for c in _AFTER_DOT:
+            if "." + c in code:
+                code = code.replace("." + c, ".0" + c)
+        for c in _BEFORE_DOT:
+            if c + "." in code:
+                code = code.replace(c + ".", c + "0.")
+    if "0" in code:
+        z = code.encode("ascii").translate(_ZERO_SHAPE)
+        if any(lead in z for lead in _LEADING_ZEROS):
+            return SLOW  # a number with a leading zero (Python 3 has none)
+    if "e" in code:
+        code = code.replace("True", "true").replace("False", "false").replace("None", "null")
     if "\\" in text:
         if not _PLAIN_ESCAPES.fullmatch(text):
             return SLOW
         # all at once, each apart by a lone surrogate: no text holds one,
         # and no escape that is read here makes one
         bodies = _unescape(_APART.join(bodies)).split(_APART)
-    out = parts
-    out[0::2] = code.split("\x00")
-    out[1::2] = map(encode_basestring, bodies)
-    return "".join(out)
+    out = code.split("\x00")
+    # every body JSON-escaped at once (the lone surrogate passes as it is)
+    escaped = encode_basestring(_APART.join(bodies))[1:-1].split(_APART)
+    both = [None] * (len(out) + len(escaped))
+    both[0::2] = out
+    both[1::2] = escaped
+    return '"'.join(both)
 
 
 # -- the slow reader: token by token, for what the fast one cannot take ---------

@@ -111,15 +111,23 @@ def decode_line(line):
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise PacketError("bad_packet", "the line is not valid UTF-8") from None
+    not_json = False
     if text[-1:] == "}":
         try:
             obj, end = _scan_once(text, 0)
             if end == len(text):
                 # a JSON object starts with "{": always a dict
                 return _check_depth(obj, text)
-        except (StopIteration, ValueError, RecursionError):
+            # more after a JSON value at 0: decode() would say "extra data"
+            not_json = True
+        except ValueError:
+            # the scanner's error at 0 is decode()'s (it skips only leading space)
+            not_json = True
+        except (StopIteration, RecursionError):
             pass  # the slow path below says what is wrong
     try:
+        if not_json:
+            raise ValueError("not JSON")  # (a second full pass would say so again)
         obj = _check_depth(_json_decode(text), text)
     except RecursionError:
         raise PacketError("bad_packet", "the packet nests too deeply") from None
@@ -135,7 +143,8 @@ def decode_line(line):
 def read_literal(text):
     """A seed-style dict literal -> its value, as :func:`parse_literal`
     reads it, but at C speed (:func:`chatd.wire.literal.to_json`); the rare
-    literal that cannot be (a tuple, an unusual escape) is read by
+    literal that cannot be (a tuple, an unusual escape, a number with a
+    leading zero, a trailing comma with space after it) is read by
     :func:`parse_literal` if it is at most :data:`SLOW_LITERAL_MAX`
     characters, else refused (bad_packet)."""
     js = literal.to_json(text)
@@ -144,9 +153,10 @@ def read_literal(text):
     if js is literal.SLOW:
         if len(text) > SLOW_LITERAL_MAX:
             raise PacketError(
-                "bad_packet", "a dict literal over %d characters may not hold a tuple "
-                "or an escape other than \\\\ \\' \\\" \\n \\r \\t \\b \\f "
-                "\\a \\v \\0 \\x \\u \\U; send JSON" % SLOW_LITERAL_MAX)
+                "bad_packet", "a dict literal over %d characters may not hold a tuple, "
+                "a number with a leading zero, a comma with space between it and a "
+                "closing bracket, or an escape other than \\\\ \\' \\\" \\n \\r \\t "
+                "\\b \\f \\a \\v \\0 \\x \\u \\U; send JSON" % SLOW_LITERAL_MAX)
         return literal.parse_literal(text)
     try:
         return _check_depth(_fast_decode(js), js)
@@ -426,10 +436,17 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                           allow_nan=False).encode
 
 
+#: the same JSON as :data:`_dumps` at several times the speed (a pong echoes
+#: whatever a client sent: encoding a 60 KB ping cost more than reading it);
+#: only a float's exponent is written otherwise (``1e16``, not ``1e+16``;
+#: ``0.00001``, not ``1e-05``): the same number to any JSON reader
+_fast_encode = msgspec.json.Encoder().encode
+
+
 def reply(obj):
     """A server line: one compact JSON object and the newline."""
     try:
-        return (_dumps(obj) + "\n").encode("utf-8")
+        return _fast_encode(obj) + b"\n"
     except UnicodeEncodeError:
         # a lone surrogate echoed from a client's ping: keep it escaped
         return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
