@@ -21,6 +21,9 @@ from chatd.wire.parsing import MAX_DEPTH, _NOT_A_PACKET, PacketError, _finite_fl
 REFUSE = "refuse"
 #: :func:`to_json` says: leave this one to the token-by-token parser
 SLOW = "slow"
+#: the longest literal that parser reads (it costs about 1 us a character);
+#: a longer one it would have to read is refused: "send JSON"
+SLOW_MAX = 1024
 
 #: a string token, in either quote (as the token parser reads them): the
 #: quote, then the body (the split keeps both: no Python per string)
@@ -96,19 +99,48 @@ def _tokens_only(code):
     return not c.translate(None, b"0 ")
 
 
+#: stand-ins for the escapes that hold a quote or a backslash while the
+#: strings are found (lone surrogates: no line decoded from UTF-8 has one;
+#: each differs from :data:`_APART`)
+_ESCAPED = (("\\\\", "\udc01"), ("\\'", "\udc02"), ('\\"', "\udc03"))
+_QUOTES_ONLY = bytes(c for c in range(256) if c not in b"'\"")
+
+
 def _split(text):
     """text -> (codes, bodies): the literal between its strings, and each
     string's body (escapes as written), or None (a string is not closed)."""
     if "\n" not in text:
-        # one kind of quote, never escaped (the seed's own form): the quotes
-        # alone mark the strings, found by str.split at C speed
-        for quote, other in (("'", '"'), ('"', "'")):
-            if other not in text and "\\" + quote not in text:
-                parts = text.split(quote)
-                if len(parts) % 2 == 0:
-                    return None
-                return parts[0::2], parts[1::2]
-    parts = _STRING.split(text)
+        # With the escapes of quotes and backslashes stood in for, the
+        # quotes that are left all open or close a string. If they pair off
+        # in order, each with the next one, and each pair is of one kind,
+        # then the pairs are the strings (an opening quote is closed by the
+        # next quote of its kind, and there is none in between): str.split
+        # finds them at C speed. (Not so for a string that holds the other
+        # quote, "it's": the regex below.)
+        t = text
+        escaped = "\\" in t
+        if escaped:
+            for esc, stand_in in _ESCAPED:
+                t = t.replace(esc, stand_in)
+        q = t.encode("utf-8", "surrogatepass").translate(None, _QUOTES_ONLY)
+        if len(q) == 1:
+            return None
+        if len(q) % 2 == 0 and q[0::2] == q[1::2]:
+            parts = t.replace('"', "'").split("'") if b'"' in q else t.split("'")
+            bodies = parts[1::2]
+            if escaped:
+                joined = _APART.join(bodies)
+                for esc, stand_in in _ESCAPED:
+                    joined = joined.replace(stand_in, esc)
+                bodies = joined.split(_APART)
+            return parts[0::2], bodies
+    # the regex costs about 0.2 us a string: a long line of tiny strings
+    # would cost more than 0.1 us a byte; past SLOW_MAX characters, one
+    # string in 16 characters is read (a split stops there: maxsplit)
+    most = len(text) // 16 if len(text) > SLOW_MAX else 0
+    parts = _STRING.split(text, most)
+    if most and len(parts) > 3 * most and ("'" in parts[-1] or '"' in parts[-1]):
+        return SLOW
     return parts[0::3], parts[2::3]
 
 
@@ -118,6 +150,8 @@ def to_json(text):
     split = _split(text)
     if split is None:
         return REFUSE
+    if split is SLOW:
+        return SLOW
     codes, bodies = split
     code = "\x00".join(codes)
     if code.count("\x00") != len(codes) - 1:

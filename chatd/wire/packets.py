@@ -83,9 +83,8 @@ _scan_once = _decoder.scan_once
 _fast_decode = msgspec.json.Decoder().decode
 #: what a line that is not JSON gets
 #: the longest dict literal read token by token (:func:`parse_literal`): one
-#: with a tuple or an unusual escape; any other is read at C speed
-#: (:mod:`chatd.wire.literal`)
-SLOW_LITERAL_MAX = 1024
+#: that is not in the form read at C speed (:mod:`chatd.wire.literal`)
+SLOW_LITERAL_MAX = literal.SLOW_MAX
 
 
 def decode_line(line):
@@ -155,8 +154,10 @@ def read_literal(text):
             raise PacketError(
                 "bad_packet", "a dict literal over %d characters may not hold a tuple, "
                 "a number with a leading zero, a comma with space between it and a "
-                "closing bracket, or an escape other than \\\\ \\' \\\" \\n \\r \\t "
-                "\\b \\f \\a \\v \\0 \\x \\u \\U; send JSON" % SLOW_LITERAL_MAX)
+                "closing bracket, an escape other than \\\\ \\' \\\" \\n \\r \\t "
+                "\\b \\f \\a \\v \\0 \\x \\u \\U, or more than one string in 16 "
+                "characters when a string holds the other quote; send JSON"
+                % SLOW_LITERAL_MAX)
         return literal.parse_literal(text)
     try:
         return _check_depth(_fast_decode(js), js)

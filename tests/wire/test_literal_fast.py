@@ -60,6 +60,13 @@ EDGES = [
     "{'p': " + "[" * 31 + "1" + "]" * 31 + "}", "{'p': " + "[" * 32 + "1" + "]" * 32 + "}",
     "{'p': " + "{'a':" * 31 + "1" + "}" * 31 + "}", "{'p': " + "{'a':" * 32 + "1" + "}" * 32 + "}",
     "{'p': " + "[" * 2000 + "]" * 2000 + "}", "['a']", "'a'", "{'a': b'x'}",
+    # the quotes: one kind or both, escaped, holding the other kind, unclosed
+    "{'a': '', \"b\": \"\"}", "{'a': \"x'\", 'b': 'y\"'}", "{'a': '\\\\'}",
+    "{'a': '\\\\\\''}", "{\"a\": \"\\\"\"}", "{'a': '\\\"'}", "{'a': 'x}", "{'a': \"x'}",
+    "{'a': 'x\\'}", "{'a': 'x\"'}", "{'a': \"\", 'b': '\"'}", "{'a': '\\'', 'b': \"'\"}",
+    "{'a': 'a\nb'}", "{'a': '\\ud801'}",
+    # leading zeros and trailing commas (left to the token parser)
+    "{'a': [0, 00, 01, -01, 0.5, 00.5, 1e01, 1e-01]}", "{'a': [1, ]}", "{'a': {'b': 1, }}",
 ]
 
 
@@ -73,7 +80,8 @@ def test_fast_and_slow_agree_on_edges(text):
 _TOKENS = st.sampled_from(
     ["{", "}", "[", "]", ",", ":", " ", "\t", "'a'", "'b\\n'", '"c"', "'\\x41'", "'\\''",
      "1", "0", "07", ".5", "1.", "-", "e5", "1e5", "True", "None", "false", "null", "'é'",
-     "\u3000", "'\\q'", "'\\u00e9'", "\"'\"", "''"])
+     "\u3000", "'\\q'", "'\\u00e9'", "\"'\"", "''", '"\\""', "'\\\\'", "'\"'", "\"x'y\"",
+     "'", '"', "\\", "00", "-0"])
 
 
 @settings(max_examples=3000, deadline=None)
@@ -118,3 +126,45 @@ def test_digits_of_other_scripts_are_read_as_the_token_parser_reads_them(line):
     except PacketError:
         return
     assert got.kind == "ping" and _same(got.ping, literal.parse_literal(line)["ping"])
+
+
+def _never_token_by_token(monkeypatch):
+    def boom(text):
+        raise AssertionError("read token by token")
+    monkeypatch.setattr(literal, "parse_literal", boom)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1100, max_size=3000), st.text(max_size=40))
+def test_pythons_repr_of_a_long_packet_is_read_at_c_speed(text, ref):
+    """Python's repr of a packet, whatever its text holds (both quotes,
+    backslashes, control characters, any script), is read as it was made,
+    without the token parser, however long."""
+    packet = {"message": text, "receiver": "bob", "ref": ref, "n": [1, 2.5, -3, True, None]}
+    with pytest.MonkeyPatch.context() as mp:
+        _never_token_by_token(mp)
+        assert packets.read_literal(repr(packet)) == packet
+
+
+def test_a_long_message_that_holds_json_is_read_at_c_speed(monkeypatch):
+    """Strings that hold the other quote are found by a regex: a long one
+    costs little (one string), and is read."""
+    _never_token_by_token(monkeypatch)
+    text = "{" + ",".join('"k%d":"v"' % i for i in range(2000)) + "}"
+    line = repr({"message": text, "receiver": "bob"})
+    assert line.startswith("{'message': '{\"k0\"")  # '...' holding "
+    assert packets.read_literal(line)["message"] == text
+
+
+@pytest.mark.parametrize("item", [b"\"'\"", b"007", b"[1, ]", b"(1,)"])
+def test_the_costly_literal_forms_are_read_short_and_refused_long(item):
+    """Strings holding the other quote more than one in 16 characters, a
+    leading zero, a spaced trailing comma, a tuple: read token by token up
+    to 1024 characters (the same value), refused beyond ("send JSON")."""
+    short = b"{'ping': [" + item + b"]}"
+    value = packets.parse_line(short).ping
+    assert _same(value, literal.parse_literal(short.decode())["ping"])
+    long = b"{'ping': [" + b",".join([item] * (2000 // len(item))) + b"]}"
+    with pytest.raises(PacketError) as e:
+        packets.parse_line(long)
+    assert e.value.code == "bad_packet" and "send JSON" in e.value.reason
