@@ -117,7 +117,10 @@ async def test_primary_sigkill_with_store_acks_loses_nothing_accepted(sentinels,
                 restarted.append(old.start())
 
         for i in range(20, 60):
-            u, server_id = await send_until_accepted(alice, i, meanwhile=restart_once_moved)
+            # a hang guard, not a speed limit: on a busy machine a failover
+            # the sentinels abort is tried again only after 2 x failover-timeout
+            u, server_id = await send_until_accepted(alice, i, deadline=150,
+                                                     meanwhile=restart_once_moved)
             unavailable += u
             accepted.append((server_id, "m%d" % i))
         assert restarted, "the sentinels never moved the primary"
