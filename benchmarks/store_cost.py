@@ -142,84 +142,115 @@ def _devices(n):
     return ["s%09d-%05d" % (random.randrange(10 ** 9), i) for i in range(n)]
 
 
+class Steps:
+    """valkey's CPU, commands and AOF bytes summed per step over many
+    phases (a phase: one step's calls, pipelined, then a sample)."""
+
+    def __init__(self, pipe):
+        self.meter = Meter(pipe)
+        self.pipe = pipe
+        self.sums = {}
+        self.last = self.meter.sample()
+
+    def phase(self, step, units):
+        """The calls queued since the last phase are ``step``'s ``units``."""
+        self.pipe.flush()
+        now = self.meter.sample()
+        cpu, stats, aof = self.sums.get(step, (0.0, {}, 0))
+        cpu += now[0] - self.last[0]
+        for name, (calls, usec) in now[1].items():
+            c0, u0 = self.last[1].get(name, (0, 0.0))
+            c, u = stats.get(name, (0, 0.0))
+            stats[name] = (c + calls - c0, u + usec - u0)
+        if aof is not None and now[2] is not None:
+            aof += now[2] - self.last[2]
+        else:
+            aof = None
+        n = self.sums.get(step + "#", 0) + units
+        self.sums[step], self.sums[step + "#"] = (cpu, stats, aof), n
+        self.last = self.meter.sample()
+
+    def figures(self, step):
+        cpu, stats, aof = self.sums[step]
+        n = max(1, self.sums[step + "#"])
+        return self.meter.between((0.0, {}, 0 if aof is not None else None),
+                                  (cpu, stats, aof), n)
+
+
 def steps(server, n_devices, messages):
-    """Each step through Store on ``server``: {step: per-unit figures}."""
+    """Each step through Store on ``server``: {step: per-unit figures}.
+
+    As under chatd's load (every push acked at once), inboxes stay short:
+    rounds of one message per device on average (random senders, random
+    receivers, batches of BATCH), each followed by its acks (one per
+    message, oldest first); every tenth round is fetched before it is
+    acked."""
     pipe = Pipe(server)
     store = Store(pipe, _settings(), Clock(), node_id="bench-node-1")
-    meter = Meter(pipe)
     devices = _devices(n_devices)
-    out = {}
+    rng = random.Random(1)
     try:
         for d in devices:
             store.register(d, os.urandom(32).hex().encode())
         pipe.flush()
-
-        a = meter.sample()
+        steps = Steps(pipe)
         for d in devices:
             store.claim(d, 10000)
-        pipe.flush()
-        out["presence_claim"] = meter.between(a, meter.sample(), n_devices)
-        a = meter.sample()
+        steps.phase("presence_claim", n_devices)
         for i in range(0, n_devices, 500):
             store.renew([(d, 1) for d in devices[i:i + 500]], 10000)
-        pipe.flush()
-        out["presence_renew"] = meter.between(a, meter.sample(), n_devices)
+        steps.phase("presence_renew", n_devices)
 
-        rng = random.Random(1)
-        stored = {d: [] for d in devices}
-        replies = []
+        problems = []
 
-        def sent(result, failure, receiver):
+        def sent(result, failure, receiver, stored):
             if failure is not None:
-                replies.append(failure.getErrorMessage())
-                return
-            replies.append(result.status)
-            if result.status == "accepted":
-                stored[receiver].append(int(result.id))
+                problems.append(failure.getErrorMessage())
+            elif result.status != "accepted":
+                problems.append(result.status)
+            else:
+                stored.setdefault(receiver, []).append(int(result.id))
 
-        a = meter.sample()
-        for i in range(messages):
-            s, r = rng.choice(devices), rng.choice(devices)
-            store.send_then(lambda res, f, r=r: sent(res, f, r), s, r,
-                            "%d.%d-%d" % (i % 2, i, 1700000000000000 + i))
-            if len(store._sends) >= BATCH:
-                store._flush()
-                if len(pipe.pending) >= 8:
-                    pipe.flush()
-        store._flush()
-        pipe.flush()
-        out["send"] = meter.between(a, meter.sample(), messages)
-        if replies.count("accepted") != messages:
-            raise procs.BenchError("store_cost: %d of %d sends accepted (%s)" % (
-                replies.count("accepted"), messages, sorted(set(replies))[:5]))
+        def acked(failure):
+            if failure is not None:
+                problems.append(failure.getErrorMessage())
 
-        a = meter.sample()
-        fetched = []
-        for d in devices:
-            store.fetch(d, 0, 100).addCallback(lambda r: fetched.extend(r[2]))
-        pipe.flush()
-        out["fetch"] = meter.between(a, meter.sample(), max(1, len(fetched)))
-
-        a = meter.sample()
-        acked = 0
-        failures = []
-        rounds = max(len(v) for v in stored.values())
-        for k in range(rounds):
-            # every device acks its next message: one ack per push
-            for d in devices:
-                if k < len(stored[d]):
-                    store.ack_then(failures.append, d, stored[d][k])
-                    acked += 1
-                if len(store._acks) >= BATCH:
+        done = 0
+        rounds = 0
+        while done < messages:
+            stored = {}
+            n = min(n_devices, messages - done)
+            for i in range(n):
+                s, r = rng.choice(devices), rng.choice(devices)
+                store.send_then(lambda res, f, r=r, st=stored: sent(res, f, r, st), s, r,
+                                "%d.%d-%d" % (rounds % 2, done + i, 1700000000000000 + done + i))
+                if len(store._sends) >= BATCH:
                     store._flush()
             store._flush()
-            pipe.flush()
-        out["ack"] = meter.between(a, meter.sample(), acked)
-        if any(failures):
-            raise procs.BenchError("store_cost: an ack failed: %r" % failures)
+            steps.phase("send", n)
+            done += n
+            if rounds % 10 == 0:
+                fetched = []
+                for d in stored:
+                    store.fetch(d, 0, 100).addCallback(lambda r: fetched.extend(r[2]))
+                steps.phase("fetch", sum(len(v) for v in stored.values()))
+            for k in range(max(len(v) for v in stored.values())):
+                # every device acks its next message: one ack per push
+                for d, ids in stored.items():
+                    if k < len(ids):
+                        store.ack_then(acked, d, ids[k])
+                    if len(store._acks) >= BATCH:
+                        store._flush()
+                store._flush()
+            steps.phase("ack", sum(len(v) for v in stored.values()))
+            rounds += 1
+            if problems:
+                raise procs.BenchError("store_cost: %s" % sorted(set(problems))[:5])
         left = sum(pipe.command(b"LLEN", b"chatd:{%s}:inbox" % d.encode()) for d in devices)
         if left:
             raise procs.BenchError("store_cost: %d messages left after the acks" % left)
+        out = {step: steps.figures(step) for step in
+               ("presence_claim", "presence_renew", "send", "fetch", "ack")}
         out["total"] = {
             "cpu_us": out["send"]["cpu_us"] + out["ack"]["cpu_us"],
             "aof_bytes": (None if out["send"]["aof_bytes"] is None else
