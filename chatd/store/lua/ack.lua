@@ -14,8 +14,9 @@
 --   "h", sender, receipt entry: a receipt for a sender bound on this node;
 --   "o", receiver, "<field>=<value>": an outbox entry to move (cluster).
 -- Ids in an inbox are consecutive, so the position of the acked id is known
--- from the head's id; the entry there is checked, and a slow walk is the
--- fallback (it never runs while the ids are consecutive).
+-- from the head's id; the entry there is checked (it is the head itself when
+-- one message is acked), and a slow walk is the fallback (it never runs
+-- while the ids are consecutive).
 local n = #KEYS
 if #ARGV > n then n = #ARGV - 4 end  -- a receipts mode follows the ids
 local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
@@ -27,11 +28,20 @@ for i = 1, n do
   local head = redis.call("LINDEX", inbox, 0)
   local k = head and (upto - entry_id(head) + 1) or 0
   local order, high = {}, {}
-  if k > 0 then
+  if k == 1 then
+    -- the head is the acked one (an ack of every push: the usual case), and
+    -- its senders are read from the head already in hand: two calls
+    if mode ~= "0" then senders_of({head}, order, high) end
+    redis.call("LPOP", inbox)
+    removed = removed + 1
+  elseif k > 0 then
     local at = redis.call("LINDEX", inbox, k - 1)
     if at and entry_id(at) == upto then
-      if mode ~= "0" then senders_of(redis.call("LRANGE", inbox, 0, k - 1), order, high) end
-      redis.call("LTRIM", inbox, k, -1)
+      if mode ~= "0" then
+        senders_of(redis.call("LPOP", inbox, k), order, high)
+      else
+        redis.call("LTRIM", inbox, k, -1)
+      end
       removed = removed + k
     else
       while true do
