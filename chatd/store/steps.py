@@ -328,15 +328,16 @@ class Store(ReceiptSteps):
             self._ack_group(acks, keys)
 
     def _ack_group(self, acks, keys):
-        args = [acks[k][0] for k in keys]
+        # the receipts mode and what it needs; the inbox TTL also for a
+        # repeated ack (see ack.lua)
+        args = [acks[k][0] for k in keys] + [self._rmode, self._now_ms(), self.node_id,
+                                             self._ttl_ms]
         declared = keys
-        if self._rmode != b"0":
-            args += [self._rmode, self._now_ms(), self.node_id, self._ttl_ms]
-            if self._rmode == b"o":
-                # each receiver's outbox, declared: a key of a slot being
-                # migrated is refused before the step runs (TRYAGAIN/ASK, and
-                # the cluster client retries), never halfway through it
-                declared = keys + [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
+        if self._rmode == b"o":
+            # each receiver's outbox, declared: a key of a slot being
+            # migrated is refused before the step runs (TRYAGAIN/ASK, and
+            # the cluster client retries), never halfway through it
+            declared = keys + [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
         d = self.client.script("ack", declared, args)
 
         def done(result):
