@@ -2,12 +2,13 @@
 -- whole rule of the contract for each one (ref retry, receiver check, dedup,
 -- inbox TTL and limit, enqueue), one round trip for the batch.
 --
--- What costs the store is mostly the number of redis.calls (each one goes
--- through valkey's command machinery: argv objects, lookup, reply), so what
--- can be read or written once per batch is: one MGET reads every
+-- Each redis.call costs the store about as much as a whole pipelined call
+-- of a client (argv objects, lookup, reply, through valkey's module API), so
+-- what can be read or written once per batch is: one MGET reads every
 -- receiver's token, presence and id counter, one MSET writes the counters
 -- back; per message there is the dedup marker and the append, per receiver
--- the inbox TTL. (benchmarks/store_cost.py measures it.)
+-- the inbox TTL. (benchmarks/store_cost.py measures it; README
+-- "Performance" says where the rest goes.)
 --
 -- KEYS (chatd/store/steps.py, Store._send_group), all of one Redis Cluster
 -- slot: first four per receiver (six with push wake-ups on), each receiver
@@ -201,7 +202,7 @@ local counters = {}
 for r = 1, receivers do
   if moved[r] then
     counters[#counters + 1] = KEYS[(r - 1) * PER_RECEIVER + SEQ]
-    counters[#counters + 1] = seq[r]
+    counters[#counters + 1] = string.format("%d", seq[r])
   end
 end
 if #counters > 0 then redis.call("MSET", unpack(counters)) end
