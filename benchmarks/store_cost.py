@@ -295,6 +295,15 @@ def _profile_line(figures):
     return ", ".join("%s %.2f" % (k, v["calls"]) for k, v in cmds)
 
 
+def _commandstats(server):
+    """{command: (calls, usec)} of a ValkeyServer."""
+    out = {}
+    for k, v in server.info("commandstats").items():
+        f = dict(x.split("=") for x in v.split(","))
+        out[k[len("cmdstat_"):]] = (int(f["calls"]), float(f["usec"]))
+    return out
+
+
 def end_to_end(opts, log, tmp, n):
     """The throughput load on one chatd over a valkey-server of ours (AOF
     everysec); then the ceiling on that same server."""
@@ -307,7 +316,17 @@ def end_to_end(opts, log, tmp, n):
             load = scenarios.Load(pr, group, n, opts.workers, opts)
             load.setup()
             window = opts.window or max(2, -(-opts.inflight // n))
+            before = _commandstats(server)
             res = load.run("closed", opts.duration, opts.warmup, window=window)
+            after = _commandstats(server)
+        # the commands of the whole run (warm-up and drain too) per message
+        # received: the store calls (fcall) and the redis.calls inside them
+        got = max(1, res["received"])
+        res["commands_per_msg"] = {
+            name: {"calls": (calls - before.get(name, (0, 0))[0]) / got,
+                   "us": (usec - before.get(name, (0, 0.0))[1]) / got}
+            for name, (calls, usec) in after.items()
+            if calls > before.get(name, (0, 0))[0] and not name.startswith(("info", "function"))}
         res["ceiling_us"] = ceiling(server, CEILING_CALLS // (10 if opts.quick else 1))
     finally:
         server.cleanup()
@@ -343,9 +362,10 @@ def store_cost(opts, log):
                 out["e2e_%d" % n] = res
                 per = res.get("server_cpu_us_per_msg") or {}
                 log("  end to end, %d devices: %.0f msg/s, valkey %.1f + chatd %.1f us/msg "
-                    "(EVALSHA %.2f us/call; other load %.2f cores)" % (
+                    "(EVALSHA %.2f us/call; other load %.2f cores); per message: [%s]" % (
                         n, res["delivered_per_s"], per.get("store") or 0, per.get("server") or 0,
-                        res["ceiling_us"]["evalsha"], res.get("other_load_cores") or 0))
+                        res["ceiling_us"]["evalsha"], res.get("other_load_cores") or 0,
+                        _profile_line({"commands": res["commands_per_msg"]})))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"store_cost": out}
