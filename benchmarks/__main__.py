@@ -17,7 +17,7 @@ from benchmarks.procs import BenchError
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
 ORDER = ["throughput", "receipts", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers",
-         "stores"]
+         "stores", "store_cost"]
 
 
 def _ints(text):

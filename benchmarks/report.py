@@ -159,6 +159,9 @@ def rows(results):
                            None if c is None else _bad(c) == 0))
         elif key in ("nodes", "workers"):
             out += _compare_rows(key, per)
+        elif key == "store_cost":
+            from benchmarks import store_cost
+            out += store_cost.rows(per)
         elif key == "stores":
             out += _compare_rows(key, per)
             out += _compare_rows("stores1", per)

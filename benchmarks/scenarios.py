@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 
-from benchmarks import procs
+from benchmarks import procs, store_cost
 from benchmarks.procs import BenchError
 from tests.fixtures import procfs
 
@@ -700,6 +700,7 @@ def stores(opts, log):
 
 
 SCENARIOS = {
+    "store_cost": store_cost.store_cost,
     "stores": stores,
     "nodes": nodes,
     "workers": workers,

@@ -24,7 +24,9 @@ touches one slot):
     register deletes it. Never expires (like ``token``).
 ``chatd:{D}:seq``
     D's id counter. Never expires, so ids keep increasing for the life of the
-    store, across restarts and after the inbox empties.
+    store, across restarts and after the inbox empties. ``send.lua`` reads
+    it (with D's ``token`` and ``node``) in one ``MGET`` for its whole batch
+    and writes the counters it moved in one ``MSET``; receipts ``INCR`` it.
 ``chatd:{D}:inbox``
     A list of D's waiting messages, oldest first, each stored as its push line
     (:func:`push_tail`, built by ``send.lua``), so that a push is a copy,
@@ -36,7 +38,10 @@ touches one slot):
     Marks a registration ticket as used, until it expires (a ticket is good
     for one register).
 ``chatd:{D}:dedup:<hash of text>``
-    Marks a text accepted for D within the dedup window (``SET PX``).
+    Marks a text accepted for D within the dedup window (``SET PX``). A key
+    per marker rather than a field of one hash per receiver with a field
+    expiry (``HSETEX``, Valkey 9): the hash field measured slower per
+    marker (and longer in the AOF), see README "Performance".
 ``chatd:{D}:ref:<hash of sender and ref>``
     The first reply to a (sender, ref) sent to D, for ``--ref-ttl``.
     Scoped to the receiver (the hash tag): a ref reused for another receiver

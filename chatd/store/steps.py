@@ -39,7 +39,7 @@ _STATUS = {b"a": "accepted", b"d": "duplicate", b"u": "unknown_receiver",
            b"f": "inbox_full", b"ra": "accepted", b"rd": "duplicate"}
 
 #: most messages (or acks) in one batch: about 10 ms of the store's time
-MAX_BATCH = 512
+MAX_BATCH = 512  # (under 1000: send.lua numbers receivers in three digits)
 #: work queued or in flight at which clients stop being read, and at which
 #: they are read again (see :attr:`Store.saturated`)
 HIGH_WATER = 4096
@@ -199,16 +199,11 @@ class Store(ReceiptSteps):
         ``raw`` is the text as UTF-8, if the caller has it already. A plain
         callable, not a Deferred: one per message was a tenth of chatd's
         time under load."""
-        prefix = _keys(receiver)
-        # the eight keys of send.lua, in its order (TOKEN .. DUE)
-        keys = [prefix + layout.TOKEN, prefix + layout.SEQ, prefix + layout.INBOX,
-                layout.dedup_key(receiver, raw or text.encode("utf-8")),
-                prefix + layout.REF + b"-" if ref is None
-                else layout.ref_key(receiver, sender, ref),
-                prefix + layout.NODE, prefix + layout.PUSH,
-                layout.device_due_key(receiver, self.due_shards)]
-        self._sends.append((keys, ref is not None, layout.push_tail(sender, receiver, text),
-                            done))
+        # receiver, its dedup marker and ref record (keys), whether it has a
+        # ref, the stored message's tail (see _send_group for send.lua's KEYS)
+        self._sends.append((receiver, layout.dedup_key(receiver, raw or text.encode("utf-8")),
+                            None if ref is None else layout.ref_key(receiver, sender, ref),
+                            layout.push_tail(sender, receiver, text), done))
         self._queued(len(self._sends))
 
     def ack_then(self, done, device, upto):
@@ -255,34 +250,58 @@ class Store(ReceiptSteps):
         return self.client.split(items, key)
 
     def _send_batch(self, sends):
-        for group in self._by_slot(sends, lambda s: s[0][0]):
+        for group in self._by_slot(sends, lambda s: s[1]):
             self._send_group(group)
 
     def _send_group(self, sends):
-        now = self._now_ms()
-        keys, refs, tails = [], [], []
-        for k, has_ref, tail, _ in sends:
-            keys += k
-            refs.append(b"1" if has_ref else b"0")
+        """One call of send.lua: four keys per receiver (each once; six with
+        push wake-ups), one per message (its dedup marker), one per message
+        with a ref; each message's receiver number and tail."""
+        now = b"%d" % self._now_ms()
+        keys, marks, refs, numbers, tails = [], [], [], [], []
+        ref_keys = []
+        number = {}
+        push = self._push_args[0] != b"-1"
+        for receiver, dedup, ref, tail, _ in sends:
+            r = number.get(receiver)
+            if r is None:
+                r = number[receiver] = len(number) + 1
+                prefix = _keys(receiver)
+                keys += [prefix + layout.TOKEN, prefix + layout.SEQ, prefix + layout.INBOX,
+                         prefix + layout.NODE]
+                if push:
+                    keys += [prefix + layout.PUSH,
+                             layout.device_due_key(receiver, self.due_shards)]
+            marks.append(dedup)
+            if ref is None:
+                refs.append(b"0")
+            else:
+                refs.append(b"1")
+                ref_keys.append(ref)
+            numbers.append(b"%03d" % r)
             tails.append(tail)
+        keys += marks
+        keys += ref_keys
         d = self.client.script("send", keys, [
-            b"%d" % now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
-            self.node_id, *self._push_args, *tails])
-        d.addCallbacks(self._sent, self._failed, (sends,), None, (sends,))
+            now, *self._send_args, self.client.late_ms(keys[0]), b"".join(refs),
+            self.node_id, *self._push_args, b"%d" % len(number), b"".join(numbers), *tails])
+        d.addCallbacks(self._sent, self._failed, (sends, now), None, (sends,))
 
-    def _sent(self, reply, sends):
+    def _sent(self, reply, sends, now):
         self._done(len(sends))
         if reply == [b"late"]:
             return self._failed(None, sends)
-        for i, (_, _, tail, done) in enumerate(sends):
-            code, server_id = reply[2 * i], reply[2 * i + 1]
-            if code == b"a":  # the stored message, as send.lua built it
-                result = SendResult("accepted", layout.entry_id_text(server_id), server_id)
-            elif code[:1] == b"a":  # and a wake-up made due (ms until due)
-                result = SendResult("accepted", layout.entry_id_text(server_id), server_id,
-                                    int(float(code[1:])))
+        head, mid = layout.ENTRY_HEAD, layout.ENTRY_MID + now
+        for i, (_, _, _, tail, done) in enumerate(sends):
+            code, value = reply[2 * i], reply[2 * i + 1]
+            if code == b"a":  # the stored message: as send.lua stored it
+                result = SendResult("accepted", value.decode("ascii"),
+                                    b"".join((head, value, mid, tail)))
             elif code == b"ra":
-                result = SendResult("accepted", server_id.decode("ascii"))
+                result = SendResult("accepted", value.decode("ascii"))
+            elif code[:1] == b"a":  # and a wake-up made due (ms until due)
+                result = SendResult("accepted", value.decode("ascii"),
+                                    b"".join((head, value, mid, tail)), int(float(code[1:])))
             else:
                 result = SendResult(_STATUS[code])
             try:
@@ -309,15 +328,16 @@ class Store(ReceiptSteps):
             self._ack_group(acks, keys)
 
     def _ack_group(self, acks, keys):
-        args = [acks[k][0] for k in keys]
+        # the receipts mode and what it needs; the inbox TTL also for a
+        # repeated ack (see ack.lua)
+        args = [acks[k][0] for k in keys] + [self._rmode, self._now_ms(), self.node_id,
+                                             self._ttl_ms]
         declared = keys
-        if self._rmode != b"0":
-            args += [self._rmode, self._now_ms(), self.node_id, self._ttl_ms]
-            if self._rmode == b"o":
-                # each receiver's outbox, declared: a key of a slot being
-                # migrated is refused before the step runs (TRYAGAIN/ASK, and
-                # the cluster client retries), never halfway through it
-                declared = keys + [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
+        if self._rmode == b"o":
+            # each receiver's outbox, declared: a key of a slot being
+            # migrated is refused before the step runs (TRYAGAIN/ASK, and
+            # the cluster client retries), never halfway through it
+            declared = keys + [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
         d = self.client.script("ack", declared, args)
 
         def done(result):

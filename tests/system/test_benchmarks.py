@@ -174,3 +174,32 @@ def test_benchmark_stores_scenario(tmp_path):
     rows = {(r["scenario"], r["metric"]): r for r in doc["rows"]}
     assert rows[("cluster 3x2 vs 1 store", "saturation msg/s")]["ratio"] is not None, text
     assert rows[("--store-acks 1 vs 0", "saturation msg/s")]["ratio"] is not None, text
+
+
+@pytest.mark.slow
+def test_benchmark_store_cost_scenario(tmp_path):
+    """Each store step's valkey CPU, commands and AOF bytes per message,
+    with AOF everysec and off, beside the same run's EVALSHA; and end to
+    end, every message delivered once."""
+    doc, text = _run_suite(
+        tmp_path, "--quick", "--only", "store_cost", "--devices", "20",
+        "--duration", "1", "--warmup", "0.3", "--inflight", "100")
+    assert doc["failed"] == [], text
+    res = doc["results"]["store_cost"]
+    for aof in ("everysec", "noaof"):
+        f = res["%s_20" % aof]
+        for step in ("send", "ack", "fetch", "presence_claim", "presence_renew"):
+            assert f[step]["cpu_us"] > 0, (aof, step, text)
+        # the Lua's own calls are counted: an append and a dedup marker at least
+        assert f["send"]["commands"]["rpush"]["calls"] >= 1, text
+        assert f["total"]["calls_inside"] > 2, text
+        assert f["ceiling_us"]["evalsha"] > 0 and f["ceiling_us"]["fcall"] > 0, text
+        assert (f["total"]["aof_bytes"] > 0) if aof == "everysec" else (
+            f["total"]["aof_bytes"] is None), text
+    e2e = res["e2e_20"]
+    _sane_run(e2e, "store_cost end to end:\n%s" % text)
+    assert e2e["server_cpu_us_per_msg"]["store"] > 0 and e2e["ceiling_us"]["evalsha"] > 0, text
+    rows = {(r["scenario"], r["metric"]): r for r in doc["rows"]}
+    row = rows[("store cost end to end, 20 dev (relay column: EVALSHA)",
+                "valkey us/msg (send+push+ack)")]
+    assert row["ratio"] is not None, text

@@ -14,8 +14,10 @@
 --   "h", sender, receipt entry: a receipt for a sender bound on this node;
 --   "o", receiver, "<field>=<value>": an outbox entry to move (cluster).
 -- Ids in an inbox are consecutive, so the position of the acked id is known
--- from the head's id; the entry there is checked, and a slow walk is the
--- fallback (it never runs while the ids are consecutive).
+-- from the head's id: the head is taken first (that is the whole ack of one
+-- message), then the entry where the acked id must be is checked and the
+-- rest taken up to it; a slow walk is the fallback (it never runs while the
+-- ids are consecutive).
 local n = #KEYS
 if #ARGV > n then n = #ARGV - 4 end  -- a receipts mode follows the ids
 local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
@@ -24,24 +26,40 @@ local out = {0}
 for i = 1, n do
   local inbox = KEYS[i]
   local upto = tonumber(ARGV[i])
-  local head = redis.call("LINDEX", inbox, 0)
-  local k = head and (upto - entry_id(head) + 1) or 0
   local order, high = {}, {}
-  if k > 0 then
-    local at = redis.call("LINDEX", inbox, k - 1)
-    if at and entry_id(at) == upto then
-      if mode ~= "0" then senders_of(redis.call("LRANGE", inbox, 0, k - 1), order, high) end
-      redis.call("LTRIM", inbox, k, -1)
-      removed = removed + k
-    else
-      while true do
-        local entry = redis.call("LINDEX", inbox, 0)
-        if not entry or entry_id(entry) > upto then break end
-        if mode ~= "0" then senders_of({entry}, order, high) end
-        redis.call("LPOP", inbox)
-        removed = removed + 1
+  -- the head first (an ack of every push acks just the head: one call)
+  local head = redis.call("LPOP", inbox)
+  local first = head and entry_id(head)
+  if first and first > upto then
+    -- acked before (a repeated ack): the head goes back as it was (and the
+    -- inbox's TTL, if taking the head had emptied it)
+    if redis.call("LPUSH", inbox, head) == 1 and ttl_ms then
+      redis.call("PEXPIRE", inbox, ttl_ms)
+    end
+  elseif first then
+    local taken = {head}
+    removed = removed + 1
+    local k = upto - first  -- how many more, right after the head
+    if k > 0 then
+      local at = redis.call("LINDEX", inbox, k - 1)
+      if at and entry_id(at) == upto then
+        if mode ~= "0" then
+          for _, entry in ipairs(redis.call("LPOP", inbox, k)) do taken[#taken + 1] = entry end
+        else
+          redis.call("LTRIM", inbox, k, -1)
+        end
+        removed = removed + k
+      else
+        while true do
+          local entry = redis.call("LINDEX", inbox, 0)
+          if not entry or entry_id(entry) > upto then break end
+          taken[#taken + 1] = entry
+          redis.call("LPOP", inbox)
+          removed = removed + 1
+        end
       end
     end
+    if mode ~= "0" then senders_of(taken, order, high) end
   end
   if mode ~= "0" then
     local r = string.match(inbox, "{(.-)}:")

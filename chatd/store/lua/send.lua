@@ -2,19 +2,30 @@
 -- whole rule of the contract for each one (ref retry, receiver check, dedup,
 -- inbox TTL and limit, enqueue), one round trip for the batch.
 --
--- KEYS, eight per message (chatd/store/steps.py, Store.send_then), all of the
--- receiver's slot (the first seven carry its hash tag), in this order:
-local TOKEN, SEQ, INBOX, DEDUP, REF, NODE, PUSH, DUE = 1, 2, 3, 4, 5, 6, 7, 8
-local PER_MESSAGE = 8
+-- Each redis.call costs the store about as much as a whole pipelined call
+-- of a client (argv objects, lookup, reply, through valkey's module API), so
+-- what can be read or written once per batch is: one MGET reads every
+-- receiver's token, presence and id counter, one MSET writes the counters
+-- back; per message there is the dedup marker and the append, per receiver
+-- the inbox TTL. (benchmarks/store_cost.py measures it; README
+-- "Performance" says where the rest goes.)
+--
+-- KEYS (chatd/store/steps.py, Store._send_group), all of one Redis Cluster
+-- slot: first four per receiver (six with push wake-ups on), each receiver
+-- once, in order of its first message, in this order:
+local TOKEN, SEQ, INBOX, NODE, PUSH, DUE = 1, 2, 3, 4, 5, 6
 --   TOKEN the token hash (exists = registered), SEQ the id counter (never
---   expires), INBOX the list of stored messages (oldest first), DEDUP the
---   dedup marker of the text, REF the (sender, ref) record (unused when the
---   message has no ref), NODE the presence record ("<node id> <epoch>"),
---   PUSH the push registration and wake-up state, DUE the receiver's shard
---   of the due index (in its slot: see chatd/store/layout.py).
+--   expires), INBOX the list of stored messages (oldest first), NODE the
+--   presence record ("<node id> <epoch>"), PUSH the push registration and
+--   wake-up state, DUE the receiver's shard of the due index (in its slot:
+--   see chatd/store/layout.py);
+-- then one per message, DEDUP the dedup marker of its text; then one per
+--   message that has a ref, REF its (sender, ref) record.
 -- ARGV: now_ms, dedup_window_ms, inbox_limit, inbox_ttl_ms, ref_ttl_ms,
 --   late_ms, refs, node id, push_interval_ms (-1: push is off),
---   push_unacked_ms, then one tail per message.
+--   push_unacked_ms, receivers (how many), each message's receiver (its
+--   number, 1-based in the order of KEYS, in RECEIVER_DIGITS digits), then
+--   one tail per message.
 --   A message accepted for a receiver with a push registration makes its
 --   wake-up due in this same step (an entry in DUE, scored by when it may be
 --   claimed): at once if the receiver is bound nowhere (but no sooner than
@@ -31,7 +42,8 @@ local PER_MESSAGE = 8
 --     and none at all when the receiver is here or offline.
 --
 -- Returns two items per message: a code and a value:
---   "a" accepted, with the stored message (its id inside); "d" duplicate,
+--   "a" accepted, with its id (chatd has the rest of the stored message:
+--   ENTRY_HEAD id ENTRY_MID now_ms tail); "d" duplicate,
 --   "u" unknown receiver, "f" inbox full, with ""; a retry of a known ref
 --   gets the first reply again: "ra" with its id, or "rd".
 -- Or {"late"} when the batch ran after late_ms.
@@ -53,50 +65,63 @@ local refs = ARGV[7]
 local node = ARGV[8] .. " "
 local interval = tonumber(ARGV[9])
 local unacked = tonumber(ARGV[10])
-local TAILS = 10
--- what is read once per receiver per batch (nothing else changes them while
--- the function runs, and the store's clock stands still): whether it is
--- registered, where it is bound, whether its inbox's TTL is renewed
-local known, bound, renewed, woken = {}, {}, {}, {}
+local receivers = tonumber(ARGV[11])
+local numbers = ARGV[12]
+local RECEIVER_DIGITS = 3
+local TAILS = 12                               -- ARGV: the tails after this
+local PER_RECEIVER = interval < 0 and 4 or 6   -- no PUSH, DUE without push
+local MARKS = receivers * PER_RECEIVER         -- KEYS: DEDUP, then REF, after this
+local REFS = MARKS + #refs
+local next_ref = REFS + 1
 
--- Append a stored message to the inbox, within the limit: the id, or nil
--- (the inbox is full; the counter is left as it was). Push first and take
--- it back if that went over (rare): one call less per message than counting
--- first; expired messages are only looked for when the inbox seems full.
-local function enqueue(base, tail)
-  local seq = redis.call("INCR", KEYS[base + SEQ])
-  local id = string.format("%016d", seq)
+-- Every receiver's token, presence and counter, in one call: nothing else
+-- changes them while the function runs (the store's clock stands still).
+-- Per receiver r (its keys at KEYS[(r - 1) * PER_RECEIVER + 1 ...]):
+-- known[r] registered, bound[r] "<node id> <epoch>" or false, seq[r] its
+-- id counter as this batch leaves it, moved[r] whether the batch took ids.
+local known, bound, seq, moved, renewed, woken = {}, {}, {}, {}, {}, {}
+do
+  local names = {}
+  for r = 1, receivers do
+    local base = (r - 1) * PER_RECEIVER
+    names[#names + 1] = KEYS[base + TOKEN]
+    names[#names + 1] = KEYS[base + NODE]
+    names[#names + 1] = KEYS[base + SEQ]
+  end
+  local state = redis.call("MGET", unpack(names))
+  for r = 1, receivers do
+    known[r] = state[3 * r - 2] and true or false
+    bound[r] = state[3 * r - 1] or false
+    seq[r] = tonumber(state[3 * r]) or 0
+  end
+end
+
+-- Append a stored message to receiver r's inbox, within the limit: the id,
+-- or nil (the inbox is full; the counter is left as it was). Push first and
+-- take it back if that went over (rare): one call less per message than
+-- counting first; expired messages are only looked for when the inbox
+-- seems full.
+local function enqueue(r, inbox, tail)
+  local id = string.format("%016d", seq[r] + 1)
   local entry = ENTRY_HEAD .. id .. ENTRY_MID .. now .. tail
-  local inbox = KEYS[base + INBOX]
   if redis.call("RPUSH", inbox, entry) > limit then
     redis.call("RPOP", inbox)
     drop_expired(inbox, cutoff)
-    if redis.call("LLEN", inbox) >= limit then
-      redis.call("SET", KEYS[base + SEQ], seq - 1)
-      return nil
-    end
+    if redis.call("LLEN", inbox) >= limit then return nil end
     redis.call("RPUSH", inbox, entry)
   end
+  seq[r] = seq[r] + 1
+  moved[r] = true
   return id, entry
-end
-
--- Where the receiver is bound ("<node id> <epoch>"), or false.
-local function where(base, inbox)
-  local at = bound[inbox]
-  if at == nil then
-    at = redis.call("GET", KEYS[base + NODE]) or false
-    bound[inbox] = at
-  end
-  return at
 end
 
 -- A wake-up is due (once per receiver per batch): "" or the ms until due.
 -- The registration's "due" field mirrors the device's score in DUE (every
 -- step that scores or removes it keeps it), so that a wake-up already due
 -- as soon as this one would be costs one HMGET and nothing more.
-local function wake(base, inbox)
-  if interval < 0 or woken[inbox] then return "" end
-  woken[inbox] = true
+local function wake(r, base, inbox)
+  if interval < 0 or woken[r] then return "" end
+  woken[r] = true
   local reg = redis.call("HMGET", KEYS[base + PUSH], "key", "last", "tries", "lease", "due")
   if not reg[1] then return "" end
   local t = tonumber(now)
@@ -107,7 +132,7 @@ local function wake(base, inbox)
   -- a wake-up being retried keeps its back-off
   if reg[3] and due then return "" end
   local score
-  if where(base, inbox) then
+  if bound[r] then
     score = t + unacked
   else
     score = math.max(t, (tonumber(reg[2]) or 0) + interval)
@@ -118,56 +143,68 @@ local function wake(base, inbox)
   return tostring(score - t)
 end
 
--- Tell the node that holds the receiver, if it is another one.
-local function notify(base, inbox, entry)
-  local at = where(base, inbox)
-  if at and string.sub(at, 1, #node) ~= node then
-    redis.call("SPUBLISH", channel_of(inbox), "m " .. entry)
+-- The whole rule for message i, for receiver r: its code and value (see
+-- above).
+local function send_one(i, r, tail, has_ref)
+  local base = (r - 1) * PER_RECEIVER
+  local dedup = KEYS[MARKS + i]
+  local ref = nil
+  if has_ref then
+    ref = KEYS[next_ref]
+    next_ref = next_ref + 1
   end
-end
-
--- The whole rule for one message: its code and value (see above).
--- (``base``: the offset of the message's keys in KEYS)
-local function send_one(base, tail, has_ref)
-  local ref = has_ref and KEYS[base + REF] or nil
   local inbox = KEYS[base + INBOX]
   local first = ref and redis.call("GET", ref)
   if first then
     if first == "d" then return "rd", "" end
     return "ra", string.sub(first, 3)
   end
-  local registered = known[inbox]
-  if registered == nil then
-    registered = redis.call("EXISTS", KEYS[base + TOKEN]) == 1
-    known[inbox] = registered
-  end
-  if not registered then return "u", "" end
-  if window > 0 and not redis.call("SET", KEYS[base + DEDUP], "1", "PX", ARGV[2], "NX") then
+  if not known[r] then return "u", "" end
+  if window > 0 and not redis.call("SET", dedup, "1", "PX", ARGV[2], "NX") then
     -- the marker of an accepted copy is there: SET NX leaves it as it is
     -- (anchored on the accepted copy: a suppressed copy does not extend it)
     if ref then redis.call("SET", ref, "d", "PX", ref_ms) end
     return "d", ""
   end
-  local id, entry = enqueue(base, tail)
+  local id, entry = enqueue(r, inbox, tail)
   if not id then
     -- not accepted: no dedup marker either (SET NX just made it)
-    if window > 0 then redis.call("DEL", KEYS[base + DEDUP]) end
+    if window > 0 then redis.call("DEL", dedup) end
     return "f", ""
   end
-  if not renewed[inbox] then
+  if not renewed[r] then
     redis.call("PEXPIRE", inbox, ttl_ms)
-    renewed[inbox] = true
+    renewed[r] = true
   end
   if ref then redis.call("SET", ref, "a:" .. id, "PX", ref_ms) end
-  notify(base, inbox, entry)
-  return "a" .. wake(base, inbox), entry
+  -- tell the node that holds the receiver, if it is another one
+  local at = bound[r]
+  if at and string.sub(at, 1, #node) ~= node then
+    redis.call("SPUBLISH", channel_of(inbox), "m " .. entry)
+  end
+  return "a" .. wake(r, base, inbox), id
 end
 
 local out = {}
-for i = 1, #refs do
-  local code, value = send_one((i - 1) * PER_MESSAGE, ARGV[TAILS + i],
-                               string.byte(refs, i) == 49)
-  out[#out + 1] = code
-  out[#out + 1] = value
+-- (a call that fails midway, a key of another type: the counters the batch
+-- moved are still written below, so that no id is ever given twice)
+local ok, err = pcall(function()
+  for i = 1, #refs do
+    local at = (i - 1) * RECEIVER_DIGITS
+    local code, value = send_one(i, tonumber(string.sub(numbers, at + 1, at + RECEIVER_DIGITS)),
+                                 ARGV[TAILS + i], string.byte(refs, i) == 49)
+    out[#out + 1] = code
+    out[#out + 1] = value
+  end
+end)
+-- the counters the batch moved, in one call
+local counters = {}
+for r = 1, receivers do
+  if moved[r] then
+    counters[#counters + 1] = KEYS[(r - 1) * PER_RECEIVER + SEQ]
+    counters[#counters + 1] = string.format("%d", seq[r])
+  end
 end
+if #counters > 0 then redis.call("MSET", unpack(counters)) end
+if not ok then error(err) end
 return out
