@@ -14,8 +14,11 @@ then this node moves each outbox entry into the sender's inbox
 for (receiver, status) makes nothing) and deletes it only if unchanged
 (``unbox.lua``). A node that dies between the steps leaves the entry in the
 outbox: the receiver's next ack, on any node, returns the whole outbox and
-moves it (and :meth:`ReceiptSteps.sweep_outboxes` finds it in the
-meanwhile). So no receipt is lost; one may be made late, never twice.
+moves it; so does its next bind (:meth:`ReceiptSteps.sweep_outboxes`); and,
+should it never ack nor bind again, every node's outbox sweeper
+(:class:`chatd.hub.sweeper.OutboxSweeper`, one bounded SCAN per primary per
+pass: :meth:`ReceiptSteps.sweep_pass`). So no receipt is lost; one may be
+made late, never twice.
 """
 
 from twisted.internet import defer
@@ -111,11 +114,47 @@ class ReceiptSteps:
         return d
 
     @defer.inlineCallbacks
-    def sweep_outboxes(self, devices):
+    def sweep_outboxes(self, devices, older_ms=None):
         """Move whatever waits in the outboxes of ``devices`` (receivers):
-        left there by a node that died between the two steps."""
+        left there by a node that died between the two steps (or, with
+        ``older_ms``, only entries written longer ago than that: a younger
+        one is being moved by the node that wrote it). Deferred of how many
+        entries it moved (a move that fails is logged, and the entry stays)."""
+        moved = 0
+        cutoff = None if older_ms is None else self._now_ms() - older_ms
         for receiver in devices:
             key = _keys(receiver) + layout.OUTBOX
             items = yield self.client.call(b"HGETALL", key)
             for j in range(0, len(items or ()), 2):
-                yield self._move(receiver, items[j] + b"=" + items[j + 1])
+                value = items[j + 1]
+                if cutoff is not None and int(value.partition(b" ")[2] or 0) > cutoff:
+                    continue
+                yield self._move(receiver, items[j] + b"=" + value)
+                moved += 1
+        return moved
+
+    @defer.inlineCallbacks
+    def sweep_pass(self, cursors, count, older_ms):
+        """One bounded pass of the outbox sweeper (Redis Cluster): on each
+        primary, the next SCAN step (about ``count`` keys looked at) for
+        outboxes, from its cursor in ``cursors`` ((host, port) -> cursor,
+        kept between passes; a primary's scan starts again at 0 when done),
+        and the entries of those outboxes older than ``older_ms`` moved.
+        A primary that fails is skipped until the next pass. Deferred of
+        (outboxes found, entries moved)."""
+        found = moved = 0
+        pattern = layout.pattern(layout.OUTBOX).encode("ascii")
+        for address, node in list(self.client.nodes.items()):
+            try:
+                cursor, keys = yield node.call(b"SCAN", cursors.get(address, b"0"), b"MATCH",
+                                               pattern, b"COUNT", count, b"TYPE", b"hash")
+                cursors[address] = cursor
+                receivers = [d for d in (layout.device_of(k, layout.OUTBOX) for k in keys)
+                             if d is not None]
+                found += len(receivers)
+                moved += yield self.sweep_outboxes(receivers, older_ms)
+            except Exception as e:
+                self.log.warn("sweeping the outboxes on {node}: {why}", node=address, why=e)
+        for address in set(cursors) - set(self.client.nodes):
+            del cursors[address]  # a primary no longer
+        return found, moved
