@@ -283,13 +283,20 @@ def throughput(opts, log):
 RECEIPTS_ACK_EVERY = 16
 
 
+#: the receipts scenario's runs: name -> (chatd's --receipts, devices opt in)
+RECEIPTS_RUNS = {"off": ("off", True), "on": ("on", True), "nobody": ("on", False)}
+
+
 def receipts(opts, log):
     """Every device opts in to receipts and acks every 16 pushes; the same
     closed loop against chatd with ``--receipts on`` and ``--receipts off``
-    (taking turns, best of --repeat): throughput and p99 of the two. Twice:
-    each device talking to random peers (an ack of 16 pushes covers about 16
-    senders: about one receipt per message, the worst case), and in
-    conversations (each device talks to one peer: one receipt per ack)."""
+    (taking turns, best of --repeat): throughput and p99 of the two; and a
+    third run, ``nobody``, with ``--receipts on`` (the default) and no device
+    opting in: what receipts cost those who do not use them (every ack's step
+    still looks at the senders of what it acks). Twice: each device talking
+    to random peers (an ack of 16 pushes covers about 16 senders: about one
+    receipt per message, the worst case), and in conversations (each device
+    talks to one peer: one receipt per ack)."""
     out = {}
     for n in opts.devices:
         for pairs in (False, True):
@@ -300,21 +307,21 @@ def receipts(opts, log):
 def _receipts_runs(opts, log, n, pairs):
     out = {}
     if True:
-        runs = {"on": [], "off": []}
+        runs = {name: [] for name in RECEIPTS_RUNS}
         window = opts.window or max(2, int(math.ceil(opts.inflight / float(n))))
         for rep in range(opts.repeat):
-            for switch in ("off", "on"):
+            for name, (switch, opt_in) in RECEIPTS_RUNS.items():
                 with procs.Processes() as pr:
                     server = _with_server(pr, "chatd", opts, ["--receipts", switch])
                     load = Load(pr, server, n, opts.workers, opts)
-                    load.setup_extra = {"receipts": True, "ack_every": RECEIPTS_ACK_EVERY,
+                    load.setup_extra = {"receipts": opt_in, "ack_every": RECEIPTS_ACK_EVERY,
                                         "pairs": pairs}
                     load.setup()
                     res = load.run("closed", opts.duration, opts.warmup, window=window)
-                    runs[switch].append(res)
-                    log("  receipts %s, %d devices%s: %s, %d receipts" % (
-                        switch, n, " in pairs" if pairs else "", _brief(res),
-                        res["receipts"]))
+                    runs[name].append(res)
+                    log("  receipts %s%s, %d devices%s: %s, %d receipts" % (
+                        switch, "" if opt_in else " (nobody opted in)", n,
+                        " in pairs" if pairs else "", _brief(res), res["receipts"]))
         out["receipts_%s%d" % ("pairs_" if pairs else "", n)] = {
             switch: dict(max(rs, key=lambda r: r["delivered_per_s"]))
             for switch, rs in runs.items()}
