@@ -11,8 +11,8 @@ and one atomic step cannot span two slots. The ack (read) step writes the
 receipt into the receiver's own ``outbox`` (its slot, same step as the ack),
 then this node moves each outbox entry into the sender's inbox
 (``receipt.lua``, idempotent: a receipt not newer than the sender's last one
-for (receiver, status) makes nothing) and deletes it only if unchanged
-(``unbox.lua``). A node that dies between the steps leaves the entry in the
+for (receiver, status) makes nothing) and deletes those it moved, each only
+if unchanged, in one step per receiver (``unbox.lua``). A node that dies between the steps leaves the entry in the
 outbox: the receiver's next ack, on any node, returns the whole outbox and
 moves it; so does its next bind (:meth:`ReceiptSteps.sweep_outboxes`); and,
 should it never ack nor bind again, every node's outbox sweeper
@@ -71,23 +71,49 @@ class ReceiptSteps:
     def _receipt_work(self, reply, start):
         """What an ack or read step handed back, from ``reply[start]`` on:
         receipts to push here, outbox entries to move."""
+        outboxes = {}
         for i in range(start, len(reply) - 2, 3):
             tag, who, what = reply[i], reply[i + 1], reply[i + 2]
             try:
                 if tag == b"h":
                     self._here(who.decode("ascii"), what)
                 elif tag == b"o":
-                    self._move(who.decode("ascii"), what)
+                    outboxes.setdefault(who.decode("ascii"), []).append(what)
             except Exception:
                 self.log.failure("handling a receipt")
+        for receiver, items in outboxes.items():
+            self._moves(receiver, items)
 
     def _here(self, sender, entry):
         if self.receipt_here is not None:
             self.receipt_here(sender, entry)
 
+    def _moves(self, receiver, items):
+        """Move outbox entries of ``receiver`` into their senders' inboxes
+        (each a step in its sender's slot), then delete those moved, in one
+        step (cluster; see the module's doc). Deferred of how many moved."""
+        d = defer.gatherResults([self._move(receiver, item) for item in items])
+
+        def unbox(results):
+            args = [part for item, ok in zip(items, results) if ok
+                    for part in item.split(b"=", 1)]
+            if not args:
+                return 0
+            d = self.client.script("unbox", [_keys(receiver) + layout.OUTBOX], args)
+            return d.addCallback(lambda _: len(args) // 2)
+
+        def failed(f):
+            # left in the outbox: moved again (and made once) later
+            self.log.warn("moved receipts stay in the outbox of {r} until a later move: "
+                          "{why}", r=receiver, why=f.value)
+            return 0
+
+        return d.addCallback(unbox).addErrback(failed)
+
     def _move(self, receiver, item):
-        """Move one outbox entry of ``receiver`` into its sender's inbox,
-        then delete it (cluster; see the module's doc)."""
+        """Make one outbox entry of ``receiver`` in its sender's inbox
+        (cluster; see the module's doc): Deferred of True, or of False if
+        it failed (it stays in the outbox)."""
         field, _, value = item.partition(b"=")
         sender, _, status = field.decode("ascii").partition(" ")
         upto, _, at = value.partition(b" ")
@@ -103,15 +129,15 @@ class ReceiptSteps:
         def moved(reply):
             if reply:
                 self._here(sender, reply[0])
-            return self.client.script("unbox", [_keys(receiver) + layout.OUTBOX],
-                                      [field, value])
+            return True
 
-        d.addCallback(moved)
-        # left in the outbox: moved at the receiver's next ack, or by a sweep
-        d.addErrback(lambda f: self.log.warn("a receipt for {s} waits in the outbox of "
-                                             "{r}: {why}", s=sender, r=receiver,
-                                             why=f.value))
-        return d
+        def failed(f):
+            # left in the outbox: moved at the receiver's next ack or bind, or by a sweep
+            self.log.warn("a receipt for {s} waits in the outbox of {r}: {why}", s=sender,
+                          r=receiver, why=f.value)
+            return False
+
+        return d.addCallbacks(moved, failed)
 
     @defer.inlineCallbacks
     def sweep_outboxes(self, devices, older_ms=None):
@@ -125,12 +151,10 @@ class ReceiptSteps:
         for receiver in devices:
             key = _keys(receiver) + layout.OUTBOX
             items = yield self.client.call(b"HGETALL", key)
-            for j in range(0, len(items or ()), 2):
-                value = items[j + 1]
-                if cutoff is not None and int(value.partition(b" ")[2] or 0) > cutoff:
-                    continue
-                yield self._move(receiver, items[j] + b"=" + value)
-                moved += 1
+            due = [items[j] + b"=" + items[j + 1] for j in range(0, len(items or ()), 2)
+                   if cutoff is None or int(items[j + 1].partition(b" ")[2] or 0) <= cutoff]
+            if due:
+                moved += yield self._moves(receiver, due)
         return moved
 
     @defer.inlineCallbacks
