@@ -131,8 +131,20 @@ async def test_on_a_cluster_the_sweeper_moves_a_receipt_left_behind(chatd, clien
     await alice.expect("receipt", receiver=bob_id, status="delivered", upto=ids[0])
     await wait_until(lambda: not cluster.command(bob_id, "EXISTS", outbox),
                      what="the outbox emptied")
-    await wait_until(lambda: a.service.sweeper.moved == 1, what="a's sweep pass over")
+    await wait_until(lambda: swept(a) == 1, what="a's sweep pass over")
+    assert swept(b) == 0
     assert await quiet(alice) == [] and await quiet(bob) == []
+
+
+def swept(node):
+    """chatd_receipts_swept_total of a node, as Prometheus would read it."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chatd.ops.metrics import registry_for
+    text = generate_latest(registry_for(node.service)).decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "chatd_receipts_swept_total")
 
 
 def hold_moves(*nodes):
