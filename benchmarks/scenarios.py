@@ -296,7 +296,9 @@ def receipts(opts, log):
     still looks at the senders of what it acks). Twice: each device talking
     to random peers (an ack of 16 pushes covers about 16 senders: about one
     receipt per message, the worst case), and in conversations (each device
-    talks to one peer: one receipt per ack)."""
+    talks to one peer: one receipt per ack). ``--receipts-store cluster1``:
+    on a Valkey Cluster of one primary (a fresh one per run), where every
+    receipt goes through the receiver's outbox."""
     out = {}
     for n in opts.devices:
         for pairs in (False, True):
@@ -311,8 +313,10 @@ def _receipts_runs(opts, log, n, pairs):
         window = opts.window or max(2, int(math.ceil(opts.inflight / float(n))))
         for rep in range(opts.repeat):
             for name, (switch, opt_in) in RECEIPTS_RUNS.items():
-                with procs.Processes() as pr:
-                    server = _with_server(pr, "chatd", opts, ["--receipts", switch])
+                with procs.Processes() as pr, _ReceiptsStore(opts) as store:
+                    server = _with_server(pr, "chatd", opts, ["--receipts", switch] + store.args)
+                    if store.pids:
+                        server = _Stored(server, store.pids, "cluster1")
                     load = Load(pr, server, n, opts.workers, opts)
                     load.setup_extra = {"receipts": opt_in, "ack_every": RECEIPTS_ACK_EVERY,
                                         "pairs": pairs}
@@ -326,6 +330,33 @@ def _receipts_runs(opts, log, n, pairs):
             switch: dict(max(rs, key=lambda r: r["delivered_per_s"]))
             for switch, rs in runs.items()}
     return out
+
+
+class _ReceiptsStore:
+    """The receipts scenario's store: chatd's own (nothing to start), or
+    (``--receipts-store cluster1``) a fresh Valkey Cluster of one primary."""
+
+    def __init__(self, opts):
+        self.cluster1 = getattr(opts, "receipts_store", "embedded") == "cluster1"
+        self.args, self.pids, self.tmp, self.cluster = [], [], None, None
+
+    def __enter__(self):
+        if self.cluster1:
+            import tempfile
+
+            from tests.fixtures.cluster import ValkeyCluster
+            self.tmp = tempfile.mkdtemp(prefix="chatd-bench-receipts-")
+            self.cluster = ValkeyCluster(self.tmp, primaries=1, replicas=0)
+            self.cluster.start()
+            self.args = ["--redis", self.cluster.url]
+            self.pids = [node.pid for node in self.cluster.nodes]
+        return self
+
+    def __exit__(self, *exc):
+        if self.cluster is not None:
+            import shutil
+            self.cluster.cleanup()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _brief(res):
