@@ -9,10 +9,11 @@ it loses nothing (``make_receipt`` in ``_prelude.lua``).
 Redis Cluster: the sender's inbox is in another slot than the receiver's,
 and one atomic step cannot span two slots. The ack (read) step writes the
 receipt into the receiver's own ``outbox`` (its slot, same step as the ack),
-then this node moves each outbox entry into the sender's inbox
-(``receipt.lua``, idempotent: a receipt not newer than the sender's last one
-for (receiver, status) makes nothing) and deletes those it moved, each only
-if unchanged, in one step per receiver (``unbox.lua``). A node that dies between the steps leaves the entry in the
+then this node moves the outbox entries into their senders' inboxes, one
+step per primary holding the senders' slots (``receipt.lua``, idempotent: a
+receipt not newer than the sender's last one for (receiver, status) makes
+nothing), and deletes those it moved, each only if unchanged, in one step
+per receiver (``unbox.lua``). A node that dies between the steps leaves the entry in the
 outbox: the receiver's next ack, on any node, returns the whole outbox and
 moves it; so does its next bind (:meth:`ReceiptSteps.sweep_outboxes`); and,
 should it never ack nor bind again, every node's outbox sweeper
@@ -24,6 +25,7 @@ made late, never twice.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from chatd.redis.cluster import slot_of
 from chatd.store import layout
 from chatd.store.layout import prefix as _keys
 
@@ -71,70 +73,87 @@ class ReceiptSteps:
     def _receipt_work(self, reply, start):
         """What an ack or read step handed back, from ``reply[start]`` on:
         receipts to push here, outbox entries to move."""
-        outboxes = {}
+        moves = []
         for i in range(start, len(reply) - 2, 3):
             tag, who, what = reply[i], reply[i + 1], reply[i + 2]
             try:
                 if tag == b"h":
                     self._here(who.decode("ascii"), what)
                 elif tag == b"o":
-                    outboxes.setdefault(who.decode("ascii"), []).append(what)
+                    moves.append((who.decode("ascii"), what))
             except Exception:
                 self.log.failure("handling a receipt")
-        for receiver, items in outboxes.items():
-            self._moves(receiver, items)
+        if moves:
+            self._moves(moves)
 
     def _here(self, sender, entry):
         if self.receipt_here is not None:
             self.receipt_here(sender, entry)
 
-    def _moves(self, receiver, items):
-        """Move outbox entries of ``receiver`` into their senders' inboxes
-        (each a step in its sender's slot), then delete those moved, in one
-        step (cluster; see the module's doc). Deferred of how many moved."""
-        d = defer.gatherResults([self._move(receiver, item) for item in items])
+    def _moves(self, moves):
+        """Move outbox entries (``(receiver, b"<field>=<value>")``) into
+        their senders' inboxes, one step per primary holding their senders'
+        slots (``receipt.lua``), then delete those moved, one step per
+        receiver (``unbox.lua``; cluster: see the module's doc). Deferred of
+        how many moved; a group that fails stays in the outboxes."""
+        groups = {}
+        for move in moves:
+            groups.setdefault(self._primary_of(_sender(move[1])), []).append(move)
+        groups = list(groups.values())
+        d = defer.gatherResults([self._move_group(g) for g in groups])
 
         def unbox(results):
-            args = [part for item, ok in zip(items, results) if ok
-                    for part in item.split(b"=", 1)]
-            if not args:
-                return 0
-            d = self.client.script("unbox", [_keys(receiver) + layout.OUTBOX], args)
-            return d.addCallback(lambda _: len(args) // 2)
+            done = {}
+            for group, ok in zip(groups, results):
+                for receiver, item in group if ok else ():
+                    done.setdefault(receiver, []).extend(item.split(b"=", 1))
+            calls = [self.client.script("unbox", [_keys(r) + layout.OUTBOX], args)
+                     for r, args in done.items()]
+            moved = sum(len(args) // 2 for args in done.values())
+            return defer.gatherResults(calls, consumeErrors=True).addCallback(
+                lambda _: moved)
 
         def failed(f):
             # left in the outbox: moved again (and made once) later
-            self.log.warn("moved receipts stay in the outbox of {r} until a later move: "
-                          "{why}", r=receiver, why=f.value)
+            self.log.warn("moved receipts stay in their outboxes until a later move: "
+                          "{why}", why=getattr(f.value, "subFailure", f).value)
             return 0
 
         return d.addCallback(unbox).addErrback(failed)
 
-    def _move(self, receiver, item):
-        """Make one outbox entry of ``receiver`` in its sender's inbox
-        (cluster; see the module's doc): Deferred of True, or of False if
-        it failed (it stays in the outbox)."""
-        field, _, value = item.partition(b"=")
-        sender, _, status = field.decode("ascii").partition(" ")
-        upto, _, at = value.partition(b" ")
+    def _primary_of(self, sender):
+        owner = getattr(self.client, "owner", None)
+        return owner(slot_of(_keys(sender))) if owner is not None else None
+
+    def _move_group(self, group):
+        """Make the outbox entries of ``group`` (senders on one primary) in
+        their senders' inboxes, in one step: Deferred of True, or of False
+        if it failed (they stay in their outboxes)."""
+        receiver, item = group[0]
+        sender, status = _sender(item), _status(item)
         p = _keys(sender)
-        # every key make_receipt touches, declared: on a slot being migrated
-        # the step is refused whole (and retried), never stopped halfway
-        d = self.client.script("receipt", [
-            p + layout.RECEIPTS, p + layout.INBOX, p + layout.SEQ, p + layout.NODE,
-            p + layout.EPOCH, p + layout.RECEIPT_AT + status.encode() + b":"
-            + (receiver if isinstance(receiver, bytes) else receiver.encode())],
-            [sender, receiver, status, upto, at, self.node_id, self._ttl_ms])
+        # the first sender's keys, declared (see receipt.lua): routed by them,
+        # and refused whole on a slot being migrated, never stopped halfway
+        keys = [p + layout.RECEIPTS, p + layout.INBOX, p + layout.SEQ, p + layout.NODE,
+                p + layout.EPOCH, p + layout.RECEIPT_AT + status + b":" + receiver.encode()]
+        args = [self.node_id, self._ttl_ms]
+        for receiver, item in group:
+            field, _, value = item.partition(b"=")
+            who, _, status = field.partition(b" ")
+            upto, _, at = value.partition(b" ")
+            args += [who, receiver, status, upto, at]
+        d = self.client.script("receipt", keys, args)
 
         def moved(reply):
-            if reply:
-                self._here(sender, reply[0])
+            for i in range(0, len(reply or ()) - 1, 2):
+                self._here(reply[i].decode("ascii"), reply[i + 1])
             return True
 
         def failed(f):
-            # left in the outbox: moved at the receiver's next ack or bind, or by a sweep
-            self.log.warn("a receipt for {s} waits in the outbox of {r}: {why}", s=sender,
-                          r=receiver, why=f.value)
+            # left in the outboxes: moved at each receiver's next ack or
+            # bind, or by a sweep
+            self.log.warn("{n} receipt(s) wait in outboxes (for {s}...): {why}",
+                          n=len(group), s=sender, why=f.value)
             return False
 
         return d.addCallbacks(moved, failed)
@@ -154,7 +173,7 @@ class ReceiptSteps:
             due = [items[j] + b"=" + items[j + 1] for j in range(0, len(items or ()), 2)
                    if cutoff is None or int(items[j + 1].partition(b" ")[2] or 0) <= cutoff]
             if due:
-                moved += yield self._moves(receiver, due)
+                moved += yield self._moves([(receiver, item) for item in due])
         return moved
 
     @defer.inlineCallbacks
@@ -182,3 +201,12 @@ class ReceiptSteps:
         for address in set(cursors) - set(self.client.nodes):
             del cursors[address]  # a primary no longer
         return found, moved
+
+
+def _sender(item):
+    """The sender of an outbox entry ``b"<sender> <status>=<upto> <at>"``."""
+    return item.partition(b" ")[0].decode("ascii")
+
+
+def _status(item):
+    return item.partition(b"=")[0].partition(b" ")[2]

@@ -97,7 +97,7 @@ async def test_on_a_cluster_a_node_dying_between_the_steps_loses_no_receipt(
     for _ in ids:
         await bob.expect("message")
     from twisted.internet import defer
-    b.hub.store._move = lambda receiver, item: defer.succeed(None)  # dies here
+    b.hub.store._move_group = lambda group: defer.succeed(False)  # dies here
     bob.send({"ack": ids[0]})
     outbox = "chatd:{%s}:outbox" % bob_id
     await wait_until(lambda: cluster.command(bob_id, "HGET", outbox, "%s delivered" % alice_id))
@@ -124,7 +124,7 @@ async def test_on_a_cluster_the_sweeper_moves_a_receipt_left_behind(chatd, clien
         chatd, clients, cluster, "rc-sweep", outbox_sweep=0.3)
     ids = await send_all(alice, bob_id, ["one"])
     await bob.expect("message")
-    b.hub.store._move = lambda receiver, item: defer.succeed(None)  # b "dies" here
+    b.hub.store._move_group = lambda group: defer.succeed(False)  # b "dies" here
     bob.send({"ack": ids[0]})
     outbox = "chatd:{%s}:outbox" % bob_id
     await wait_until(lambda: cluster.command(bob_id, "HGET", outbox, "%s delivered" % alice_id))
@@ -160,19 +160,19 @@ def hold_moves(*nodes):
     held = Held()
     for node in nodes:
         store = node.hub.store
-        original = store._move
+        original = store._move_group
 
-        def move(receiver, item, original=original):
+        def move(group, original=original):
             if held.gate.called:
-                return original(receiver, item)
+                return original(group)
             d = defer.Deferred()
             held.moves.append(d)
-            held.gate.addCallback(lambda _: original(receiver, item).chainDeferred(d))
+            held.gate.addCallback(lambda _: original(group).chainDeferred(d))
             if not held.reached.called:
                 held.reached.callback(None)
             return d
 
-        store._move = move
+        store._move_group = move
     return held
 
 
