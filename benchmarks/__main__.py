@@ -79,6 +79,9 @@ def parse(argv):
                    "(read with: python -m benchmarks.proftop FILE)")
     p.add_argument("--json", default=DEFAULT_JSON, help="where to write the results "
                    "(default benchmarks/results/latest.json)")
+    p.add_argument("--receipts-store", choices=("embedded", "cluster1"), default="embedded",
+                   help="receipts scenario: chatd's embedded store (default), or a Valkey "
+                   "Cluster of one primary (the outbox path of Redis Cluster)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed scenario")
     opts = p.parse_args(argv)
     q = opts.quick

@@ -48,8 +48,9 @@ def _flags(*results):
 
 def _receipt_rows(key, per):
     """receipts_N: --receipts on (the chatd column) against off (the relay
-    column), every device opted in and acking every 16 pushes."""
-    on, off = per.get("on"), per.get("off")
+    column), every device opted in and acking every 16 pushes; and on with
+    nobody opted in against off."""
+    on, off, nobody = per.get("on"), per.get("off"), per.get("nobody")
     sc = "receipts %s dev%s (relay column: --receipts off)" % (
         key.split("_")[-1], ", pairs" if "_pairs_" in key else ", random peers")
     cv, rv = _get(on, "delivered_per_s"), _get(off, "delivered_per_s")
@@ -60,7 +61,26 @@ def _receipt_rows(key, per):
                 _flags(("on", on), ("off", off))),
             row(sc, "p99 ms at saturation", _get(on, "latency_ms", "p99"),
                 _get(off, "latency_ms", "p99")),
-            row(sc, "receipts pushed", _get(on, "receipts"), _get(off, "receipts"))]
+            row(sc, "receipts pushed", _get(on, "receipts"), _get(off, "receipts")),
+            row(sc, "nobody opted in: delivered msg/s", _get(nobody, "delivered_per_s"), rv,
+                note=_flags(("nobody", nobody))),
+            row(sc, "nobody opted in: p99 ms", _get(nobody, "latency_ms", "p99"),
+                _get(off, "latency_ms", "p99")),
+            # CPU per message holds better than throughput on a shared machine
+            row(sc, "chatd+store CPU us/msg", _get(on, "server_cpu_us_per_msg", "total"),
+                _get(off, "server_cpu_us_per_msg", "total"), note=_cpu_split(on, off)),
+            row(sc, "nobody opted in: chatd+store CPU us/msg",
+                _get(nobody, "server_cpu_us_per_msg", "total"),
+                _get(off, "server_cpu_us_per_msg", "total"), note=_cpu_split(nobody, off))]
+
+
+def _cpu_split(res, off):
+    """chatd's and the store's CPU per message, against off's."""
+    def us(r, role):
+        v = _get(r, "server_cpu_us_per_msg", role)
+        return "-" if v is None else "%.1f" % v
+    return "chatd %s vs %s us, store %s vs %s us" % (
+        us(res, "server"), us(off, "server"), us(res, "store"), us(off, "store"))
 
 
 def rows(results):

@@ -283,13 +283,22 @@ def throughput(opts, log):
 RECEIPTS_ACK_EVERY = 16
 
 
+#: the receipts scenario's runs: name -> (chatd's --receipts, devices opt in)
+RECEIPTS_RUNS = {"off": ("off", True), "on": ("on", True), "nobody": ("on", False)}
+
+
 def receipts(opts, log):
     """Every device opts in to receipts and acks every 16 pushes; the same
     closed loop against chatd with ``--receipts on`` and ``--receipts off``
-    (taking turns, best of --repeat): throughput and p99 of the two. Twice:
-    each device talking to random peers (an ack of 16 pushes covers about 16
-    senders: about one receipt per message, the worst case), and in
-    conversations (each device talks to one peer: one receipt per ack)."""
+    (taking turns, best of --repeat): throughput and p99 of the two; and a
+    third run, ``nobody``, with ``--receipts on`` (the default) and no device
+    opting in: what receipts cost those who do not use them (every ack's step
+    still looks at the senders of what it acks). Twice: each device talking
+    to random peers (an ack of 16 pushes covers about 16 senders: about one
+    receipt per message, the worst case), and in conversations (each device
+    talks to one peer: one receipt per ack). ``--receipts-store cluster1``:
+    on a Valkey Cluster of one primary (a fresh one per run), where every
+    receipt goes through the receiver's outbox."""
     out = {}
     for n in opts.devices:
         for pairs in (False, True):
@@ -300,25 +309,54 @@ def receipts(opts, log):
 def _receipts_runs(opts, log, n, pairs):
     out = {}
     if True:
-        runs = {"on": [], "off": []}
+        runs = {name: [] for name in RECEIPTS_RUNS}
         window = opts.window or max(2, int(math.ceil(opts.inflight / float(n))))
         for rep in range(opts.repeat):
-            for switch in ("off", "on"):
-                with procs.Processes() as pr:
-                    server = _with_server(pr, "chatd", opts, ["--receipts", switch])
+            for name, (switch, opt_in) in RECEIPTS_RUNS.items():
+                with procs.Processes() as pr, _ReceiptsStore(opts) as store:
+                    server = _with_server(pr, "chatd", opts, ["--receipts", switch] + store.args)
+                    if store.pids:
+                        server = _Stored(server, store.pids, "cluster1")
                     load = Load(pr, server, n, opts.workers, opts)
-                    load.setup_extra = {"receipts": True, "ack_every": RECEIPTS_ACK_EVERY,
+                    load.setup_extra = {"receipts": opt_in, "ack_every": RECEIPTS_ACK_EVERY,
                                         "pairs": pairs}
                     load.setup()
                     res = load.run("closed", opts.duration, opts.warmup, window=window)
-                    runs[switch].append(res)
-                    log("  receipts %s, %d devices%s: %s, %d receipts" % (
-                        switch, n, " in pairs" if pairs else "", _brief(res),
-                        res["receipts"]))
+                    runs[name].append(res)
+                    log("  receipts %s%s, %d devices%s: %s, %d receipts" % (
+                        switch, "" if opt_in else " (nobody opted in)", n,
+                        " in pairs" if pairs else "", _brief(res), res["receipts"]))
         out["receipts_%s%d" % ("pairs_" if pairs else "", n)] = {
             switch: dict(max(rs, key=lambda r: r["delivered_per_s"]))
             for switch, rs in runs.items()}
     return out
+
+
+class _ReceiptsStore:
+    """The receipts scenario's store: chatd's own (nothing to start), or
+    (``--receipts-store cluster1``) a fresh Valkey Cluster of one primary."""
+
+    def __init__(self, opts):
+        self.cluster1 = getattr(opts, "receipts_store", "embedded") == "cluster1"
+        self.args, self.pids, self.tmp, self.cluster = [], [], None, None
+
+    def __enter__(self):
+        if self.cluster1:
+            import tempfile
+
+            from tests.fixtures.cluster import ValkeyCluster
+            self.tmp = tempfile.mkdtemp(prefix="chatd-bench-receipts-")
+            self.cluster = ValkeyCluster(self.tmp, primaries=1, replicas=0)
+            self.cluster.start()
+            self.args = ["--redis", self.cluster.url]
+            self.pids = [node.pid for node in self.cluster.nodes]
+        return self
+
+    def __exit__(self, *exc):
+        if self.cluster is not None:
+            import shutil
+            self.cluster.cleanup()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _brief(res):

@@ -16,7 +16,7 @@ import tempfile
 import pytest
 import pytest_twisted
 
-from tests.fixtures.cluster import cluster  # noqa: F401 (fixtures)
+from tests.fixtures.cluster import cluster, failover  # noqa: F401 (fixtures)
 from tests.fixtures.chatd_client import client, state_dir  # noqa: F401
 from tests.fixtures.gateway import gateway  # noqa: F401
 from tests.fixtures.nodes import chatd  # noqa: F401

@@ -49,6 +49,7 @@ class Settings:
     proof_max_age: float = 600.0  # a proof ticket must expire within this
     token_rotation: bool = True   # a new token at every reconnect (contract 1.2)
     receipts: bool = True         # delivery and read receipts (contract 1.2)
+    outbox_sweep: float = 5.0     # Redis Cluster: mean seconds between outbox sweeps
     drain_batch: int = 500
     metrics: Optional[str] = None  # endpoint of /metrics and /health
     presence_lease: float = 10.0  # a dead node's devices are free after this

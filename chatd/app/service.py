@@ -23,6 +23,7 @@ from chatd.app.workers import WorkerPool
 from chatd.netio import loopback as _loopback
 from chatd.hub.presence import Presence, new_node_id
 from chatd.hub.router import Hub
+from chatd.hub.sweeper import OutboxSweeper
 from chatd.push.gateway import Gateway
 from chatd.push.waker import Waker
 from chatd.store.pushsteps import PushSteps
@@ -92,6 +93,7 @@ class ChatService(service.Service):
         self.client = None
         self.presence = None
         self.waker = None  # push wake-ups (--push-url)
+        self.sweeper = None  # receipt outboxes (Redis Cluster, --receipts on)
         self.factory = None
         self.ports = []
         self.web_ports = []  # --websocket listeners
@@ -128,6 +130,9 @@ class ChatService(service.Service):
                                                          node_id=self.node_id),
                                s, self.reactor)
             self.waker.start()
+        if store.uses_outboxes:
+            self.sweeper = OutboxSweeper(store, self.reactor, s.outbox_sweep)
+            self.sweeper.start()
         hub = Hub(store, self.settings, self.reactor, self.presence, self.waker)
         self.presence.start(hub)
         self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
@@ -235,6 +240,8 @@ class ChatService(service.Service):
             yield self.presence.stop()
         if self.waker is not None:
             yield self.waker.stop()
+        if self.sweeper is not None:
+            yield self.sweeper.stop()
         if self.client is not None:
             yield self.client.close()
 

@@ -104,6 +104,10 @@ class Options(usage.Options):
         ["receipts", None, "on", "on: devices that opt in get delivered and read "
          "receipts (contract 1.2); off: none are made, and read packets are "
          "accepted and ignored.", _coerce(config.parse_switch, "receipts")],
+        ["outbox-sweep", None, "5s", "Redis Cluster with receipts on: how often (on "
+         "average) this node sweeps the receipt outboxes for receipts a node left "
+         "behind when it died between an ack and the move into the sender's inbox.",
+         _coerce(config.parse_duration, "outbox-sweep")],
         ["proof-max-age", None, "10m", "A proof ticket must expire within this "
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],

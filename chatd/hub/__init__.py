@@ -6,4 +6,5 @@ chatd.hub: who is bound where, routing, takeover, presence. No sockets.
 - ``delivery``: ``Delivery``, the push state of one bound connection (pushes, drain, acks).
 - ``presence``: the claims of devices across nodes, and the notifications between them.
 - ``tokens``: tokens, their hashes, and the proofs of ``--registration proof``.
+- ``sweeper``: ``OutboxSweeper``, the periodic backstop that moves receipts left in outboxes (Redis Cluster).
 """

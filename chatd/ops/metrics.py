@@ -142,6 +142,11 @@ class ChatdCollector:
                                                 key=lambda kv: _label(kv[0])):
                 h.add_metric([node, _label(name)], list(zip(bounds, counts)), total)
         yield h
+        sweeper = getattr(chat, "sweeper", None)
+        yield _one(CounterMetricFamily, "chatd_receipts_swept",
+                   "Redis Cluster: receipts this node's outbox sweeper found left in a "
+                   "receiver's outbox (a node died, or its move failed, between the ack and "
+                   "the move) and made", node, sweeper.moved if sweeper is not None else 0)
         yield from _push_families(chat, node)
 
 

@@ -9,18 +9,23 @@ it loses nothing (``make_receipt`` in ``_prelude.lua``).
 Redis Cluster: the sender's inbox is in another slot than the receiver's,
 and one atomic step cannot span two slots. The ack (read) step writes the
 receipt into the receiver's own ``outbox`` (its slot, same step as the ack),
-then this node moves each outbox entry into the sender's inbox
-(``receipt.lua``, idempotent: a receipt not newer than the sender's last one
-for (receiver, status) makes nothing) and deletes it only if unchanged
-(``unbox.lua``). A node that dies between the steps leaves the entry in the
+then this node moves the outbox entries into their senders' inboxes, one
+step per primary holding the senders' slots (``receipt.lua``, idempotent: a
+receipt not newer than the sender's last one for (receiver, status) makes
+nothing), and deletes those it moved, each only if unchanged, in one step
+per receiver (``unbox.lua``). A node that dies between the steps leaves the entry in the
 outbox: the receiver's next ack, on any node, returns the whole outbox and
-moves it (and :meth:`ReceiptSteps.sweep_outboxes` finds it in the
-meanwhile). So no receipt is lost; one may be made late, never twice.
+moves it; so does its next bind (:meth:`ReceiptSteps.sweep_outboxes`); and,
+should it never ack nor bind again, every node's outbox sweeper
+(:class:`chatd.hub.sweeper.OutboxSweeper`, one bounded SCAN per primary per
+pass: :meth:`ReceiptSteps.sweep_pass`). So no receipt is lost; one may be
+made late, never twice.
 """
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from chatd.redis.cluster import slot_of
 from chatd.store import layout
 from chatd.store.layout import prefix as _keys
 
@@ -68,54 +73,140 @@ class ReceiptSteps:
     def _receipt_work(self, reply, start):
         """What an ack or read step handed back, from ``reply[start]`` on:
         receipts to push here, outbox entries to move."""
+        moves = []
         for i in range(start, len(reply) - 2, 3):
             tag, who, what = reply[i], reply[i + 1], reply[i + 2]
             try:
                 if tag == b"h":
                     self._here(who.decode("ascii"), what)
                 elif tag == b"o":
-                    self._move(who.decode("ascii"), what)
+                    moves.append((who.decode("ascii"), what))
             except Exception:
                 self.log.failure("handling a receipt")
+        if moves:
+            self._moves(moves)
 
     def _here(self, sender, entry):
         if self.receipt_here is not None:
             self.receipt_here(sender, entry)
 
-    def _move(self, receiver, item):
-        """Move one outbox entry of ``receiver`` into its sender's inbox,
-        then delete it (cluster; see the module's doc)."""
-        field, _, value = item.partition(b"=")
-        sender, _, status = field.decode("ascii").partition(" ")
-        upto, _, at = value.partition(b" ")
+    def _moves(self, moves):
+        """Move outbox entries (``(receiver, b"<field>=<value>")``) into
+        their senders' inboxes, one step per primary holding their senders'
+        slots (``receipt.lua``), then delete those moved, one step per
+        receiver (``unbox.lua``; cluster: see the module's doc). Deferred of
+        how many moved; a group that fails stays in the outboxes."""
+        groups = {}
+        for move in moves:
+            groups.setdefault(self._primary_of(_sender(move[1])), []).append(move)
+        groups = list(groups.values())
+        d = defer.gatherResults([self._move_group(g) for g in groups])
+
+        def unbox(results):
+            done = {}
+            for group, ok in zip(groups, results):
+                for receiver, item in group if ok else ():
+                    done.setdefault(receiver, []).extend(item.split(b"=", 1))
+            calls = [self.client.script("unbox", [_keys(r) + layout.OUTBOX], args)
+                     for r, args in done.items()]
+            moved = sum(len(args) // 2 for args in done.values())
+            return defer.gatherResults(calls, consumeErrors=True).addCallback(
+                lambda _: moved)
+
+        def failed(f):
+            # left in the outbox: moved again (and made once) later
+            self.log.warn("moved receipts stay in their outboxes until a later move: "
+                          "{why}", why=getattr(f.value, "subFailure", f).value)
+            return 0
+
+        return d.addCallback(unbox).addErrback(failed)
+
+    def _primary_of(self, sender):
+        owner = getattr(self.client, "owner", None)
+        return owner(slot_of(_keys(sender))) if owner is not None else None
+
+    def _move_group(self, group):
+        """Make the outbox entries of ``group`` (senders on one primary) in
+        their senders' inboxes, in one step: Deferred of True, or of False
+        if it failed (they stay in their outboxes)."""
+        receiver, item = group[0]
+        sender, status = _sender(item), _status(item)
         p = _keys(sender)
-        # every key make_receipt touches, declared: on a slot being migrated
-        # the step is refused whole (and retried), never stopped halfway
-        d = self.client.script("receipt", [
-            p + layout.RECEIPTS, p + layout.INBOX, p + layout.SEQ, p + layout.NODE,
-            p + layout.EPOCH, p + layout.RECEIPT_AT + status.encode() + b":"
-            + (receiver if isinstance(receiver, bytes) else receiver.encode())],
-            [sender, receiver, status, upto, at, self.node_id, self._ttl_ms])
+        # the first sender's keys, declared (see receipt.lua): routed by them,
+        # and refused whole on a slot being migrated, never stopped halfway
+        keys = [p + layout.RECEIPTS, p + layout.INBOX, p + layout.SEQ, p + layout.NODE,
+                p + layout.EPOCH, p + layout.RECEIPT_AT + status + b":" + receiver.encode()]
+        args = [self.node_id, self._ttl_ms]
+        for receiver, item in group:
+            field, _, value = item.partition(b"=")
+            who, _, status = field.partition(b" ")
+            upto, _, at = value.partition(b" ")
+            args += [who, receiver, status, upto, at]
+        d = self.client.script("receipt", keys, args)
 
         def moved(reply):
-            if reply:
-                self._here(sender, reply[0])
-            return self.client.script("unbox", [_keys(receiver) + layout.OUTBOX],
-                                      [field, value])
+            for i in range(0, len(reply or ()) - 1, 2):
+                self._here(reply[i].decode("ascii"), reply[i + 1])
+            return True
 
-        d.addCallback(moved)
-        # left in the outbox: moved at the receiver's next ack, or by a sweep
-        d.addErrback(lambda f: self.log.warn("a receipt for {s} waits in the outbox of "
-                                             "{r}: {why}", s=sender, r=receiver,
-                                             why=f.value))
-        return d
+        def failed(f):
+            # left in the outboxes: moved at each receiver's next ack or
+            # bind, or by a sweep
+            self.log.warn("{n} receipt(s) wait in outboxes (for {s}...): {why}",
+                          n=len(group), s=sender, why=f.value)
+            return False
+
+        return d.addCallbacks(moved, failed)
 
     @defer.inlineCallbacks
-    def sweep_outboxes(self, devices):
+    def sweep_outboxes(self, devices, older_ms=None):
         """Move whatever waits in the outboxes of ``devices`` (receivers):
-        left there by a node that died between the two steps."""
+        left there by a node that died between the two steps (or, with
+        ``older_ms``, only entries written longer ago than that: a younger
+        one is being moved by the node that wrote it). Deferred of how many
+        entries it moved (a move that fails is logged, and the entry stays)."""
+        moved = 0
+        cutoff = None if older_ms is None else self._now_ms() - older_ms
         for receiver in devices:
             key = _keys(receiver) + layout.OUTBOX
             items = yield self.client.call(b"HGETALL", key)
-            for j in range(0, len(items or ()), 2):
-                yield self._move(receiver, items[j] + b"=" + items[j + 1])
+            due = [items[j] + b"=" + items[j + 1] for j in range(0, len(items or ()), 2)
+                   if cutoff is None or int(items[j + 1].partition(b" ")[2] or 0) <= cutoff]
+            if due:
+                moved += yield self._moves([(receiver, item) for item in due])
+        return moved
+
+    @defer.inlineCallbacks
+    def sweep_pass(self, cursors, count, older_ms):
+        """One bounded pass of the outbox sweeper (Redis Cluster): on each
+        primary, the next SCAN step (about ``count`` keys looked at) for
+        outboxes, from its cursor in ``cursors`` ((host, port) -> cursor,
+        kept between passes; a primary's scan starts again at 0 when done),
+        and the entries of those outboxes older than ``older_ms`` moved.
+        A primary that fails is skipped until the next pass. Deferred of
+        (outboxes found, entries moved)."""
+        found = moved = 0
+        pattern = layout.pattern(layout.OUTBOX).encode("ascii")
+        for address, node in list(self.client.nodes.items()):
+            try:
+                cursor, keys = yield node.call(b"SCAN", cursors.get(address, b"0"), b"MATCH",
+                                               pattern, b"COUNT", count, b"TYPE", b"hash")
+                cursors[address] = cursor
+                receivers = [d for d in (layout.device_of(k, layout.OUTBOX) for k in keys)
+                             if d is not None]
+                found += len(receivers)
+                moved += yield self.sweep_outboxes(receivers, older_ms)
+            except Exception as e:
+                self.log.warn("sweeping the outboxes on {node}: {why}", node=address, why=e)
+        for address in set(cursors) - set(self.client.nodes):
+            del cursors[address]  # a primary no longer
+        return found, moved
+
+
+def _sender(item):
+    """The sender of an outbox entry ``b"<sender> <status>=<upto> <at>"``."""
+    return item.partition(b" ")[0].decode("ascii")
+
+
+def _status(item):
+    return item.partition(b"=")[0].partition(b" ")[2]

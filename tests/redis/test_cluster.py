@@ -7,7 +7,6 @@ a few seconds); every test uses device names of its own.
 """
 
 import os
-import signal
 import time
 
 import pytest
@@ -274,50 +273,6 @@ def test_a_cluster_with_uncovered_slots_is_a_clean_start_error(tmp_short):
 def _has_store_acks():
     from chatd.app.tap import Options
     return any(o[0] == "store-acks" for o in Options.optParameters)
-
-
-@pytest.fixture
-def failover(cluster):
-    """``kill(primary)``: SIGKILL a primary whose replica will not fail over
-    by itself (``cluster-replica-no-failover``), so the cluster stays down
-    until ``take_over()`` (CLUSTER FAILOVER TAKEOVER on that replica; it is
-    returned). Afterwards the killed node is started again (it comes back as
-    a replica) and given its role back, so the module's cluster is as it was."""
-    from tests.fixtures.process import wait_for
-    done = []
-
-    class Failover:
-        def kill(self, primary):
-            self.primary, self.replica = primary, cluster.replica_of(primary)
-            self.replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")
-            done.append((primary, self.replica))
-            primary.kill(signal.SIGKILL)
-
-        def take_over(self):
-            self.replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
-            wait_for(lambda: self.replica.info("replication").get("role") == "master", 30,
-                     "the replica taking over")
-            return self.replica
-
-        def restart_old(self):
-            """Start the killed primary again: it comes back as the new
-            primary's replica (what --store-acks 1 needs to confirm writes)."""
-            self.primary.start()
-            wait_for(self.primary.answers, 30, "the old primary back", 0.05)
-
-    kill_and_take_over = Failover()
-    yield kill_and_take_over
-    for primary, replica in done:
-        replica.command("CONFIG", "SET", "cluster-replica-no-failover", "no")
-        if not primary.running:
-            primary.start()
-        wait_for(primary.answers, 30, "the old primary back", 0.05)
-        wait_for(lambda: primary.info("replication").get("master_link_status") == "up", 60,
-                 "the old primary replicating its replica")
-        primary.command("CLUSTER", "FAILOVER")
-        wait_for(lambda: primary.info("replication").get("role") == "master", 60,
-                 "the old primary given its role back")
-    cluster.wait_ok()
 
 
 async def _fail_over_under_traffic(cluster, nodes, opened, failover, extra, in_sync):

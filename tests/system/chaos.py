@@ -71,7 +71,12 @@ unanswered send be retried and every accepted message be delivered, and checks:
 * no-reply sends: counted; each must end accepted (and delivered with the
   id its retry was given) -- unresolved must be 0
 * a message pushed again on a later connection must be the same bytes
-* nothing is left in any inbox once everything is acked
+* receipts (1.2, tests/system/chaos_receipts.py): three devices in four opt
+  in; each receipt reaches an opted-in sender once per connection, its
+  ``upto`` never lower than one already seen there, made once, naming a
+  message that was sent; and every acked message is covered by a
+  ``delivered`` receipt in the end
+* nothing is left in any inbox (or receipt outbox) once everything is acked
 * no ``Traceback``/``Unhandled`` in chatd's log, and chatd stops cleanly
 """
 
@@ -94,6 +99,7 @@ from tests.fixtures.nodes import ChatdProcess
 from tests.fixtures.process import fixed_port
 from tests.fixtures.valkey import redis_command
 from tests.fixtures.valkey import ValkeyServer
+from tests.system.chaos_receipts import ReceiptChecks
 
 CLIENT_FAULTS = ("cut_before_ack", "cut_inflight", "slow_reader")
 #: error codes after which a send is retried with the same ref
@@ -137,6 +143,7 @@ class Config:
     workdir: str = None           # default: a fresh temp dir (removed if all is well)
     keep: bool = False            # keep the workdir (logs, data) in any case
     chatd_args: tuple = ()        # more chatd options
+    receipts: bool = True         # most devices opt in to receipts (chaos_receipts)
     verbose: bool = False
 
     def __post_init__(self):
@@ -205,6 +212,7 @@ class Tracker:
         self.awaiting = {}                # serial -> refs sent there, unanswered, in order
         self.first_ids = {}               # (serial, receiver) -> [(send position, id)]
         self.positions = {}               # (serial, ref) -> its position among serial's sends
+        self.receipts = ReceiptChecks(self.anomaly)
 
     def anomaly(self, kind, detail=None):
         self.anomalies[kind] += 1
@@ -317,20 +325,44 @@ class Tracker:
         except (KeyError, TypeError, ValueError):
             self.anomaly("malformed_push", line[:200])
             return
+        if not self._in_sequence(device, serial, server_id, line):
+            return
+        if obj.get("receiver") != device:
+            self.anomaly("misrouted", (device, line[:200]))
+        self.text_ids.setdefault(text, set()).add(server_id)
+        s = self.by_text.get(text)
+        if s is None:
+            self.anomaly("pushed_but_never_sent", line[:200])
+        elif s.sender != obj.get("sender") or s.receiver != device:
+            self.anomaly("misrouted", (device, line[:200]))
+
+    def receipt(self, device, serial, line, obj):
+        """A receipt (1.2) pushed on connection ``serial`` of ``device``:
+        a push in its sequence like a message (see chaos_receipts)."""
+        self.pushes += 1
+        try:
+            server_id = int(obj["id"])
+        except (KeyError, TypeError, ValueError):
+            self.anomaly("malformed_push", line[:200])
+            return
+        if self._in_sequence(device, serial, server_id, line):
+            self.receipts.push(device, serial, obj)
+
+    def _in_sequence(self, device, serial, server_id, line):
+        """Check a push's id on its connection (and its bytes against an
+        earlier push of that id): False if it was pushed there before."""
         last, ids = self.conns[serial]
         if server_id in ids:
-            self.anomaly("pushed_twice_on_one_connection", (device, serial, obj["id"]))
-            return
+            self.anomaly("pushed_twice_on_one_connection", (device, serial, server_id))
+            return False
         if server_id < last:
             self.anomaly("out_of_order_on_one_connection", (device, serial, last, server_id))
         elif last and server_id != last + 1:
-            # the inbox holds consecutive ids and pushes follow it: a gap is
-            # a message skipped on this connection
+            # the inbox holds consecutive ids (messages and receipts) and
+            # pushes follow it: a gap is a push skipped on this connection
             self.anomaly("gap_on_one_connection", (device, serial, last, server_id))
         ids.add(server_id)
         self.conns[serial][0] = max(last, server_id)
-        if obj.get("receiver") != device:
-            self.anomaly("misrouted", (device, line[:200]))
         key = (device, server_id)
         first = self.delivered.get(key)
         if first is None:
@@ -339,12 +371,7 @@ class Tracker:
             self.repushes += 1
             if first != line:
                 self.anomaly("changed_when_pushed_again", (first[:120], line[:120]))
-        self.text_ids.setdefault(text, set()).add(server_id)
-        s = self.by_text.get(text)
-        if s is None:
-            self.anomaly("pushed_but_never_sent", line[:200])
-        elif s.sender != obj.get("sender") or s.receiver != device:
-            self.anomaly("misrouted", (device, line[:200]))
+        return True
 
     def undelivered(self):
         return [s for s in self.sents
@@ -355,6 +382,7 @@ class Tracker:
 
     def report(self, **extra):
         self.check_send_order()
+        receipts_missing = self.receipts.check(self.sents)
         accepted = [s for s in self.sents if s.status == "accepted"]
         lost = self.undelivered()
         stored_twice = {t: ids for t, ids in self.text_ids.items() if len(ids) > 1}
@@ -403,6 +431,8 @@ class Tracker:
             binds=dict(self.binds),
             anomalies=dict(self.anomalies), examples=dict(self.examples),
             latency=(pct(0.5), pct(0.99), lat[-1] if lat else 0.0),
+            receipts=dict(self.receipts.pushes), reads_sent=self.receipts.reads_sent,
+            receipts_opted=len(self.receipts.opted), receipts_missing=len(receipts_missing),
         )
         for k, v in extra.items():
             setattr(r, k, v)
@@ -442,6 +472,10 @@ class Report:
     anomalies: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)
     latency: tuple = (0.0, 0.0, 0.0)
+    receipts: dict = field(default_factory=dict)  # status -> receipt pushes
+    reads_sent: int = 0
+    receipts_opted: int = 0       # devices that opted in
+    receipts_missing: int = 0     # (sender, receiver) pairs whose receipts fell short
     # filled in by the run
     mode: str = ""
     clients: int = 0
@@ -482,7 +516,8 @@ class Report:
                                      "gap_on_one_connection"):
                 out.append("%s: %d, e.g. %s" % (kind, n, self.examples.get(kind, [])[:2]))
         if self.left_in_inboxes > 0:
-            out.append("%d messages left in inboxes after every push was acked"
+            out.append("%d messages or receipts left in inboxes (or outboxes) after every "
+                       "push was acked"
                        % self.left_in_inboxes)
         if self.log_problems:
             out.append("chatd logged %d traceback lines, e.g. %s"
@@ -523,10 +558,13 @@ class Report:
             "    of which at a SIGTERM: %d; stored by the stopping chatd yet unanswered: %d"
             % (self.noreply_at_shutdown, self.unanswered_at_shutdown),
             "  unresolved sends:       %d" % self.unresolved,
+            "  receipts (%d devices opted in): pushed %s; %d reads sent; MISSING: %d pairs"
+            % (self.receipts_opted, codes(self.receipts), self.reads_sent,
+               self.receipts_missing),
             "  errors closing/other:   %s" % codes(self.conn_errors),
             "  accept latency:         p50 %.1f ms, p99 %.1f ms, max %.1f ms"
             % tuple(x * 1000 for x in self.latency),
-            "  left in inboxes:        %s" % (self.left_in_inboxes if self.left_in_inboxes >= 0
+            "  left in in-/outboxes:   %s" % (self.left_in_inboxes if self.left_in_inboxes >= 0
                                               else "not checked"),
             "  chatd log:              %s" % ("clean" if not self.log_problems
                                               else "%d bad lines" % len(self.log_problems)),
@@ -555,6 +593,7 @@ class _Conn(LineReceiver):
         self.outstanding = {}     # ref -> Sent, sent here and not answered yet
         self.last_push = 0
         self.acked = 0
+        self.last_from = {}       # sender -> its last message pushed here (for read)
         self.bind_call = None
         self.shutdown_ms = None   # when chatd said "shutdown" (wall clock, ms)
 
@@ -586,9 +625,12 @@ class _Conn(LineReceiver):
 class Device:
     """One simulated phone: connects, binds, sends, acks, reconnects."""
 
-    def __init__(self, h, name):
+    def __init__(self, h, name, receipts=False):
         self.h = h
         self.name = name
+        self.receipts = receipts  # opts in to receipts (1.2) on every bind
+        if receipts:
+            h.tracker.receipts.opted.add(name)
         self.rng = random.Random(h.rng.random())
         self.token = None
         self.conn = None
@@ -647,10 +689,11 @@ class Device:
         conn.bind_call = None
         if conn.dead or conn is not self.conn:
             return
+        opt_in = {"receipts": "true"} if self.receipts else {}
         if self.token is None:
-            conn.send({"register": "true", "sender": self.name})
+            conn.send({"register": "true", "sender": self.name, **opt_in})
         else:
-            conn.send({"reconnect": "true", "sender": self.name, "token": self.token})
+            conn.send({"reconnect": "true", "sender": self.name, "token": self.token, **opt_in})
 
     def lost(self, conn):
         if conn.bind_call is not None and conn.bind_call.active():
@@ -678,14 +721,18 @@ class Device:
             if not conn.bound:
                 t.anomaly("push_before_bind_reply", (self.name, raw[:120]))
             t.push(self.name, conn.serial, raw, obj)
-            try:
-                conn.last_push = max(conn.last_push, int(obj["id"]))
-            except (KeyError, TypeError, ValueError):
-                pass
+            self.pushed(conn, obj)
+            if isinstance(obj.get("sender"), str):
+                conn.last_from[obj["sender"]] = obj.get("id")
             if self.cut_on_push:
                 self.cut_on_push = False
                 t.faults["cut_before_ack"] += 1
                 conn.cut()
+        elif kind == "receipt":
+            if not conn.bound:
+                t.anomaly("push_before_bind_reply", (self.name, raw[:120]))
+            t.receipt(self.name, conn.serial, raw, obj)
+            self.pushed(conn, obj)
         elif kind in ("accepted", "duplicate"):
             s = conn.outstanding.pop(obj.get("ref"), None)
             if s is None:
@@ -754,6 +801,13 @@ class Device:
         else:
             t.anomaly("unknown_line_type", raw[:200])
 
+    @staticmethod
+    def pushed(conn, obj):
+        try:
+            conn.last_push = max(conn.last_push, int(obj["id"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+
     # output, driven by the harness's tick
 
     def tick(self, now):
@@ -777,6 +831,11 @@ class Device:
             c.send({"ack": "%016d" % c.last_push})
             c.acked = c.last_push
             self.next_ack = now + self.ack_interval
+            if c.last_from and self.rng.random() < 0.3:
+                # the conversation with one sender was on screen: read (1.2)
+                sender = self.rng.choice(sorted(c.last_from))
+                c.send({"read": c.last_from.pop(sender), "from": sender})
+                self.h.tracker.receipts.reads_sent += 1
 
     def new_message(self, now, receiver):
         self.seq += 1
@@ -849,14 +908,13 @@ class Servers:
         return redis_command(self.store_socket, *args)
 
     def inbox_total(self):
-        """Messages left in every inbox (of every primary, on a cluster)."""
-        if self.cluster is None:
-            keys = self.store("KEYS", "chatd:*:inbox")
-            return sum(self.store("LLEN", k) for k in keys)
-        total = 0
-        for n in self.cluster.masters():
-            total += sum(n.command("LLEN", k) for k in n.command("KEYS", "chatd:*:inbox"))
-        return total
+        """Messages and receipts left in every inbox, and receipts in every
+        outbox (of every primary, on a cluster)."""
+        stores = [self.store] if self.cluster is None else \
+            [n.command for n in self.cluster.masters()]
+        return sum(command(length, k) for command in stores
+                   for pattern, length in (("chatd:*:inbox", "LLEN"), ("chatd:*:outbox", "HLEN"))
+                   for k in command("KEYS", pattern))
 
     async def start(self):
         if self.cluster is not None:
@@ -959,7 +1017,10 @@ class Harness:
         self.servers = servers
         self.rng = random.Random(cfg.seed)
         self.tracker = Tracker()
-        self.devices = [Device(self, "c%04d" % i) for i in range(cfg.clients)]
+        # three devices in four opt in to receipts (1.2); the others must
+        # never see one
+        self.devices = [Device(self, "c%04d" % i, receipts=cfg.receipts and i % 4 != 3)
+                        for i in range(cfg.clients)]
         self.stopping = False
         self.sending = False
         self.ticker = None
@@ -1128,10 +1189,17 @@ class Harness:
             await wait_until(lambda: not t.unresolved(), left(), "every send answered", 0.1)
             await wait_until(lambda: not t.undelivered(), left(),
                             "every accepted message delivered", 0.1)
-            await wait_until(lambda: all(d.conn is not None and d.conn.acked >= d.conn.last_push
-                                        for d in self.devices), left(), "every push acked", 0.1)
+            await wait_until(self.all_acked, left(), "every push acked", 0.1)
+            # the last acks made receipts (pushes too): those, then their acks
+            await wait_until(lambda: not t.receipts.missing(t.sents), left(),
+                             "every receipt made and pushed", 0.1)
+            await wait_until(self.all_acked, left(), "every receipt acked", 0.1)
         except AssertionError as e:
             self.log("drain: %s" % e)
+
+    def all_acked(self):
+        return all(d.conn is not None and d.conn.acked >= d.conn.last_push
+                   for d in self.devices)
 
     def inbox_total(self):
         return self.servers.inbox_total()
@@ -1247,6 +1315,8 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep logs and data")
     p.add_argument("--chatd-arg", action="append", default=[],
                    help="one more chatd option (repeatable), e.g. --chatd-arg=--rate-limit=0")
+    p.add_argument("--no-receipts", action="store_true",
+                   help="no device opts in to receipts (by default three in four do)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     cfg = Config(mode=a.mode, nodes=a.nodes, duration=a.duration, clients=a.clients, rate=a.rate,
@@ -1255,7 +1325,8 @@ def main(argv=None):
                  redis_sigkill=a.redis_sigkill, down_max=a.down_max,
                  redis_down_max=a.redis_down_max, pause_max=a.pause_max,
                  settle=a.settle, seed=a.seed, workdir=a.workdir, keep=a.keep,
-                 chatd_args=tuple(a.chatd_arg), verbose=a.verbose)
+                 chatd_args=tuple(a.chatd_arg), receipts=not a.no_receipts,
+                 verbose=a.verbose)
     start = time.monotonic()
 
     def log(msg):

@@ -4,7 +4,9 @@ through a twistd chatd while it is SIGKILLed and SIGTERMed, Redis is stopped
 and killed (external mode), connections are cut between a push and its ack
 and between a send and its reply, and clients stop reading. Nothing accepted
 may be lost, nothing pushed twice on one connection, every unanswered send
-must come through on retry with its ref.
+must come through on retry with its ref. Most devices opt in to receipts:
+each reaches its sender once per connection, never with a lower ``upto``,
+and every acked message is covered by one (tests/system/chaos_receipts.py).
 
 ``pytest --long`` runs each in its long form (600 s, 200 clients); other
 forms by hand: ``python -m tests.system.chaos --help`` (docs/testing.rst).
@@ -29,6 +31,9 @@ def check(report, cfg):
     for kind in cfg.faults:
         assert report.faults.get(kind, 0) >= 1, "no %s fault in:\n%s" % (kind, report.format())
     assert report.accepted == report.sent == report.delivered, report.format()
+    # receipts (1.2) flowed: delivered ones for acks, read ones for reads
+    assert report.receipts_opted and report.receipts_missing == 0, report.format()
+    assert report.receipts.get("delivered", 0) >= 1, report.format()
     if "cut_inflight" not in cfg.faults:
         return
     assert report.noreply >= 1, report.format()
@@ -235,3 +240,47 @@ def test_the_send_order_checks_can_fail():
     problems = " | ".join(bad.problems())
     assert "reply_out_of_packet_order" in problems and "accepted_out_of_send_order" in problems
     assert run([0, 1, 2], [1, 3, 2]).send_order == 1  # in order, but ids not
+
+
+def test_the_receipt_checks_can_fail():
+    """Receipts (chaos_receipts), fed made-up events: one to a device that
+    did not opt in, one repeated on a connection, a lower upto, one made
+    twice, one naming no message, a gap in the sequence, and a pair left
+    without its receipt are all caught; the same flow done right is clean."""
+    def run(pushes, opted=("alice",)):
+        t = chaos.Tracker()
+        t.receipts.opted.update(opted)
+        for i, text in enumerate(("one", "two", "three")):
+            s = t.new_send("alice", "bob", "r%d" % i, text, 0.0)
+            t.attempt(s, 0.0)
+            t.accepted(s, "%016d" % (i + 1), 0.1)
+        bob = t.conn_opened()
+        for i, text in enumerate(("one", "two", "three")):
+            line = ('{"type":"message","id":"%016d","sent_at":1,"sender":"alice",'
+                    '"receiver":"bob","message":"%s"}' % (i + 1, text)).encode()
+            t.push("bob", bob, line, json.loads(line))
+        serials = {}
+        for conn, device, rid, upto in pushes:
+            if conn not in serials:
+                serials[conn] = t.conn_opened()
+            line = ('{"type":"receipt","id":"%016d","receiver":"bob","status":"delivered",'
+                    '"upto":"%016d","at":5}' % (rid, upto)).encode()
+            t.receipt(device, serials[conn], line, json.loads(line))
+        return t.report(left_in_inboxes=0)
+
+    good = run([(1, "alice", 1, 2), (1, "alice", 2, 3), (2, "alice", 2, 3)])
+    assert good.problems() == [] and good.receipts == {"delivered": 3}
+    assert good.receipts_missing == 0
+    cases = {
+        "receipt_to_a_device_that_did_not_opt_in": [(1, "alice", 1, 3)],
+        "pushes repeated on one connection": [(1, "alice", 1, 3), (1, "alice", 1, 3)],
+        "receipt_upto_not_rising_on_one_connection": [(1, "alice", 1, 3), (1, "alice", 2, 2)],
+        "receipt_made_twice": [(1, "alice", 1, 3), (2, "alice", 2, 3)],
+        "receipt_for_no_message": [(1, "alice", 1, 9), (1, "alice", 2, 3)],
+        "gaps on one connection": [(1, "alice", 1, 2), (1, "alice", 3, 3)],
+        "receipt_missing": [(1, "alice", 1, 2)],
+    }
+    for word, pushes in cases.items():
+        r = run(pushes, opted=() if "opt_in" in word else ("alice",))
+        problems = " | ".join(r.problems())
+        assert word in problems, (word, problems)

@@ -35,22 +35,24 @@ end
 -- otherwise it is appended (a new id). Publishes it to the node holding s
 -- if that is another one. Returns the entry and whether s is bound on this
 -- node ("<node id> " = node_sp), or nil when nothing is to be pushed.
--- Touches only keys of s (one slot).
+-- Touches only keys of s (one slot). Its four reads are one MGET: a receipt
+-- is five calls (MGET, INCR, RPUSH, PEXPIRE, SET), and one for a sender
+-- who did not opt in.
 local function make_receipt(s, r, status, upto, at, node_sp, ttl_ms)
   local p = KEY_HEAD .. s .. "}:"
-  if redis.call("EXISTS", p .. K_RECEIPTS) == 0 then return nil end
   local ptr_key = p .. K_RECEIPT_AT .. status .. ":" .. r
-  local ptr = redis.call("GET", ptr_key)
+  local got = redis.call("MGET", p .. K_RECEIPTS, ptr_key, p .. K_NODE, p .. K_EPOCH)
+  if not got[1] then return nil end
+  local ptr, bound = got[2], got[3]
   local old_upto, old_id, mark
   if ptr then old_upto, old_id, mark = string.match(ptr, "^(%d+) (%d+) (%S+)$") end
   if old_upto and tonumber(old_upto) >= upto then return nil end
   local upto_s = string.format("%016d", upto)
   local inbox = p .. K_INBOX
-  local bound = redis.call("GET", p .. K_NODE)
   local tail = '","receiver":"' .. r .. '","status":"' .. status .. '","upto":"' ..
     upto_s .. '","at":' .. at .. '}'
   local epoch = nil
-  if not bound then epoch = redis.call("GET", p .. K_EPOCH) or "0" end
+  if not bound then epoch = got[4] or "0" end
   if not bound and mark == epoch then
     local head = redis.call("LINDEX", inbox, 0)
     local idx = head and (tonumber(old_id) - entry_id(head)) or -1
@@ -74,11 +76,15 @@ local function make_receipt(s, r, status, upto, at, node_sp, ttl_ms)
 end
 
 -- The senders of the messages among entries (receipts have none), each with
--- the highest id of its messages there: {sender...}, {sender -> id}.
+-- the highest id of its messages there: {sender...}, {sender -> id}. A
+-- stored line is a message or a receipt, told apart by the byte where their
+-- heads first differ (no substring made per entry).
+local TYPE_AT = 10  -- '{"type":"m...' / '{"type":"r...'
 local function senders_of(entries, order, high)
+  local TYPE_MESSAGE = string.byte(ENTRY_HEAD, TYPE_AT)
   for i = 1, #entries do
     local e = entries[i]
-    if string.sub(e, 1, #ENTRY_HEAD) == ENTRY_HEAD then
+    if string.byte(e, TYPE_AT) == TYPE_MESSAGE then
       local s = string.match(e, '"sender":"([^"]*)"', SENT_AT_FIRST)
       if s then
         if not high[s] then order[#order + 1] = s end
@@ -90,6 +96,20 @@ end
 
 -- Cluster: remember a receipt to make in the receiver's outbox (its slot),
 -- keeping the highest upto per (sender, status).
+-- One store (mode "d"): of senders, those who opted in to receipts, in one
+-- MGET (not one call per sender: most acks cover senders who did not).
+local function opted_in(senders)
+  if #senders == 0 then return senders end
+  local keys = {}
+  for i, s in ipairs(senders) do keys[i] = KEY_HEAD .. s .. "}:" .. K_RECEIPTS end
+  local flags = redis.call("MGET", unpack(keys))
+  local out = {}
+  for i, s in ipairs(senders) do
+    if flags[i] then out[#out + 1] = s end
+  end
+  return out
+end
+
 local function to_outbox(outbox, s, status, upto, at)
   local field = s .. " " .. status
   local cur = redis.call("HGET", outbox, field)

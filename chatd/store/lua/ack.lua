@@ -64,7 +64,7 @@ for i = 1, n do
   if mode ~= "0" then
     local r = string.match(inbox, "{(.-)}:")
     if mode == "d" then
-      for _, s in ipairs(order) do
+      for _, s in ipairs(opted_in(order)) do
         local entry, here = make_receipt(s, r, "delivered", high[s], now, node_sp, ttl_ms)
         if here then
           out[#out + 1], out[#out + 2], out[#out + 3] = "h", s, entry
