@@ -99,10 +99,10 @@ def _tokens_only(code):
     return not c.translate(None, b"0 ")
 
 
-#: stand-ins for the escapes that hold a quote or a backslash while the
-#: strings are found (lone surrogates: no line decoded from UTF-8 has one;
-#: each differs from :data:`_APART`)
-_ESCAPED = (("\\\\", "\udc01"), ("\\'", "\udc02"), ('\\"', "\udc03"))
+#: the escapes that hold a quote or a backslash, and the same characters as
+#: \\x escapes (the token parser and the unicode_escape codec read both
+#: alike): with these written so, no quote left in a line is escaped
+_ESCAPED = (("\\\\", "\\x5c"), ("\\'", "\\x27"), ('\\"', "\\x22"))
 _QUOTES_ONLY = bytes(c for c in range(256) if c not in b"'\"")
 
 
@@ -110,30 +110,24 @@ def _split(text):
     """text -> (codes, bodies): the literal between its strings, and each
     string's body (escapes as written), or None (a string is not closed)."""
     if "\n" not in text:
-        # With the escapes of quotes and backslashes stood in for, the
-        # quotes that are left all open or close a string. If they pair off
-        # in order, each with the next one, and each pair is of one kind,
-        # then the pairs are the strings (an opening quote is closed by the
-        # next quote of its kind, and there is none in between): str.split
-        # finds them at C speed. (Not so for a string that holds the other
-        # quote, "it's": the regex below.)
+        # With the escapes of quotes and backslashes written as \x escapes,
+        # the quotes that are left all open or close a string. If they pair
+        # off in order, each with the next one, and each pair is of one
+        # kind, then the pairs are the strings (an opening quote is closed
+        # by the next quote of its kind, and there is none in between):
+        # str.split finds them at C speed. (Not so for a string that holds
+        # the other quote, "it's": the regex below.)
         t = text
-        escaped = "\\" in t
-        if escaped:
-            for esc, stand_in in _ESCAPED:
-                t = t.replace(esc, stand_in)
+        if "\\" in t:
+            for esc, same in _ESCAPED:
+                if esc in t:
+                    t = t.replace(esc, same)
         q = t.encode("utf-8", "surrogatepass").translate(None, _QUOTES_ONLY)
         if len(q) == 1:
             return None
         if len(q) % 2 == 0 and q[0::2] == q[1::2]:
             parts = t.replace('"', "'").split("'") if b'"' in q else t.split("'")
-            bodies = parts[1::2]
-            if escaped:
-                joined = _APART.join(bodies)
-                for esc, stand_in in _ESCAPED:
-                    joined = joined.replace(stand_in, esc)
-                bodies = joined.split(_APART)
-            return parts[0::2], bodies
+            return parts[0::2], parts[1::2]
     # the regex costs about 0.2 us a string: a long line of tiny strings
     # would cost more than 0.1 us a byte; past SLOW_MAX characters, one
     # string in 16 characters is read (a split stops there: maxsplit)
