@@ -3,6 +3,8 @@ The table (scenario, metric, chatd, relay, ratio, target, met?) from the
 scenarios' measurements, and its printing.
 """
 
+from benchmarks import storm
+
 #: the issue's targets (chatd with dedup, durable store, acks, embedded store)
 MIN_RATIO_THROUGHPUT = 0.5
 MIN_THROUGHPUT = 30000
@@ -159,6 +161,8 @@ def rows(results):
                            None if c is None else _bad(c) == 0))
         elif key in ("nodes", "workers"):
             out += _compare_rows(key, per)
+        elif key == "connections" or key.startswith("storm_"):
+            out += storm.rows(key, per, row, _get)
         elif key == "stores":
             out += _compare_rows(key, per)
             out += _compare_rows("stores1", per)
