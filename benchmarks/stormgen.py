@@ -259,7 +259,9 @@ class Gen:
                     self.hist[b] = self.hist.get(b, 0) + 1
                 self.live_got += 1
             return
-        if self.armed:
+        if self.armed and getattr(dev, "storm", False):
+            # (a push still arriving on a connection of before the stop is
+            # not the storm's)
             self.storm_push(dev, line)
 
     # -- live: a conversation while the others are held ---------------------------------
@@ -567,8 +569,9 @@ class Control(LineReceiver):
         self.gen = Gen(self.emit)
 
     def emit(self, obj):
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+        # through the transport: stdout is non-blocking under StandardIO, and
+        # a report (a time per device) is bigger than a pipe holds
+        self.transport.write(json.dumps(obj).encode() + b"\n")
 
     def connectionLost(self, reason):
         self.quit()
@@ -628,6 +631,10 @@ class Control(LineReceiver):
 
 
 def main():
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    # errors in timed calls go to stderr (the suite shows its tail on failure)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                     redirectStandardIO=False)
     stdio.StandardIO(Control())
     reactor.run()
 
