@@ -277,18 +277,22 @@ def _storm(fleet, how, opts, log):
            "out_of_order": sum(e["out_of_order"] for e in evs),
            "others": sum(e["others"] for e in evs),
            "drops": sum(e["drops"] for e in evs),
+           # served again on a later connection (its ack was lost in the stop)
+           "again": sum(e["again"] for e in evs),
+           # pushed in this storm but older than its fill: left unacked before
+           "leftover": sum(e["leftover"] for e in evs),
            "timed_out": any(e["timed_out"] for e in evs),
            "connect_retries": sum(e["attempts"] for e in evs),
            "errors": _merge([e["errors"] for e in evs]),
            "server_problems": new.problems()[:10]}
     log("  storm after %s: %d/%d served in %s s (p50 %.2f, p99 %.2f s; slowest 1%%/median "
         "%.2f), reconnected p50 %s / p99 %s ms, first push p50 %s / p99 %s ms, ping p99 %s ms, peak RSS %.0f MB, lost %d, "
-        "repeats %d, out of order %d, errors %s, load %s" % (
+        "repeats %d, out of order %d, left over %d, errors %s, load %s" % (
             how, len(done), n, "%.1f" % t_all if t_all else "-", med or 0, p99 or 0,
             res["slowest1_over_median"] or 0, res["reconnected_ms"]["p50"],
             res["reconnected_ms"]["p99"], res["first_push_ms"]["p50"],
             res["first_push_ms"]["p99"], res["ping_rtt_ms"]["p99"], peak / 1e6,
-            res["lost"], res["repeats"], res["out_of_order"], res["errors"],
+            res["lost"], res["repeats"], res["out_of_order"], res["leftover"], res["errors"],
             "%.2f %.2f %.2f" % os.getloadavg()))
     return res
 

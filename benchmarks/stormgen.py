@@ -233,6 +233,12 @@ class Gen:
             return
         if self.armed and t in ("reconnected", "error"):
             return self.storm_reply(dev, obj)
+        if t == "error" and obj.get("reason", "").startswith("the ack of") and getattr(
+                dev, "last_ack", None):
+            # an ack of the storm that failed after its report: again
+            self.count("unavailable:ack_after")
+            reactor.callLater(random.uniform(0.1, 0.5), self._ack_again, dev)
+            return
         if t == "error":
             self.count(obj.get("code", "?"))
             if obj.get("code") in ("unavailable",) and self.mode == "fill" and dev.waiter is None:
@@ -242,7 +248,7 @@ class Gen:
             w, dev.waiter = dev.waiter, None
             w.callback(obj)
         elif t == "accepted" and self.mode == "fill":
-            self.fill_accepted(dev)
+            self.fill_accepted(dev, obj["id"].encode())
         elif t != "accepted":
             self.count("unexpected:" + str(t))
 
@@ -324,6 +330,7 @@ class Gen:
         self._fill_out = {}
         self.filled = 0
         self._fill_retry = 0
+        self.fill_first = {}
         for _ in range(cfg.get("window", 200)):
             self._fill_next()
         if not self._fill_out:
@@ -347,11 +354,15 @@ class Gen:
         if not self._fill_out:
             self._fill_done()
 
-    def fill_accepted(self, dev):
+    def fill_accepted(self, dev, sid=None):
         n = self._fill_out.get(dev.idx)
         if n is None:
             return
         self.filled += 1
+        if n == 0 and sid is not None:
+            # the id of f0: anything older pushed in the storm was left
+            # unacked by an earlier run
+            self.fill_first[self.succ(dev.idx)] = sid
         if n + 1 >= self.k:
             del self._fill_out[dev.idx]
             self._fill_next()
@@ -380,7 +391,8 @@ class Gen:
         self.state = {idx: {"next": 0, "t_conn": None, "t_bound": None, "t_first": None,
                             "t_done": None, "attempts": 0}
                       for idx in range(self.lo, self.hi)}
-        self.repeats = self.disorder = self.others = self.drops = 0
+        self.repeats = self.disorder = self.others = self.drops = self.again = 0
+        self.leftover = 0
         self.first_hist = {}
         self.bind_hist = {}
         self.done_count = 0
@@ -415,8 +427,7 @@ class Gen:
         dev.storm = True
         st["t_conn"] = _mono()
         st["t_bound"] = None
-        if st["t_done"] is None:
-            st["next"] = 0  # unacked: this connection gets them all again, from f0
+        dev.next = 0  # what this connection must get next (unacked: all, from f0)
         dev.transport.write(b'{"reconnect":"true","sender":"%s","token":"%s"}\n'
                             % (self.did(dev.idx), self.tokens[dev.idx]))
 
@@ -459,6 +470,9 @@ class Gen:
         if st is None or p < 0:
             self.others += 1
             return
+        if line[24:40] < self.fill_first.get(dev.idx, b""):
+            self.leftover += 1
+            return
         k = int(line[p + 12:line.index(b'"', p + 12)])
         now = _mono()
         if st["t_first"] is None and st["t_conn"] is not None:
@@ -466,16 +480,22 @@ class Gen:
             us = int((now - st["t_conn"]) * 1e6)
             b = bucket(us)
             self.first_hist[b] = self.first_hist.get(b, 0) + 1
-        if k < st["next"]:
+        # on one connection: each once, in order (a new connection gets again
+        # what was not acked: an ack lost in a stop)
+        if k < dev.next:
             self.repeats += 1
             return
-        if k > st["next"]:
+        if k > dev.next:
             self.disorder += 1
-        st["next"] = k + 1
-        if st["next"] >= self.k and st["t_done"] is None:
-            st["t_done"] = now
+        dev.next = k + 1
+        st["next"] = max(st["next"], dev.next)
+        if dev.next >= self.k:
             dev.last_ack = line[24:40]
             dev.transport.write(b'{"ack":"%s"}\n' % dev.last_ack)
+            if st["t_done"] is not None:
+                self.again += 1
+                return
+            st["t_done"] = now
             self.done_count += 1
             if self.done_count >= len(self.state) and self._report_d is not None:
                 self._report()
@@ -535,7 +555,8 @@ class Gen:
         d.callback({"event": "storm", "timed_out": timed_out, "devices": len(self.state),
                     "done": len(done), "t_done": done, "lost": lost,
                     "repeats": self.repeats, "out_of_order": self.disorder,
-                    "others": self.others, "drops": self.drops, "first_hist": self.first_hist,
+                    "others": self.others, "drops": self.drops, "again": self.again,
+                    "leftover": self.leftover, "first_hist": self.first_hist,
                     "bind_hist": self.bind_hist,
                     "attempts": sum(st["attempts"] for st in self.state.values()),
                     "ping_rtts": rtts, "errors": self.errors})

@@ -74,9 +74,9 @@ class Delivery:
 
     def _read(self):
         """The next batch of the inbox, in this node's turn of inbox reads
-        (chatd.hub.reads): Deferred of (pending, last, entries), or of None
+        (chatd.hub.turns): Deferred of (pending, last, entries), or of None
         if this delivery closed while waiting its turn."""
-        return self.hub.reads.read(self, self.hub.store.fetch, self.device, self.last_id,
+        return self.hub.reads.run(self, self.hub.store.fetch, self.device, self.last_id,
                                    self.hub.batch, self.hub.batch_bytes)
 
     def offer(self, server_id, entry):

@@ -1,9 +1,10 @@
 """
 A reconnect storm at small size (issue 24): hundreds of devices, each with
 messages waiting, all reconnect at once to a real chatd on the real store.
-Every device gets exactly its messages, in order, once; the node reads at
-most ``drain_reads`` inbox batches at once (the others wait their turn, so
-memory stays bounded however many drains start together); and a device with
+Every device gets exactly its messages, in order, once; the node binds at
+most ``bind_turns`` devices and reads at most ``drain_reads`` inbox batches
+at once (the others wait their turn: store calls stay within their deadline
+and memory stays bounded however many start together); and a device with
 far more waiting than the others, whose client does not read, holds none of
 them back.
 """
@@ -18,6 +19,7 @@ SMALL = 499      # devices with a few messages waiting
 EACH = 5
 BIG = 400        # messages waiting for the one big device
 READS = 4        # drain_reads: inbox reads in flight on the node at most
+BINDS = 8        # bind_turns: registers and reconnects in flight at most
 
 
 async def _read(client, n, ack=True):
@@ -36,7 +38,7 @@ async def _read(client, n, ack=True):
 @ensure
 async def test_a_storm_is_served_completely_in_order_in_bounded_turns(chatd, clients):
     from twisted.internet import defer
-    node = await chatd(rate_limit=0, drain_batch=10, drain_reads=READS)
+    node = await chatd(rate_limit=0, drain_batch=10, drain_reads=READS, bind_turns=BINDS)
     names = ["s%03d" % i for i in range(SMALL)] + ["big"]
     tokens = {}
     first = [await clients(node) for _ in names]
@@ -79,7 +81,7 @@ async def test_a_storm_is_served_completely_in_order_in_bounded_turns(chatd, cli
     for c in conns:
         assert await c.sync() == []
 
-    reads = node.hub.reads
-    assert reads.peak == READS          # never more in flight than the bound...
-    assert reads.peak_waiting > 0       # ...with drains queued behind it
-    assert (reads.busy, reads.waiting) == (0, 0)
+    for turns, bound in ((node.hub.reads, READS), (node.hub.binds, BINDS)):
+        assert turns.peak == bound          # never more in flight than the bound...
+        assert turns.peak_waiting > 0       # ...with the others queued behind it
+        assert (turns.busy, turns.waiting) == (0, 0)
