@@ -36,7 +36,7 @@ import time
 
 from benchmarks import procs
 from benchmarks.procs import BenchError
-from benchmarks.scenarios import percentiles, prefix
+from benchmarks.scenarios import merge_counts, merge_hists, percentiles, prefix
 from tests.fixtures import procfs
 
 #: devices per generator process (each under its own 20,000 open files)
@@ -138,10 +138,8 @@ class Fleet:
         return ok, secs
 
     def reconnect(self):
-        t0 = time.monotonic()
         evs = self.all("reconnect", "reconnected", 120 + self.n / 50.0,
                        concurrency=CONCURRENCY)
-        secs = time.monotonic() - t0
         ok = sum(e["ok"] for e in evs)
         if ok < self.n:
             raise BenchError("%s: %d of %d devices reconnected: %s" % (
@@ -249,12 +247,8 @@ def _storm(fleet, how, opts, log):
     done = sorted(t for e in evs for t in e["t_done"])
     n = fleet.n
     since = [t - t_listen for t in done]
-    first, bind = {}, {}
-    for e in evs:
-        for b, c in e["first_hist"].items():
-            first[b] = first.get(b, 0) + c
-        for b, c in e["bind_hist"].items():
-            bind[b] = bind.get(b, 0) + c
+    first = merge_hists([e["first_hist"] for e in evs])
+    bind = merge_hists([e["bind_hist"] for e in evs])
     rtts = [rtt for e in evs for (t, rtt) in e["ping_rtts"] if t_listen <= t]
     t_all = since[-1] if len(done) == n else None
 
@@ -283,7 +277,7 @@ def _storm(fleet, how, opts, log):
            "leftover": sum(e["leftover"] for e in evs),
            "timed_out": any(e["timed_out"] for e in evs),
            "connect_retries": sum(e["attempts"] for e in evs),
-           "errors": _merge([e["errors"] for e in evs]),
+           "errors": merge_counts([e["errors"] for e in evs]),
            "server_problems": new.problems()[:10]}
     log("  storm after %s: %d/%d served in %s s (p50 %.2f, p99 %.2f s; slowest 1%%/median "
         "%.2f), reconnected p50 %s / p99 %s ms, first push p50 %s / p99 %s ms, ping p99 %s ms, peak RSS %.0f MB, lost %d, "
@@ -295,14 +289,6 @@ def _storm(fleet, how, opts, log):
             res["lost"], res["repeats"], res["out_of_order"], res["leftover"], res["errors"],
             "%.2f %.2f %.2f" % os.getloadavg()))
     return res
-
-
-def _merge(dicts):
-    out = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def storm(opts, log):

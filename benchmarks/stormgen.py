@@ -12,7 +12,7 @@ ephemeral ports, TIME_WAIT included, never run out at 80,000 connections).
 ``reconnect``  close every device and reconnect it with its token -> ``reconnected``
 ``live``       device ``lo`` sends to ``lo + step`` at a fixed rate (its send time
                in the text), the receiver acks each read -> ``lived`` (latency)
-``fill``       every device sends ``k`` messages (``f0``..) to the next device of
+``fill``       every device sends ``k`` messages (``f0.N``.., N the fill's number) to the next device of
                the block; nobody acks (they stay waiting) -> ``filled``
 ``arm``        from now on a lost connection comes back by itself (backing off
                when refused, after ``retry_after_ms`` when told ``shutdown``); on
@@ -29,11 +29,10 @@ Times are ``time.monotonic`` (the same clock in every process of the run).
 import json
 import random
 import sys
-import traceback
 
+from benchmarks import loadgen
 from benchmarks.loadgen import _mono, _mono_ns, bucket, proc_cpu, raise_fd_limit
 from twisted.internet import defer, protocol, reactor, stdio, task
-from twisted.protocols.basic import LineReceiver
 
 #: reconnect back-off after a refused or lost connection (s), doubling, jittered
 BACKOFF_FIRST = 0.25
@@ -249,6 +248,9 @@ class Gen:
             w.callback(obj)
         elif t == "accepted" and self.mode == "fill":
             self.fill_accepted(dev, obj["id"].encode())
+        elif t == "duplicate" and self.mode == "fill":
+            self.count("duplicate")
+            self.fill_failed(dev)
         elif t != "accepted":
             self.count("unexpected:" + str(t))
 
@@ -331,6 +333,7 @@ class Gen:
         self.filled = 0
         self._fill_retry = 0
         self.fill_first = {}
+        self.fills = getattr(self, "fills", 0) + 1
         for _ in range(cfg.get("window", 200)):
             self._fill_next()
         if not self._fill_out:
@@ -348,8 +351,11 @@ class Gen:
                 continue
             self._fill_out[idx] = 0
             rcv = self.did(self.succ(idx))
+            # the run's number in the text: a fill within the dedup window of
+            # the last one must not be a duplicate
             dev.transport.write(b"".join(
-                b'{"message":"f%d","receiver":"%s"}\n' % (i, rcv) for i in range(self.k)))
+                b'{"message":"f%d.%d","receiver":"%s"}\n' % (i, self.fills, rcv)
+                for i in range(self.k)))
             return
         if not self._fill_out:
             self._fill_done()
@@ -473,7 +479,7 @@ class Gen:
         if line[24:40] < self.fill_first.get(dev.idx, b""):
             self.leftover += 1
             return
-        k = int(line[p + 12:line.index(b'"', p + 12)])
+        k = int(line[p + 12:line.index(b'.', p + 12)])
         now = _mono()
         if st["t_first"] is None and st["t_conn"] is not None:
             st["t_first"] = now
@@ -582,9 +588,9 @@ class _CtlFactory(protocol.ClientFactory):
         reactor.callLater(0.1, self.gen._ctl_connect)
 
 
-class Control(LineReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 1 << 26
+class Control(loadgen.Control):
+    """loadgen's control (stdin commands, stdout events, quit on EOF); here a
+    command returns its event, or a Deferred of it."""
 
     def __init__(self):
         self.gen = Gen(self.emit)
@@ -594,29 +600,16 @@ class Control(LineReceiver):
         # a report (a time per device) is bigger than a pipe holds
         self.transport.write(json.dumps(obj).encode() + b"\n")
 
-    def connectionLost(self, reason):
-        self.quit()
-
-    def quit(self):
-        if reactor.running:
-            self.gen.stop_all()
-            reactor.callLater(0, reactor.stop)
-
     def lineReceived(self, line):
         try:
             cmd = json.loads(line)
-            name = cmd["cmd"]
-            out = getattr(self, "cmd_" + name)(cmd)
+            out = getattr(self, "cmd_" + cmd["cmd"])(cmd)
             if isinstance(out, defer.Deferred):
                 out.addCallback(self.emit).addErrback(self.failed)
             elif out is not None:
                 self.emit(out)
         except Exception:
             self.failed(None)
-
-    def failed(self, f):
-        text = f.getTraceback() if f is not None else traceback.format_exc()
-        self.emit({"event": "error", "message": text})
 
     def _waves(self, d, event):
         def done(r):
