@@ -176,9 +176,24 @@ class Gen:
             if reply.get("token"):
                 self.tokens[dev.idx] = reply["token"].encode()
             self._step(True)
+        elif reply.get("code") == "unavailable" and not dev.transport.disconnecting:
+            # as a phone does: the same packet again, a little later
+            self.count("retried:unavailable")
+            reactor.callLater(random.uniform(0.2, 1.0), self._setup_again, dev)
         else:
             self.count("setup:" + str(reply.get("code", t)))
             self._step(False)
+
+    def _setup_again(self, dev):
+        if self.conns.get(dev.idx) is not dev:
+            self.count("setup:lost")
+            return self._step(False)
+        if self._wave_state[1]:
+            d = dev.request(b'{"register":"true","sender":"%s"}\n' % self.did(dev.idx))
+        else:
+            d = dev.request(b'{"reconnect":"true","sender":"%s","token":"%s"}\n'
+                            % (self.did(dev.idx), self.tokens[dev.idx]))
+        d.addCallback(self._setup_reply, dev)
 
     def failed(self, idx, reason):
         if self.armed:
@@ -199,6 +214,9 @@ class Gen:
             return self.retry(dev.idx, "lost", getattr(dev, "come_back", None))
         if not getattr(dev, "closing", False):
             self.count("connection_lost")
+        if self.mode == "fill" and dev.idx in self._fill_out:
+            del self._fill_out[dev.idx]  # its sends are not all answered
+            self._fill_next()
 
     def reconnect(self, cfg):
         """Close every device, then reconnect them all (with their tokens)."""
@@ -240,7 +258,7 @@ class Gen:
             return
         if t == "error":
             self.count(obj.get("code", "?"))
-            if obj.get("code") in ("unavailable",) and self.mode == "fill" and dev.waiter is None:
+            if self.mode == "fill" and dev.waiter is None and dev.idx in self._fill_out:
                 self.fill_failed(dev)
                 return
         if dev.waiter is not None:
@@ -338,6 +356,7 @@ class Gen:
             self._fill_next()
         if not self._fill_out:
             self._fill_done()
+        reactor.callLater(cfg.get("deadline", 600), self._fill_done, True)
         return self._fill_d
 
     def succ(self, idx):
@@ -380,11 +399,13 @@ class Gen:
         self._fill_retry += 1
         self.fill_accepted(dev)
 
-    def _fill_done(self):
+    def _fill_done(self, timed_out=False):
         d, self._fill_d = self._fill_d, None
         if d is not None:
             self.mode = "idle"
-            d.callback({"event": "filled", "accepted": self.filled,
+            out = sorted(self._fill_out.items())[:5]
+            d.callback({"event": "filled", "accepted": self.filled, "timed_out": timed_out,
+                        "unanswered": [(i, n, i in self.conns) for i, n in out],
                         "unavailable": self._fill_retry, "errors": self.errors})
 
     # -- the storm: every device comes back and drains ---------------------------------
