@@ -163,6 +163,10 @@ class Gen:
             return self.storm_made(dev)
         if self.mode == "ctl":
             return
+        self._setup_send(dev)
+
+    def _setup_send(self, dev):
+        """The wave's register (or reconnect with the token) on dev."""
         if self._wave_state[1]:
             d = dev.request(b'{"register":"true","sender":"%s"}\n' % self.did(dev.idx))
         else:
@@ -188,12 +192,7 @@ class Gen:
         if self.conns.get(dev.idx) is not dev:
             self.count("setup:lost")
             return self._step(False)
-        if self._wave_state[1]:
-            d = dev.request(b'{"register":"true","sender":"%s"}\n' % self.did(dev.idx))
-        else:
-            d = dev.request(b'{"reconnect":"true","sender":"%s","token":"%s"}\n'
-                            % (self.did(dev.idx), self.tokens[dev.idx]))
-        d.addCallback(self._setup_reply, dev)
+        self._setup_send(dev)
 
     def failed(self, idx, reason):
         if self.armed:
