@@ -12,12 +12,15 @@ import sys
 import time
 import traceback
 
-from benchmarks import procs, report, scenarios
+from benchmarks import procs, report, scenarios, storm
 from benchmarks.procs import BenchError
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
 ORDER = ["throughput", "receipts", "latency", "memory", "drain", "dedup", "refs", "nodes", "workers",
-         "stores", "store_cost"]
+         "stores", "store_cost", "connections", "storm"]
+SCENARIOS = dict(scenarios.SCENARIOS, **storm.SCENARIOS)
+#: scenarios that take the whole machine for minutes: run only when named
+ONLY_NAMED = ("connections", "storm")
 
 
 def _ints(text):
@@ -67,6 +70,18 @@ def parse(argv):
                    default=["single", "cluster1", "cluster", "replica", "acks"],
                    help="stores scenario: which store layouts (default: single,cluster1,"
                    "cluster,replica,acks)")
+    p.add_argument("--storm-devices", type=int, default=80000,
+                   help="connections and storm scenarios: devices held (default 80000)")
+    p.add_argument("--storm-workers", type=int, default=5,
+                   help="connections and storm: chatd --workers, and relay processes (default 5)")
+    p.add_argument("--storm-idle", type=float, default=65.0,
+                   help="connections: seconds of idle CPU measured (default 65: a keepalive round)")
+    p.add_argument("--storm-rate", type=int, default=1000,
+                   help="connections: msg/s of the live conversation (default 1000)")
+    p.add_argument("--storm-messages", type=int, default=5,
+                   help="storm: messages waiting for each device (default 5, at most 9)")
+    p.add_argument("--storm-deadline", type=float, default=180.0,
+                   help="storm: seconds for every device to be served (default 180)")
     p.add_argument("--refs", type=int, default=20, help="ref scenario: first sends per device")
     p.add_argument("--text-pool", type=int, default=10, help="dedup scenario: distinct texts")
     p.add_argument("--chatd-arg", action="append", default=[], dest="chatd_args",
@@ -98,7 +113,7 @@ def parse(argv):
     unknown = [x for x in only if x not in ORDER]
     if unknown:
         p.error("unknown scenario(s): %s (choose from %s)" % (", ".join(unknown), ", ".join(ORDER)))
-    opts.scenarios = [s for s in ORDER if not only or s in only]
+    opts.scenarios = [s for s in ORDER if s in only or not only and s not in ONLY_NAMED]
     opts.servers = [s.strip() for s in opts.servers.split(",") if s.strip()]
     for s in opts.servers:
         if s not in ("chatd", "relay"):
@@ -141,7 +156,7 @@ def main(argv=None):
     for name in opts.scenarios:
         log("%s ..." % name)
         try:
-            results.update(scenarios.SCENARIOS[name](opts, log))
+            results.update(SCENARIOS[name](opts, log))
         except (BenchError, OSError) as e:
             log("%s FAILED: %s" % (name, e))
             results[name] = {"error": str(e)}

@@ -136,17 +136,17 @@ class Child:
 class Server:
     """chatd or the relay, listening on 127.0.0.1 (a free port)."""
 
-    def __init__(self, kind, workdir, extra=(), prefix=None, start_deadline=60.0):
+    def __init__(self, kind, workdir, extra=(), prefix=None, start_deadline=60.0, port=0):
         self.kind = kind
         self.workdir = workdir
         if kind == "chatd":
             data = os.path.join(workdir, "data")
             args = TWISTD + ["-n", "--pidfile=", "chatd", "--port",
-                             "tcp:0:interface=127.0.0.1", "--data-dir", data,
+                             "tcp:%d:interface=127.0.0.1" % port, "--data-dir", data,
                              "--rate-limit", "0"] + list(extra)
             pattern = r"chatd listening on tcp [\d.]+:(\d+)"
         elif kind == "relay":
-            args = [sys.executable, "-m", "benchmarks.relay", "--port", "0"] + list(extra)
+            args = [sys.executable, "-m", "benchmarks.relay", "--port", str(port)] + list(extra)
             pattern = r"relay listening on tcp [\d.]+:(\d+)"
         else:
             raise ValueError(kind)
@@ -262,13 +262,14 @@ def _kill_wait(pid, deadline=10.0):
 # -- generator workers -------------------------------------------------------------
 
 class Worker:
-    """A ``python -m benchmarks.loadgen`` process, driven by JSON lines."""
+    """A ``python -m benchmarks.loadgen`` (or ``module``) process, driven by
+    JSON lines."""
 
-    def __init__(self, wid):
+    def __init__(self, wid, module="benchmarks.loadgen"):
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.wid = wid
-        self.child = Child("generator %d" % wid, [sys.executable, "-m", "benchmarks.loadgen"],
+        self.child = Child("generator %d" % wid, [sys.executable, "-m", module],
                            cwd=ROOT, stdin=True, env=env)
         self.pid = self.child.pid
 
@@ -342,8 +343,8 @@ class Processes:
         self.servers.append(s)
         return s
 
-    def start_workers(self, n):
-        ws = [Worker(i) for i in range(n)]
+    def start_workers(self, n, module="benchmarks.loadgen"):
+        ws = [Worker(i, module) for i in range(n)]
         self.workers.extend(ws)
         return ws
 

@@ -3,6 +3,8 @@ The table (scenario, metric, chatd, relay, ratio, target, met?) from the
 scenarios' measurements, and its printing.
 """
 
+from benchmarks import storm
+
 #: the issue's targets (chatd with dedup, durable store, acks, embedded store)
 MIN_RATIO_THROUGHPUT = 0.5
 MIN_THROUGHPUT = 30000
@@ -182,6 +184,8 @@ def rows(results):
         elif key == "store_cost":
             from benchmarks import store_cost
             out += store_cost.rows(per)
+        elif key == "connections" or key.startswith("storm_"):
+            out += storm.rows(key, per, row, _get)
         elif key == "stores":
             out += _compare_rows(key, per)
             out += _compare_rows("stores1", per)

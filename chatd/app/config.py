@@ -51,6 +51,8 @@ class Settings:
     receipts: bool = True         # delivery and read receipts (contract 1.2)
     outbox_sweep: float = 5.0     # Redis Cluster: mean seconds between outbox sweeps
     drain_batch: int = 500
+    drain_reads: int = 64  # inbox reads in flight per node (chatd.hub.turns)
+    bind_turns: int = 256  # registers and reconnects in flight per node
     metrics: Optional[str] = None  # endpoint of /metrics and /health
     presence_lease: float = 10.0  # a dead node's devices are free after this
     workers: int = 1              # processes of this node (chatd.app.workers)

@@ -228,12 +228,20 @@ class ChatService(service.Service):
             self.reactor.stop()
 
     @defer.inlineCallbacks
+    def stop_listening(self):
+        """Close the listeners (the first step of a stop; with --workers the
+        pool does it before it stops the workers, so that clients told
+        ``shutdown`` by a worker do not come back to this process, which is
+        about to stop too)."""
+        ports, self.ports = self.ports + self.web_ports, []
+        self.web_ports = []
+        for port in ports:
+            yield port.stopListening()
+
+    @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
-        for port in self.ports + self.web_ports:
-            yield port.stopListening()
-        self.ports = []
-        self.web_ports = []
+        yield self.stop_listening()
         if self.factory is not None:
             yield self.factory.shutdown()
         if self.presence is not None:

@@ -126,6 +126,10 @@ class WorkerPool(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
+        # nobody accepts here any more: a client a worker tells ``shutdown``
+        # must not come back to the parent, which stops next (at 40,000
+        # devices that was 4,000 more shutdowns and the parent's fd limit)
+        yield self.chat.stop_listening()
         for call in self._pending.values():
             if call.active():
                 call.cancel()

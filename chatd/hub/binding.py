@@ -71,8 +71,16 @@ class Binding:
 
     # -- packets -----------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def register(self, conn, device, proof, receipts=False):
+        """:meth:`_register` in this node's turn of binds (chatd.hub.turns)."""
+        return self.binds.run(conn, self._register, conn, device, proof, receipts)
+
+    def reconnect(self, conn, device, token, receipts=False):
+        """:meth:`_reconnect` in this node's turn of binds (chatd.hub.turns)."""
+        return self.binds.run(conn, self._reconnect, conn, device, token, receipts)
+
+    @defer.inlineCallbacks
+    def _register(self, conn, device, proof, receipts=False):
         """Register ``device`` on ``conn``: a new token, older ones revoked, any
         other connection of the id replaced, waiting messages pushed.
         ``receipts``: the device opts in to receipts (stored before the reply)."""
@@ -105,7 +113,7 @@ class Binding:
                           lambda pending: conn.registered(device, token))
 
     @defer.inlineCallbacks
-    def reconnect(self, conn, device, token, receipts=False):
+    def _reconnect(self, conn, device, token, receipts=False):
         """Bind ``conn`` to ``device`` with its token. With token rotation
         (the default) the reply carries a new token; the one presented stays
         valid until the new one has been used once (see chatd/store/lua/token.lua)."""

@@ -54,13 +54,12 @@ class Delivery:
         rest follows. The Deferred fires after the first batch; it fails with
         StoreUnavailable if the inbox cannot be read (nothing was sent)."""
         self._draining = True
-        d = self.hub.store.fetch(self.device, self.last_id, self.hub.batch,
-                                 self.hub.batch_bytes)
+        d = self._read()
 
         def first(result):
-            pending, last, entries = result
-            if self.closed:
+            if self.closed or result is None:
                 return
+            pending, last, entries = result
             announce(pending)
             if self._take(entries, last) and not self._more:
                 self._draining = False
@@ -72,6 +71,13 @@ class Delivery:
             return f
 
         return d.addCallbacks(first, failed)
+
+    def _read(self):
+        """The next batch of the inbox, in this node's turn of inbox reads
+        (chatd.hub.turns): Deferred of (pending, last, entries), or of None
+        if this delivery closed while waiting its turn."""
+        return self.hub.reads.run(self, self.hub.store.fetch, self.device, self.last_id,
+                                   self.hub.batch, self.hub.batch_bytes)
 
     def offer(self, server_id, entry):
         """A message for this device was just accepted (id as int)."""
@@ -124,13 +130,13 @@ class Delivery:
                 if self.closed:
                     return
                 try:
-                    _, last, entries = yield self.hub.store.fetch(
-                        self.device, self.last_id, self.hub.batch, self.hub.batch_bytes)
+                    result = yield self._read()
                 except StoreUnavailable as e:
                     self._retry_later(e)
                     return
-                if self.closed:
+                if self.closed or result is None:
                     return
+                _, last, entries = result
                 self._retry_delay = 0.5
                 if self._take(entries, last) and not self._more:
                     return

@@ -21,6 +21,7 @@ from chatd.store import layout
 from chatd.store.pushsteps import PushSteps
 from chatd.hub import tokens
 from chatd.hub.binding import Binding
+from chatd.hub.turns import Turns
 from chatd.wire.packets import PacketError
 
 
@@ -108,6 +109,9 @@ class Hub(Binding):
         # the replies written while the client reads it (see
         # chatd.wire.output.Output: the write that fills its buffer counts)
         self.batch_bytes = max(1, settings.output_limit // 2)
+        #: store work in turns (chatd.hub.turns): binds, and inbox reads
+        self.binds = Turns(settings.bind_turns)
+        self.reads = Turns(settings.drain_reads)
         self.sessions = {}  # destinationId -> Delivery (its .conn has it as .delivery)
         self.token_reuse = 0  # reuses detected here (chatd_token_reuse_total)
         # receipts made by this node's acks and reads for devices bound here

@@ -110,6 +110,16 @@ class ChatdCollector:
         yield _one(GaugeMetricFamily, "chatd_bound_devices",
                    "Devices bound (registered or reconnected) on this node",
                    node, len(hub.sessions) if hub is not None else 0)
+        reads = hub.reads if hub is not None else None
+        yield _one(GaugeMetricFamily, "chatd_inbox_reads",
+                   "Inbox reads (drain batches) in flight (at most drain_reads)",
+                   node, reads.busy if reads is not None else 0)
+        yield _one(GaugeMetricFamily, "chatd_inbox_reads_waiting",
+                   "Drains waiting for their turn to read the inbox",
+                   node, reads.waiting if reads is not None else 0)
+        yield _one(GaugeMetricFamily, "chatd_binds_waiting",
+                   "Registers and reconnects waiting for their turn (at most bind_turns "
+                   "in flight)", node, hub.binds.waiting if hub is not None else 0)
         store = hub.store if hub is not None else None
         yield _one(GaugeMetricFamily, "chatd_store_queue",
                    "Sends and acks queued for the store or in flight",

@@ -44,6 +44,17 @@ MAX_BATCH = 512  # (under 1000: send.lua numbers receivers in three digits)
 #: they are read again (see :attr:`Store.saturated`)
 HIGH_WATER = 4096
 LOW_WATER = 1024
+#: most devices released in one store call
+RELEASE_BATCH = 500
+
+
+def _fan_out(result, waiting):
+    """Give one batched call's result (or failure) to each caller."""
+    for d in waiting:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
 
 
 class Store(ReceiptSteps):
@@ -87,6 +98,8 @@ class Store(ReceiptSteps):
         self._sends = []   # (keys, has_ref, tail, Deferred) not yet sent
         self._acks = {}    # inbox key -> [highest upto, [Deferreds waiting]]
         self._flush_call = None
+        self._releases = []  # (device, epoch, Deferred) of this reactor turn
+        self._release_call = None
         self._load = 0     # sends and acks queued or in flight
         self.saturated = False
         self._unsaturated = []
@@ -180,9 +193,26 @@ class Store(ReceiptSteps):
                                         [held[-int(i) - 1] for i in r if int(i) < 0]))
 
     def release(self, device, epoch):
-        """Drop D's presence record if it is still this node's."""
-        return self.client.script("release", [_keys(device) + layout.NODE],
-                                  [self.presence_value(epoch)])
+        """Drop D's presence record if it is still this node's: Deferred
+        that fires once stored. The releases of one reactor turn go to the
+        store together (a batch per slot, RELEASE_BATCH at most per call):
+        when every phone of a node closes at once, one call per device
+        crowded out the binds that followed (store calls past their deadline)."""
+        d = defer.Deferred()
+        self._releases.append((device, epoch, d))
+        if self._release_call is None:
+            self._release_call = self.clock.callLater(0, self._release_batch)
+        return d
+
+    def _release_batch(self):
+        self._release_call = None
+        items, self._releases = self._releases, []
+        for group in self._by_slot(items, lambda r: _keys(r[0])):
+            for i in range(0, len(group), RELEASE_BATCH):
+                part = group[i:i + RELEASE_BATCH]
+                d = self.client.script("release", [_keys(r[0]) + layout.NODE for r in part],
+                                       [self.presence_value(r[1]) for r in part])
+                d.addBoth(_fan_out, [r[2] for r in part])
 
     def presence_value(self, epoch):
         return b"%s %d" % (self.node_id, epoch)

@@ -1,9 +1,14 @@
 -- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
--- A device's connection on this node is gone: drop its presence record if it
--- is still this node's (a later bind elsewhere has replaced it otherwise).
+-- Devices' connections on this node are gone (a batch of them, one reactor
+-- turn's): drop each presence record that is still this node's (a later bind
+-- elsewhere has replaced it otherwise).
 --
--- KEYS[1] presence; ARGV[1] the record this node holds ("<node> <epoch>")
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("DEL", KEYS[1])
+-- KEYS[i] a device's presence; ARGV[i] the record this node holds for it
+-- ("<node> <epoch>"). Returns how many were dropped.
+local dropped = 0
+for i, key in ipairs(KEYS) do
+  if redis.call("GET", key) == ARGV[i] then
+    dropped = dropped + redis.call("DEL", key)
+  end
 end
-return 0
+return dropped
