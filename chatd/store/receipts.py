@@ -158,23 +158,30 @@ class ReceiptSteps:
 
         return d.addCallbacks(moved, failed)
 
-    @defer.inlineCallbacks
     def sweep_outboxes(self, devices, older_ms=None):
         """Move whatever waits in the outboxes of ``devices`` (receivers):
         left there by a node that died between the two steps (or, with
         ``older_ms``, only entries written longer ago than that: a younger
         one is being moved by the node that wrote it). Deferred of how many
-        entries it moved (a move that fails is logged, and the entry stays)."""
-        moved = 0
+        entries it moved (a move that fails is logged, and the entry stays).
+        The outboxes are read all at once (a sweeper pass finds up to a
+        thousand: one round trip each, in turn, was the pass's whole
+        time), and what is due is moved in one :meth:`_moves`."""
         cutoff = None if older_ms is None else self._now_ms() - older_ms
-        for receiver in devices:
-            key = _keys(receiver) + layout.OUTBOX
-            items = yield self.client.call(b"HGETALL", key)
-            due = [items[j] + b"=" + items[j + 1] for j in range(0, len(items or ()), 2)
+        reads = defer.gatherResults(
+            [self.client.call(b"HGETALL", _keys(r) + layout.OUTBOX) for r in devices],
+            consumeErrors=True)
+        # the first read that failed, as itself (not wrapped in FirstError)
+        reads.addErrback(lambda f: f.trap(defer.FirstError) and f.value.subFailure)
+
+        def move(replies):
+            due = [(receiver, items[j] + b"=" + items[j + 1])
+                   for receiver, items in zip(devices, replies)
+                   for j in range(0, len(items or ()), 2)
                    if cutoff is None or int(items[j + 1].partition(b" ")[2] or 0) <= cutoff]
-            if due:
-                moved += yield self._moves([(receiver, item) for item in due])
-        return moved
+            return self._moves(due) if due else 0
+
+        return reads.addCallback(move)
 
     @defer.inlineCallbacks
     def sweep_pass(self, cursors, count, older_ms):
