@@ -110,29 +110,35 @@ def decode_line(line):
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise PacketError("bad_packet", "the line is not valid UTF-8") from None
-    not_json = False
     if text[-1:] == "}":
         try:
             obj, end = _scan_once(text, 0)
+        except ValueError:
+            # the scanner's error at 0 is decode()'s (it skips only leading
+            # space): no second full pass to be told so again
+            return _literal(text)
+        except (StopIteration, RecursionError):
+            pass  # the slow path below says what is wrong
+        else:
             if end == len(text):
                 # a JSON object starts with "{": always a dict
                 return _check_depth(obj, text)
-            # more after a JSON value at 0: decode() would say "extra data"
-            not_json = True
-        except ValueError:
-            # the scanner's error at 0 is decode()'s (it skips only leading space)
-            not_json = True
-        except (StopIteration, RecursionError):
-            pass  # the slow path below says what is wrong
+            return _literal(text)  # more after a JSON value: decode() says "extra data"
     try:
-        if not_json:
-            raise ValueError("not JSON")  # (a second full pass would say so again)
         obj = _check_depth(_json_decode(text), text)
     except RecursionError:
         raise PacketError("bad_packet", "the packet nests too deeply") from None
     except ValueError:
-        # the original spec wrote packets as Python dict literals
-        obj = read_literal(text)
+        return _literal(text)
+    return _packet_object(obj)
+
+
+def _literal(text):
+    """Not JSON: the original spec wrote packets as Python dict literals."""
+    return _packet_object(read_literal(text))
+
+
+def _packet_object(obj):
     if not isinstance(obj, dict):
         raise PacketError("bad_packet", "a packet must be a JSON object, e.g. "
                           "{\"ping\": \"hello\"}")
