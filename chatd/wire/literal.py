@@ -45,6 +45,7 @@ _AFTER_DOT = ",]}):\x00 \t\reE"
 _BEFORE_DOT = ",[{(:\x00 \t\r-"
 _ODD_ASCII_SPACE = "\x0b\x0c\x1c\x1d\x1e\x1f"
 _ODD_ASCII_TO_SPACE = str.maketrans(_ODD_ASCII_SPACE, " " * len(_ODD_ASCII_SPACE))
+_ODD_ASCII_BYTES = _ODD_ASCII_SPACE.encode("ascii")
 #: the space the token parser reads (``\s``) beyond ASCII's, to a space
 _UNICODE_SPACE = {c: " " for c in range(128, 0x3001) if chr(c).isspace()}
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
@@ -159,7 +160,7 @@ def to_json(text):
         return REFUSE
     if "(" in code:
         return SLOW  # a tuple: the JSON would read a list
-    if len(raw.translate(None, _ODD_ASCII_SPACE.encode())) != len(raw):
+    if len(raw.translate(None, _ODD_ASCII_BYTES)) != len(raw):
         code = code.translate(_ODD_ASCII_TO_SPACE)
         raw = code.encode("ascii")
     tight = raw.translate(None, _SPACE)
@@ -184,7 +185,7 @@ def to_json(text):
         z = code.encode("ascii").translate(_ZERO_SHAPE)
         if any(lead in z for lead in _LEADING_ZEROS):
             return SLOW  # a number with a leading zero (Python 3 has none)
-    if "e" in code:
+    if "e" in code:  # (each of True, False, None has one)
         code = code.replace("True", "true").replace("False", "false").replace("None", "null")
     if "\\" in text:
         if not _PLAIN_ESCAPES.fullmatch(text):
