@@ -275,6 +275,8 @@ def _storm(fleet, how, opts, log):
            "again": sum(e["again"] for e in evs),
            # pushed in this storm but older than its fill: left unacked before
            "leftover": sum(e["leftover"] for e in evs),
+           # pushed, though its send was answered unavailable (stored after all)
+           "unconfirmed": sum(e.get("unconfirmed", 0) for e in evs),
            "timed_out": any(e["timed_out"] for e in evs),
            "connect_retries": sum(e["attempts"] for e in evs),
            "errors": merge_counts([e["errors"] for e in evs]),
