@@ -112,7 +112,8 @@ class Options(usage.Options):
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],
         ["presence-lease", None, "10s", "How long a node's hold on its devices "
-         "outlives it (SIGKILL, power loss): renewed every third of it.",
+         "outlives it (SIGKILL, power loss): its heartbeat, written every third "
+         "of it; a live node then deletes the dead one's presence records.",
          _coerce(config.parse_duration, "presence-lease")],
         ["store-acks", None, "0", "Replicas that must hold each write before it is "
          "answered (WAIT N after each batch; with Sentinel or Cluster). 0: answer "

@@ -5,7 +5,7 @@ nodes tell each other (the hub's ``remote``).
 A node binds a device in three steps: it subscribes to the device's notify
 channel (:mod:`chatd.store.notify`) and waits for the store to confirm it; it
 *claims* the device (``claim.lua``: the next epoch of ``chatd:{D}:epoch``,
-the presence record ``chatd:{D}:node = "<node id> <epoch>"`` under a lease,
+the presence record ``chatd:{D}:node = "<node id> <epoch>"``,
 and a kick ``k <epoch> <node>`` on the channel if someone held it before);
 then it binds the connection. Because every node subscribes before it
 claims, every claim after its own reaches it as a kick; and a claim before
@@ -14,18 +14,30 @@ simultaneous binds of one id on any number of nodes, exactly one stays: the
 highest epoch. (A kick that arrives while this node's own claim is still on
 its way is remembered, and the claim, if older, loses at once.)
 
-Leases: a node renews the records of its bound devices every
-``lease / 3`` (``renew.lua``, in batches). A record that is no longer its
-own means a later bind elsewhere (a kick that was lost): that connection
-is closed with ``session_replaced``. A node that dies stops renewing, and
-its records run out ``--presence-lease`` (default 10 s) after its last
-renewal at the latest. Until then, messages for its devices are published
-to a channel nobody reads: nothing is lost, the inbox is the truth, and a
-device that reconnects anywhere gets every unacked message.
+Liveness: every node writes a heartbeat every ``lease / 3`` (``beat.lua``,
+one store call, whatever the number of devices it holds; ``lease`` is
+``--presence-lease``, default 10 s). A node whose heartbeat has run out is
+dead: one live node (the reaper, a lease of its own) deletes every presence
+record that names it (:meth:`chatd.store.nodes.NodeSteps.reap`, one SCAN of
+the store), so a dead node's devices are free about a lease after its last
+heartbeat, as they were when each record had its own lease. Until then,
+messages for its devices are published to a channel nobody reads: nothing
+is lost, the inbox is the truth, and a device that reconnects anywhere gets
+every unacked message.
 
-The presence record is read by ``send.lua`` in the same step that stores a
-message: a message for a device held by another node is published to that
-node there, with no extra round trip.
+The records themselves expire only as a backstop, after
+:data:`~chatd.store.layout.RECORD_LEASES` leases; each tick the node renews
+a slice of its records (``renew.lua``), so that each is renewed three times
+within its expiry. At 80,000 idle devices the per-record leases this
+replaces cost 24,000 renewals a second. A renewal also finds records that
+are no longer this node's (a later bind elsewhere whose kick was lost): that
+connection is closed with ``session_replaced``; and records that went
+missing while the device is still this node's, which it writes again. Every
+record is checked at once when the notifications were resubscribed (kicks
+may have been lost) and when this node finds its own heartbeat gone (it was
+cut off from the store for a whole lease, and may have been reaped; it
+checks again a lease later, after a reap still running).
+
 """
 
 import secrets
@@ -35,6 +47,7 @@ from twisted.logger import Logger
 
 from chatd.errors import StoreUnavailable
 from chatd.hub.binding import Superseded
+from chatd.store.layout import RECORD_LEASES
 
 #: most devices renewed in one store call (about a millisecond of the store)
 RENEW_BATCH = 500
@@ -57,23 +70,37 @@ class Presence:
         self.reactor = reactor
         self.lease = settings.presence_lease
         self.lease_ms = int(self.lease * 1000)
+        #: a presence record's expiry (a backstop, see above)
+        self.record_ms = RECORD_LEASES * self.lease_ms
         self.hub = None
         self._claiming = {}   # device -> claims on their way
         self._latest = {}     # device -> highest epoch heard while claiming
-        self._renewer = None
+        self._ticker = None
         self._renewing = False
+        self._beats = 0        # heartbeats stored
+        self._round = []       # the devices of this round of renewals
+        self._slice = 0        # where the next slice of it starts
+        self._reaping = None   # the reap in flight
+        self._again = None     # the check a lease after a lost heartbeat
+        self.reaped = 0        # records of dead nodes deleted here
 
     def start(self, hub):
         self.hub = hub
         self.notifications.start(self)
-        self._renewer = task.LoopingCall(self.renew)
-        self._renewer.clock = self.reactor
-        self._renewer.start(self.lease / 3, now=False)
+        self._ticker = task.LoopingCall(self.tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(self.lease / 3, now=True)
 
+    @defer.inlineCallbacks
     def stop(self):
-        if self._renewer is not None and self._renewer.running:
-            self._renewer.stop()
-        return self.notifications.close()
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._again is not None and self._again.active():
+            self._again.cancel()
+        if self._beats:
+            # a live node reaps what a failed release left, without a lease's wait
+            yield self.store.leave().addErrback(lambda f: None)
+        yield self.notifications.close()
 
     # -- the hub's side --------------------------------------------------------------
 
@@ -91,7 +118,7 @@ class Presence:
                 self.log.warn("subscribing to {device}'s notifications: {e!r}",
                               device=device, e=e)
             try:
-                epoch = yield self.store.claim(device, self.lease_ms, token_hash, opened_ms)
+                epoch = yield self.store.claim(device, self.record_ms, token_hash, opened_ms)
             except Exception:
                 self.notifications.unsubscribe(device)
                 raise
@@ -117,22 +144,86 @@ class Presence:
     def deliver(self, receiver, server_id, entry):
         """Nothing to do: send.lua has published the message already."""
 
-    # -- leases ----------------------------------------------------------------------
+    # -- heartbeats, reaping and renewals ----------------------------------------------
 
     @defer.inlineCallbacks
-    def renew(self):
-        """Renew every lease of this node; close what it has lost."""
+    def tick(self):
+        """Every lease / 3: the heartbeat; the reap of dead nodes, if this
+        node is the reaper; a slice of this node's records renewed."""
+        try:
+            alive, dead = yield self.store.beat(self.lease_ms)
+        except Exception as e:  # StoreUnavailable, or a Cluster's error: next tick
+            self.log.warn("cannot write this node's heartbeat: {e}", e=e)
+            return
+        if not alive and self._beats:
+            self.log.warn("this node's heartbeat had run out (cut off from the store "
+                          "for {lease}s?): checking every presence record", lease=self.lease)
+            self.renew()
+            if self._again is None or not self._again.active():
+                self._again = self.reactor.callLater(self.lease, self.renew)
+        self._beats += 1
+        if dead and self._reaping is None:
+            self._reap(dead)
+        yield self._renew_slice()
+
+    def _reap(self, dead):
+        def done(n):
+            self.reaped += n
+            self.log.info("dead node(s) {nodes}: {n} presence record(s) deleted",
+                          nodes=b", ".join(dead).decode("ascii", "replace"), n=n)
+
+        def failed(f):
+            self.log.warn("reaping dead node(s): {e}", e=f.getErrorMessage())
+
+        def over(_):
+            self._reaping = None
+
+        d = self._reaping = self.store.reap(dead)
+        d.addCallbacks(done, failed).addBoth(over)
+
+    def _renew_slice(self):
+        """The next 1/RECORD_LEASES of this node's records (at least one):
+        of the devices bound here when this round began (one bound since
+        has a fresh record)."""
+        if self._renewing or self.hub is None:
+            return None
+        if self._slice >= len(self._round):
+            self._round, self._slice = self.hub.held(), 0
+            if not self._round:
+                return None
+        n = -(-len(self._round) // RECORD_LEASES)
+        part = self._round[self._slice:self._slice + n]
+        self._slice += n
+        return self.renew(part)
+
+    def _still_held(self, held):
+        """Those of ``held`` still bound here with that epoch. A record is
+        renewed only in the reactor turn that checked this: the release of
+        a device gone since goes to the store after it, in order, so a
+        renewal never writes back a record just released (for a whole
+        record expiry)."""
+        sessions = self.hub.sessions
+        return [(device, epoch) for device, epoch in held
+                if getattr(sessions.get(device), "epoch", None) == epoch]
+
+    @defer.inlineCallbacks
+    def renew(self, held=None):
+        """Renew the records of ``held`` (every device bound here if None);
+        close what this node has lost."""
         if self._renewing or self.hub is None:
             return
         self._renewing = True
         try:
-            held = self.hub.held()
+            if held is None:
+                held = self.hub.held()
             for i in range(0, len(held), RENEW_BATCH):
+                part = self._still_held(held[i:i + RENEW_BATCH])
+                if not part:
+                    continue
                 try:
-                    lost, restored = yield self.store.renew(held[i:i + RENEW_BATCH],
-                                                            self.lease_ms)
-                except StoreUnavailable as e:
-                    self.log.warn("cannot renew presence leases: {e}", e=e)
+                    lost, restored = yield self.store.renew(part, self.record_ms)
+                except Exception as e:  # StoreUnavailable, or a Cluster's error
+                    self.log.warn("cannot renew presence records: {e}", e=e)
                     return
                 for device, epoch in lost:
                     self.hub.replaced(device, epoch)

@@ -157,6 +157,10 @@ class ChatdCollector:
                    "Redis Cluster: receipts this node's outbox sweeper found left in a "
                    "receiver's outbox (a node died, or its move failed, between the ack and "
                    "the move) and made", node, sweeper.moved if sweeper is not None else 0)
+        presence = getattr(chat, "presence", None)
+        yield _one(CounterMetricFamily, "chatd_presence_reaped",
+                   "Presence records of dead nodes (their heartbeat ran out) this node "
+                   "deleted as the reaper", node, getattr(presence, "reaped", 0))
         yield from _push_families(chat, node)
 
 

@@ -47,9 +47,11 @@ touches one slot):
     Scoped to the receiver (the hash tag): a ref reused for another receiver
     is a new send.
 ``chatd:{D}:node``
-    Presence: ``"<node id> <epoch>"`` of the node holding D's connection,
-    with a lease (``PX``) that node keeps renewing (:mod:`chatd.hub.presence`);
-    a dead node's records run out on their own.
+    Presence: ``"<node id> <epoch>"`` of the node holding D's connection
+    (:mod:`chatd.hub.presence`). Its expiry (``PX``) is a backstop,
+    :data:`RECORD_LEASES` node leases, renewed by its node a slice at a
+    time; a dead node's records are deleted by a live node (the reaper) once
+    that node's heartbeat (``chatd:{nodes}:live:<node id>``) has run out.
 ``chatd:{D}:since``
     When the connection that holds D (``node``) was opened (ms, the node's
     clock): a claim from a connection opened earlier loses (``claim.lua``),
@@ -92,6 +94,17 @@ touches one slot):
     so on Redis Cluster (16384 shards) D's index entry lives in D's slot and
     ``send.lua`` writes it in the same atomic step as the message; on one
     store :data:`DUE_SHARDS` shards keep it off any single hot key.
+``chatd:{nodes}``
+    The nodes (a set of node ids) that have bound devices on this store:
+    each adds itself at every heartbeat (``beat.lua``); the reaper removes
+    a dead one once its records are gone.
+``chatd:{nodes}:live:<node id>``
+    A node's heartbeat: written every ``--presence-lease`` / 3 with a lease
+    of ``--presence-lease``. Missing = the node is dead (or was cut off from
+    the store for a whole lease, see :mod:`chatd.hub.presence`).
+``chatd:{nodes}:reaper``
+    The node id of the one node that deletes the dead nodes' records now
+    (a lease of three node leases, renewed by its heartbeats while it reaps).
 ``chatd:{D}:notify``
     Not a key: D's sharded pub/sub channel. Its payloads, ASCII:
 
@@ -136,6 +149,21 @@ DUE_SHARDS = 16
 DUE_SHARDS_CLUSTER = 16384
 #: the token value that ``chatd-admin revoke`` writes: no token matches it
 REVOKED = b"revoked"
+
+
+#: the nodes' keys (one hash tag: one Cluster slot, so that ``beat.lua``
+#: sees every node's heartbeat in one step)
+NODES = b"chatd:{nodes}"
+REAPER = NODES + b":reaper"
+#: a presence record's expiry, in node leases: only a backstop (the reaper
+#: deletes a dead node's records), so long enough that a node renews its
+#: records a sixtieth at a time (see chatd.hub.presence)
+RECORD_LEASES = 60
+
+
+def live_key(node_id):
+    """A node's heartbeat key (``node_id`` bytes)."""
+    return NODES + b":live:" + node_id
 
 
 def prefix(device):

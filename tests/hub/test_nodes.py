@@ -208,13 +208,19 @@ async def test_a_node_that_lost_its_lease_record_closes_the_connection(
 
 
 @ensure
-async def test_the_lease_is_renewed_while_bound(chatd, clients, redis):
+async def test_the_heartbeat_and_the_record_are_renewed_while_bound(chatd, clients, redis):
     a, = [await chatd(presence_lease=0.6)]
     bob = await clients(a)
     await bob.register("bob")
-    await pass_time(1.5)  # longer than the lease: it must have been renewed
+    live = "chatd:{nodes}:live:" + a.hub.node_id
+    await pass_time(1.5)  # longer than the lease: the heartbeat must have been renewed
     assert presence(redis, "bob") == a.hub.node_id
-    assert 0 < redis.command("PTTL", "chatd:{bob}:node") <= 600
+    assert 0 < redis.command("PTTL", live) <= 600
+    assert a.hub.node_id.encode() in redis.command("SMEMBERS", "chatd:{nodes}")
+    # the record's expiry is a backstop (60 leases), renewed a slice at a time
+    assert 600 < redis.command("PTTL", "chatd:{bob}:node") <= 36000
+    redis.command("PEXPIRE", "chatd:{bob}:node", 5000)
+    await wait_until(lambda: redis.command("PTTL", "chatd:{bob}:node") > 5000)
 
 
 @ensure
