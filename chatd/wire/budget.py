@@ -20,6 +20,7 @@ FREE_ACK_MAX = 128
 class Budget:
     """The session's rate budget (``_rate``, a :class:`chatd.wire.ratelimit.RateLimit`)."""
 
+    __slots__ = ()
     log = Logger()
 
     def _error(self, code, data, ref):

@@ -17,6 +17,8 @@ from chatd.wire.replies import MAX_INFLIGHT
 class Handlers:
     """The packet handlers of a session."""
 
+    __slots__ = ()
+
     def handle_register(self, packet):
         self._exclusive(lambda: self.hub.register(self, packet.sender, packet.proof,
                                                   packet.receipts), packet.ref)

@@ -15,10 +15,10 @@ class Liveness:
     ``delivery``, ``last_seen``, ``_pinged``, ``_closing``, ``close`` and
     ``send_lines``. The owner of a wheel slot (``_timer_fired``)."""
 
-    _wheel_slot = None  # see chatd.wire.timers
-    _auth_at = None    # the auth deadline, while unbound
-    _live_at = None    # the next keepalive/idle check
-    _abort_at = None   # when a closing connection is cut
+    # its state (slots of the Session, None at first): _wheel_slot (see
+    # chatd.wire.timers), _auth_at the auth deadline while unbound, _live_at
+    # the next keepalive/idle check, _abort_at when a closing connection is cut
+    __slots__ = ()
 
     def _arm(self):
         """Put the earliest deadline on the factory's wheel: the abort once

@@ -53,11 +53,12 @@ class Output:
     Uses of the session: ``framing``, ``factory.outbox``, ``settings``,
     ``feed``, ``close``, ``_closing`` and ``log``."""
 
-    paused = False  # reading stopped (see _pause)
-    _pauses = frozenset()  # why reading is stopped (a new set on each change)
-    _unsent = None     # bytes written since the client stopped reading
-    _writable = None   # [Deferreds waiting for the client to read again]
-    _out = None        # [bytes] to write at the end of this reactor turn
+    # its state (slots of the Session): paused (False at first) reading
+    # stopped (see _pause); _pauses (frozenset()) why reading is stopped (a
+    # new set on each change); _unsent bytes written since the client stopped
+    # reading; _writable [Deferreds waiting for the client to read again];
+    # _out [bytes] to write at the end of this reactor turn
+    __slots__ = ()
 
     def send_lines(self, item):
         """Write at the end of this reactor turn, together with every other

@@ -24,9 +24,10 @@ class ReplyOrder:
     Nothing is made for a connection with nothing in flight: the queue and
     the waiters are None until needed."""
 
-    _inflight = 0      # packets whose reply is not written yet
-    _replies = None    # deque([reply or None]) in packet order, while any is owed
-    _idle = None       # [Deferreds waiting for _inflight == 0]
+    # its state (slots of the Session): _inflight (0 at first) packets whose
+    # reply is not written yet; _replies deque([reply or None]) in packet
+    # order, while any is owed; _idle [Deferreds waiting for _inflight == 0]
+    __slots__ = ()
 
     def _owe(self):
         """A packet whose reply comes later: its slot, in packet order."""

@@ -9,13 +9,21 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from chatd.wire.lines import LineFraming
+from chatd.wire.session import Session
+
 ensure = pytest_twisted.ensureDeferred
+
+
+class Recording(Session):
+    """A session whose packet_received a test may replace (a Session keeps
+    its state in slots: no attribute of its own can be set)."""
 
 
 def framing(node):
     """A server-side connection of the node's, on a StringTransport, whose
     session only records the lines it is handed."""
-    proto = node.factory.buildProtocol(None)
+    proto = LineFraming(Recording, node.factory)
     lines = []
     proto.session.packet_received = lines.append
     proto.makeConnection(StringTransport())
@@ -44,13 +52,19 @@ async def test_a_stream_of_newlines_reaches_the_session_line_by_line(chatd, clie
     await c.register("newlines")
     [conn] = node.factory.connections
     count = [0]
-    session_line = conn.packet_received
+    framing = conn.framing
 
-    def counted(line):
-        count[0] += 1
-        session_line(line)
+    class Counting:
+        """The live session as its framing sees it, every line counted."""
 
-    conn.packet_received = counted
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+        def feed(self, lines):
+            count[0] += len(lines)
+            conn.feed(lines)
+
+    framing.session = Counting()
     c.send(b"\n" * (1 << 18) + b'{"ping":"after"}\n')
     await c.expect("pong", ping="after")
     assert count[0] == (1 << 18) + 1
