@@ -245,7 +245,7 @@ def _storm(fleet, how, opts, log):
     c1, h1 = fleet.cpu(), procs.host_cpu()
     peak = fleet.peak_rss()
     done = sorted(t for e in evs for t in e["t_done"])
-    n = fleet.n
+    n = sum(e["devices"] for e in evs)  # those with messages waiting
     since = [t - t_listen for t in done]
     first = merge_hists([e["first_hist"] for e in evs])
     bind = merge_hists([e["bind_hist"] for e in evs])
@@ -258,6 +258,9 @@ def _storm(fleet, how, opts, log):
     rtts.sort()
     busy = (h1[0] - h0[0]) / float(h1[1] - h0[1]) * os.cpu_count()
     res = {"how": how, "devices": n, "messages_each": k, "done": len(done),
+           # devices whose every fill send was answered unavailable (not counted)
+           "nothing_waiting": sum(e.get("nothing_waiting", 0) for e in evs),
+           "fill_unavailable": sum(e.get("unavailable", 0) for e in filled),
            "stop_s": t_down - t_stop, "restart_s": t_listen - t_down,
            "served_s": t_all, "done_p50_s": med, "done_p99_s": p99,
            "slowest1_over_median": (p99 / med) if med else None,
@@ -353,9 +356,10 @@ def rows(key, per, row, get):
     sc = "storm after SIG%s, %s dev" % (how.upper(), "{:,}".format(get(c, "devices") or 0))
     bad = c is None or c.get("lost") or c.get("repeats") or c.get("out_of_order") or c.get(
         "timed_out")
-    note = "" if c is None else "lost %d, repeats %d, out of order %d; errors %s; load %s" % (
-        c["lost"], c["repeats"], c["out_of_order"], c["errors"],
-        " ".join("%.1f" % x for x in c["loadavg"]))
+    note = "" if c is None else ("lost %d, repeats %d, out of order %d; nothing waiting "
+                                 "(every fill send unavailable) %d; errors %s; load %s" % (
+        c["lost"], c["repeats"], c["out_of_order"], c.get("nothing_waiting", 0), c["errors"],
+        " ".join("%.1f" % x for x in c["loadavg"])))
     served = get(c, "served_s")
     ratio = get(c, "slowest1_over_median")
     ping = get(c, "ping_rtt_ms", "p99")
