@@ -14,7 +14,7 @@ import gc
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import address, defer, endpoints
 from twisted.logger import Logger
 
 from chatd.app.ports import listen as listen_shared
@@ -226,6 +226,20 @@ class ChatService(service.Service):
         print("chatd: could not start: %s" % failure.getErrorMessage(), file=sys.stderr)
         if self.reactor.running:
             self.reactor.stop()
+
+    def hold_accepting(self):
+        """Accept no connection on the shared TCP/TLS ports for now (they
+        stay open: connections wait in the backlog). True if any was held."""
+        held = [p for p in self.ports + self.web_ports
+                if not isinstance(p.getHost(), address.UNIXAddress)]
+        for port in held:
+            port.stopReading()
+        return bool(held)
+
+    def resume_accepting(self):
+        for port in self.ports + self.web_ports:
+            if not isinstance(port.getHost(), address.UNIXAddress):
+                port.startReading()
 
     @defer.inlineCallbacks
     def stop_listening(self):

@@ -39,6 +39,16 @@ def _read_spec():
     return pickle.loads(exactly(n))
 
 
+def _tell_parent(word):
+    """Say one word on fd 3, the pipe the parent reads (none when started
+    by hand)."""
+    try:
+        os.write(3, word)
+        os.close(3)
+    except OSError:
+        pass
+
+
 def main():
     spec = _read_spec()
     from twisted.internet import reactor, stdio
@@ -49,6 +59,7 @@ def main():
                        role="chatd worker %d" % spec.index, ports=spec.ports)
     tune_gc()
     chat.startService()
+    chat.started().addCallback(lambda _: _tell_parent(b"listening\n"))
     reactor.addSystemEventTrigger("before", "shutdown", chat.stopService)
 
     def parent_gone():

@@ -40,6 +40,9 @@ RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 10.0
 #: how long stopped workers may take to close their clients before SIGKILL
 STOP_TIMEOUT = 30.0
+#: the longest the parent waits for its workers to listen before it accepts
+#: connections itself (see WorkerPool._start_all)
+HOLD_MAX = 15.0
 
 
 @dataclass
@@ -62,6 +65,10 @@ class _Worker(protocol.ProcessProtocol):
         spec = pickle.dumps(self.pool.spec(self.index))
         self.transport.write(struct.pack("!I", len(spec)) + spec)
 
+    def childDataReceived(self, fd, data):
+        if fd == 3 and b"listening" in data:  # the worker's one word back
+            self.pool._listening(self)
+
     def processEnded(self, reason):
         self.ended.callback(None)
         self.pool._ended(self, reason)
@@ -80,6 +87,8 @@ class WorkerPool(service.Service):
         self.workers = {}         # index -> _Worker
         self._delays = {}
         self._pending = {}        # index -> DelayedCall of a restart
+        self._holding = None      # workers not listening yet, while the parent holds
+        self._hold_call = None
 
     def spec(self, index):
         return WorkerSpec(index, replace(self.settings, workers=1), self.target,
@@ -94,8 +103,41 @@ class WorkerPool(service.Service):
         self.chat.started().addCallback(self._start_all)
 
     def _start_all(self, _):
+        """Start the workers; the parent accepts nothing until they all
+        listen (or HOLD_MAX). Each process has its own socket on the shared
+        port (SO_REUSEPORT) and the kernel spreads new connections over the
+        sockets that exist: while the parent's is the only one, every
+        connection lands on it, and after a restart with 80,000 phones
+        waiting, the first wave filled the parent to its open-files limit
+        (thousands of ``too_many_connections``) while its workers started.
+        Held, the parent's backlog fills and the kernel drops the SYNs past
+        it; clients send them again (after 1 s, 3 s...), and by then they are
+        spread over every process."""
+        self._holding = set(range(1, self.settings.workers))
+        if self._holding and self.chat.hold_accepting():
+            self.log.info("accepting once the {n} workers listen (at most {s}s)",
+                          n=len(self._holding), s=HOLD_MAX)
+            self._hold_call = self.reactor.callLater(HOLD_MAX, self._release, "timed out")
+        else:
+            self._holding = None
         for index in range(1, self.settings.workers):
             self._spawn(index)
+
+    def _listening(self, worker):
+        if self._holding is not None:
+            self._holding.discard(worker.index)
+            if not self._holding:
+                self._release("every worker listens")
+
+    def _release(self, why):
+        if self._holding is None:
+            return
+        self._holding = None
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
+        self._hold_call = None
+        self.chat.resume_accepting()
+        self.log.info("chatd accepting on every process ({why})", why=why)
 
     def _spawn(self, index):
         self._pending.pop(index, None)
@@ -106,7 +148,7 @@ class WorkerPool(service.Service):
         self.workers[index] = worker
         self.reactor.spawnProcess(
             worker, sys.executable, [sys.executable, "-m", "chatd.app.worker"],
-            env=os.environ, childFDs={0: "w", 1: 1, 2: 2})
+            env=os.environ, childFDs={0: "w", 1: 1, 2: 2, 3: "r"})
         self.log.info("chatd worker {i} started (pid {pid})", i=index,
                       pid=worker.transport.pid)
 
@@ -130,6 +172,9 @@ class WorkerPool(service.Service):
         # must not come back to the parent, which stops next (at 40,000
         # devices that was 4,000 more shutdowns and the parent's fd limit)
         yield self.chat.stop_listening()
+        self._holding = None
+        if self._hold_call is not None and self._hold_call.active():
+            self._hold_call.cancel()
         for call in self._pending.values():
             if call.active():
                 call.cancel()

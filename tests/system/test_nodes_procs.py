@@ -120,6 +120,14 @@ async def test_workers_share_the_port_and_a_killed_worker_loses_nothing(tmp_shor
         await wait_until(lambda: "chatd worker 1 listening" in proc.log()
                          and "chatd worker 1 web page on" in proc.log(), 30,
                          "the worker listening")
+        # the parent accepted nothing before its worker listened (else the
+        # first wave after a restart all lands on the parent)
+        await wait_until(lambda: "chatd accepting on every process" in proc.log(), 30,
+                         "the parent accepting")
+        log = proc.log()
+        assert log.index("accepting once the 1 workers listen") < log.index(
+            "chatd worker 1 listening") < log.index(
+            "chatd accepting on every process (every worker listens)"), log[-3000:]
         web = int(re.search(r"chatd web page on http://[\d.]+:(\d+)/", proc.log()).group(1))
         assert listen_backlogs(port) == [1024, 1024]
         assert listen_backlogs(web) == [1024, 1024]
