@@ -157,7 +157,7 @@ class Store(ReceiptSteps, NodeSteps):
 
     # -- presence (see chatd.hub.presence) ------------------------------------------------
 
-    def claim(self, device, lease_ms, token_hash=None, opened_ms=None):
+    def claim(self, device, expiry_ms, token_hash=None, opened_ms=None):
         """Bind D to this node: Deferred of its new epoch (an int); -1 when
         ``token_hash`` (the new token the bind was given) is no longer D's
         newest, -2 when D is held by a connection opened after ``opened_ms``
@@ -166,25 +166,25 @@ class Store(ReceiptSteps, NodeSteps):
         d = self.client.script("claim", [prefix + layout.NODE, prefix + layout.EPOCH,
                                           layout.channel(device), prefix + layout.TOKEN,
                                           prefix + layout.PUSH, prefix + layout.SINCE],
-                               [self.node_id, lease_ms, token_hash or b"", self._now_ms(),
+                               [self.node_id, expiry_ms, token_hash or b"", self._now_ms(),
                                 b"" if opened_ms is None else b"%d" % opened_ms])
         return d.addCallback(int)
 
-    def renew(self, held, lease_ms):
-        """Renew the lease of ``held`` ([(device, epoch)]): Deferred of
+    def renew(self, held, expiry_ms):
+        """Renew the records of ``held`` ([(device, epoch)]): Deferred of
         ``(lost, restored)``: those this node has lost, and those whose record
         had run out and was written again (see renew.lua)."""
         groups = self._by_slot(held, lambda h: _keys(h[0]))
         if len(groups) == 1:
-            return self._renew(held, lease_ms)
-        d = defer.gatherResults([self._renew(g, lease_ms) for g in groups],
+            return self._renew(held, expiry_ms)
+        d = defer.gatherResults([self._renew(g, expiry_ms) for g in groups],
                                 consumeErrors=True)
         d.addErrback(lambda f: f.value.subFailure)
         return d.addCallback(lambda parts: ([x for p in parts for x in p[0]],
                                             [x for p in parts for x in p[1]]))
 
-    def _renew(self, held, lease_ms):
-        keys, args = [], [lease_ms]
+    def _renew(self, held, expiry_ms):
+        keys, args = [], [expiry_ms]
         for device, epoch in held:
             prefix = _keys(device)
             keys += [prefix + layout.NODE, prefix + layout.EPOCH]

@@ -1,14 +1,15 @@
 -- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
 -- Bind a device to this node (register or reconnect): the presence record
--- names this node with a new epoch, under a lease; whoever held it before is
+-- names this node with a new epoch (its expiry a backstop: a dead node's records
+-- are reaped, chatd/hub/presence.py); whoever held it before is
 -- told to let go (a kick on the device's notify channel, see chatd/store/layout.py).
 --
--- KEYS[1] presence ("<node id> <epoch>", with a lease), KEYS[2] epoch
+-- KEYS[1] presence ("<node id> <epoch>", with an expiry), KEYS[2] epoch
 --   counter (never expires), KEYS[3] the device's notify channel, KEYS[4]
 --   the device's newest token hash, KEYS[5] its push registration (if it
 --   has one, the time of this bind is noted there: a wake-up for messages
 --   pushed on this connection waits --push-unacked from it, push_claim.lua)
--- ARGV: node id, lease_ms, the token hash the bind was given ("": none),
+-- ARGV: node id, expiry_ms, the token hash the bind was given ("": none),
 --   now_ms, and when the binding connection was opened (ms; "": unknown)
 -- KEYS[6]: when the holder's connection was opened (ms), written here.
 -- Returns the new epoch. Epochs only grow: of two binds of one device, the

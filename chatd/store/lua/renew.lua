@@ -1,9 +1,9 @@
 -- flag: allow-oom (presence records are small: a phone must still bind and drain a full store)
--- Keep this node's presence records alive (the lease), and find those it
+-- Keep this node's presence records alive (their expiry, a backstop), and find those it
 -- has lost: a later bind elsewhere took the device over.
 --
 -- KEYS: per device, its presence record and its epoch counter
--- ARGV: lease_ms, then per device the record this node holds ("<node> <epoch>")
+-- ARGV: expiry_ms, then per device the record this node holds ("<node> <epoch>")
 -- Returns the (1-based) numbers of the devices this node no longer holds,
 -- and, negated, those whose record it wrote again.
 -- A record that ran out while this node was cut off from the store (or was
