@@ -51,6 +51,7 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
         "_close_next",  # (code, reason) of a close after the backlog
         "_backlog",     # deque of packets read while reading was paused
         "_gone",        # [Deferreds waiting for connectionLost]
+        "_ip",          # its address, while counted for --max-connections-per-ip (the factory's)
         # Liveness, ReplyOrder and Output (see each)
         "_wheel_slot", "_auth_at", "_live_at", "_abort_at",
         "_inflight", "_replies", "_idle",
@@ -62,7 +63,7 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
         self.factory = factory
         self.framing = framing
         self.settings = self.opened_at = self.last_seen = self._rate = None
-        self.delivery = self._close_next = self._backlog = self._gone = None
+        self.delivery = self._close_next = self._backlog = self._gone = self._ip = None
         self._pinged = self._feeding = self._closing = self.paused = False
         self._wheel_slot = self._auth_at = self._live_at = self._abort_at = None
         self._inflight = 0
