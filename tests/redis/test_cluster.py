@@ -421,3 +421,29 @@ async def test_chatd_started_before_its_cluster_serves_once_it_is_up(tmp_short, 
         proc.cleanup()
         small.cleanup()
     assert proc.bad_log_lines() == [], proc.log()[-3000:]
+
+
+@pytest.mark.slow
+@ensure
+async def test_a_sigkilled_nodes_records_are_reaped_on_every_primary(cluster, nodes, opened):
+    """chatd.hub.presence on a Cluster: node A holds devices whose records
+    are on all three primaries, and is SIGKILLed. Its heartbeat runs out
+    (LEASE), and node B deletes every record of A's, on every primary (one
+    SCAN each), long before the records' own expiry (60 leases)."""
+    a, b = await nodes(2)
+    names = [d for per in cluster.devices_on_each_primary("reaped", 2) for d in per]
+    for name in names:
+        c = await opened(a)
+        await c.register(name)
+    a_id = cluster.command(names[0], "GET", "chatd:{%s}:node" % names[0]).split()[0]
+    assert cluster.command(names[0], "PTTL", "chatd:{%s}:node" % names[0]) > 10 * LEASE * 1000
+    a.proc.kill()
+    a.proc.wait()
+    for name in names:
+        await wait_until(lambda n=name: cluster.command(n, "EXISTS", "chatd:{%s}:node" % n) == 0,
+                         timeout=LEASE * 10, what="%s's record reaped" % name)
+    # ("nodes": the owner of the {nodes} hash tag's slot)
+    await wait_until(lambda: a_id not in cluster.command("nodes", "SMEMBERS", "chatd:{nodes}"),
+                     what="the dead node forgotten")
+    assert "dead node(s) %s: %d presence record(s) deleted" % (a_id.decode(), len(names)) \
+        in b.log()
