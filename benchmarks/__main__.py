@@ -42,8 +42,9 @@ def parse(argv):
         "latency, idle memory, offline drain, dedup and ref retries."))
     p.add_argument("--quick", action="store_true",
                    help="a few seconds per scenario, small sizes (for tests)")
-    p.add_argument("--only", action="append", default=[], metavar="SCENARIO",
-                   help="run only these (repeatable or comma-separated): " + ", ".join(ORDER))
+    p.add_argument("--only", action="extend", nargs="+", default=[], metavar="SCENARIO",
+                   help="run only these (several, repeatable or comma-separated: "
+                   "--only connections storm): " + ", ".join(ORDER))
     p.add_argument("--servers", default="chatd,relay",
                    help="which servers to measure (default: chatd,relay)")
     p.add_argument("--duration", type=float, help="measured seconds per run (default 8; quick 2)")
