@@ -51,6 +51,38 @@ class ReceiptSteps:
         """Receipts go through outboxes (Redis Cluster, receipts on)."""
         return self._rmode == b"o"
 
+    # -- the opt-in's turns (chatd/store/layout.py "rs", "rcpt:turned") --------------
+
+    def receipts_turned(self, margin_ms=layout.TURN_MARGIN_MS):
+        """Raise RECEIPTS_TURNED to now + ``margin_ms``: messages stored up
+        to then are acked carefully (every sender's opt-in checked). Called
+        when a device opts in at a bind while it had not, before its reply,
+        and when the node starts. Deferred that fires once stored."""
+        if self._rmode == b"0":
+            return defer.succeed(None)
+        return self.client.script("turned", [layout.RECEIPTS_TURNED],
+                                  [self._now_ms() + margin_ms])
+
+    def _turned(self):
+        """Deferred of RECEIPTS_TURNED as stored (b"" if absent); if it
+        cannot be read, a time far ahead (every ack careful: nothing lost)."""
+        d = self.client.call(b"GET", layout.RECEIPTS_TURNED)
+
+        def failed(f):
+            self.log.warn("reading {key}: {why}; acks check every sender",
+                          key=layout.RECEIPTS_TURNED, why=f.value)
+            return b"%d" % (1 << 62)
+
+        return d.addCallbacks(lambda v: v or b"", failed)
+
+    def _bound_with(self, status):
+        """A register's or reconnect's status from the store: ``"<status>+"``
+        when the device opted in while it had not, then RECEIPTS_TURNED is
+        raised first. Deferred of the status."""
+        if not status.endswith("+"):
+            return status
+        return self.receipts_turned().addCallback(lambda _: status[:-1])
+
     def read(self, device, sender, upto):
         """D has shown every message from ``sender`` up to ``upto`` (an
         int): Deferred of False if ``upto`` is higher than any id D was ever
