@@ -28,8 +28,11 @@
 -- for its senders. Messages stored up to RECEIPTS_TURNED (a sender opted
 -- in since it sent them, or an older release stored them without rs) are
 -- acked carefully: every sender of them is checked, as if all were named.
-local n = #KEYS
-if #ARGV > n then n = #ARGV - 5 end  -- a receipts mode follows the ids
+-- (ARGV may also be the ids alone: mode "0". Which it is, is told by the
+-- count of KEYS: one per inbox in mode "0", two in "d", three in "o".)
+local PER_INBOX = {["0"] = 1, d = 2, o = 3}
+local n = #ARGV - 5
+if n < 1 or #KEYS ~= n * (PER_INBOX[ARGV[n + 1]] or 0) then n = #KEYS end
 local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
 local turned = nil  -- read when first needed
 local function careful(head)
