@@ -20,6 +20,17 @@ should it never ack nor bind again, every node's outbox sweeper
 (:class:`chatd.hub.sweeper.OutboxSweeper`, one bounded SCAN per primary per
 pass: :meth:`ReceiptSteps.sweep_pass`). So no receipt is lost; one may be
 made late, never twice.
+
+Which senders an ack looks at: the sending node knows its sender's opt-in,
+so ``send.lua`` names an opted-in sender in the receiver's ``rs`` (its
+newest id there, same step as the message), and an ack looks only at the
+senders named there, checking their opt-in at the ack (the contract's
+moment); one that names none is as cheap as with ``--receipts off`` (no
+read of the removed range, no opt-in read, no outbox entry). A device that
+opts in while it had not (:meth:`ReceiptSteps._bound_with`) and a node's
+start raise ``chatd:rcpt:turned`` (:meth:`ReceiptSteps.receipts_turned`):
+messages stored up to then are acked the careful way, every sender checked
+as before ``rs`` (chatd/store/layout.py).
 """
 
 from twisted.internet import defer
