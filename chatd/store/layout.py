@@ -74,11 +74,13 @@ touches one slot):
     id of a message from that sender stored in D's inbox while the sender's
     connection had opted in to receipts (written by ``send.lua`` in the
     step that stores it; expires with the inbox). An ack makes delivered
-    receipts only for the senders named here (and checks their opt-in then,
-    as the contract says), and deletes the fields it covered; a receiver
-    with no ``rs`` (nobody who sent to it opted in) is acked as with
-    ``--receipts off``, reading no sender's key. A sender who opts in later
-    is covered by :data:`RECEIPTS_TURNED`.
+    receipts only for the senders named here with an id in its range (and
+    checks their opt-in then, as the contract says); a receiver whose
+    ``rs`` names none (nobody who sent to it opted in) is acked as with
+    ``--receipts off``, reading no sender's key. Fields the acks covered
+    stay (a conversation's sender is not deleted and written again at every
+    ack) until ``rs`` names more than 16 senders, then an ack deletes them.
+    A sender who opts in later is covered by :data:`RECEIPTS_TURNED`.
 ``chatd:{D}:outbox``
     Redis Cluster only: receipts made by acks and reads of D (the receiver)
     for senders in other slots, not yet moved into those senders' inboxes. A

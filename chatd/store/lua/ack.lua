@@ -44,8 +44,9 @@ local function careful(head)
   return (stored_at(head) or 0) <= turned
 end
 
--- rs as a table (sender -> id), and whether it names a sender of a message
--- from first on (an id below first names messages acked before).
+-- rs as a table (sender -> id), how many it names, and whether it names a
+-- sender of a message from first on (an id below first names messages
+-- acked before: left there, it costs nothing until rs grows, see tidy).
 local function listed_senders(rs, first)
   local all = redis.call("HGETALL", rs)
   local listed, any = {}, false
@@ -54,11 +55,15 @@ local function listed_senders(rs, first)
     listed[all[j]] = id
     if id >= first then any = true end
   end
-  return listed, any
+  return listed, #all / 2, any
 end
 
--- Forget the rs entries this ack covered (every message they name is gone).
-local function unlist(rs, listed, upto)
+-- Once rs names more than RS_KEPT senders, forget those this ack covered
+-- (every message they name is gone): a conversation's one sender is not
+-- deleted and written again at every ack, and rs stays small.
+local RS_KEPT = 16
+local function tidy(rs, listed, count, upto)
+  if count <= RS_KEPT then return end
   local gone = {}
   for s, id in pairs(listed) do
     if id <= upto then gone[#gone + 1] = s end
@@ -72,7 +77,6 @@ for i = 1, n do
   local inbox = KEYS[i]
   local upto = tonumber(ARGV[i])
   local order, high = {}, {}
-  local listed, every = nil, false  -- rs; every: check every sender (careful)
   -- the head first (an ack of every push acks just the head: one call)
   local head = redis.call("LPOP", inbox)
   local first = head and entry_id(head)
@@ -83,12 +87,12 @@ for i = 1, n do
       redis.call("PEXPIRE", inbox, ttl_ms)
     end
   elseif first then
-    -- whose messages must be read (their senders): none when nobody named
-    local read = false
+    -- whose messages must be read (their senders): none when rs names
+    -- nobody and the range is not to be acked carefully
+    local read, listed, count = false, nil, 0
     if mode ~= "0" then
-      listed, read = listed_senders(KEYS[n + i], first)
-      every = careful(head)
-      read = read or every
+      listed, count, read = listed_senders(KEYS[n + i], first)
+      read = read or careful(head)
     end
     local taken = {head}
     removed = removed + 1
@@ -114,23 +118,28 @@ for i = 1, n do
     end
     if read then senders_of(taken, order, high) end
     if listed then
-      unlist(KEYS[n + i], listed, upto)
-      if not every then
-        -- of the senders here, those named (from first on)
-        local named = {}
-        for _, s in ipairs(order) do
-          if (listed[s] or -1) >= first then named[#named + 1] = s end
+      tidy(KEYS[n + i], listed, count, upto)
+      -- the senders here named (from first on): make_receipt checks their
+      -- opt-in (one MGET each); the others only if the range is acked
+      -- carefully, and then (one store) only those opted in, in one MGET
+      local named, others = {}, {}
+      for _, s in ipairs(order) do
+        if (listed[s] or -1) >= first then
+          named[#named + 1] = s
+        else
+          others[#others + 1] = s
         end
-        order = named
       end
+      if #others > 0 and careful(head) then
+        if mode == "d" then others = opted_in(others) end
+        for _, s in ipairs(others) do named[#named + 1] = s end
+      end
+      order = named
     end
   end
   if mode ~= "0" then
     local r = string.match(inbox, "{(.-)}:")
     if mode == "d" then
-      -- named senders: make_receipt checks the opt-in itself (one MGET
-      -- each); careful: every sender's opt-in first, in one MGET
-      if every then order = opted_in(order) end
       for _, s in ipairs(order) do
         local entry, here = make_receipt(s, r, "delivered", high[s], now, node_sp, ttl_ms)
         if here then
