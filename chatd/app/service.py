@@ -114,12 +114,20 @@ class ChatService(service.Service):
         if self.target.sentinels:
             yield self._check_sentinels()
         self.client = store_client(self.target, self.settings, self.reactor).connect()
-        if not (yield self.client.when_connected(self.settings.redis_timeout)):
+        connected = yield self.client.when_connected(self.settings.redis_timeout)
+        if not connected:
             self.log.warn("the store ({store}) is not answering yet; clients get "
                           "'unavailable' until it does", store=self.target.describe())
         if self.settings.redis is not None:
             self._check_policy((yield self.client.config_get(b"maxmemory-policy")))
         store = Store(self.client, self.settings, self.reactor, self.node_id)
+        # messages stored before this node started (by an older release,
+        # without rs) are acked carefully (chatd/store/layout.py "rcpt:turned")
+        turned = store.receipts_turned().addErrback(lambda f: self.log.warn(
+            "could not raise the receipts stamp ({why}): messages an older release "
+            "stored may miss their receipts", why=f.value))
+        if connected:
+            yield turned
         notifications = Notifications(self.target, self.settings.redis_timeout, self.reactor,
                                       self.client)
         self.presence = Presence(store, notifications, self.settings, self.reactor)

@@ -27,7 +27,7 @@ class Binding:
     """The binding half of the hub (``sessions``, ``store``, ``remote``,
     ``settings`` are the hub's)."""
 
-    def _bind(self, conn, device, token_hashes, epoch):
+    def _bind(self, conn, device, token_hashes, epoch, receipts=False):
         old = self.sessions.get(device)
         if old is not None:
             if old.epoch > epoch:
@@ -35,6 +35,7 @@ class Binding:
             self._drop(old, "session_replaced",
                        "%s connected again elsewhere; this connection is closed" % device)
         delivery = Delivery(self, device, conn, token_hashes, epoch)
+        delivery.receipts = receipts
         self.sessions[device] = delivery
         conn.delivery = delivery
         return delivery
@@ -107,10 +108,11 @@ class Binding:
         if current is not None:
             # registering again on the same connection: a new token, same pushes
             current.token_hashes = (token_hash,)
+            current.receipts = receipts
             conn.registered(device, token)
             return
         yield self._start(conn, device, (token_hash,),
-                          lambda pending: conn.registered(device, token))
+                          lambda pending: conn.registered(device, token), receipts=receipts)
 
     @defer.inlineCallbacks
     def _reconnect(self, conn, device, token, receipts=False):
@@ -129,12 +131,13 @@ class Binding:
         current = self.delivery(conn)
         if current is not None:
             current.token_hashes = valid
+            current.receipts = receipts
             pending, _, _ = yield self.store.fetch(device, current.last_id, 0)
             conn.reconnected(device, pending, token)
             return
         yield self._start(conn, device, valid,
                           lambda pending: conn.reconnected(device, pending, token),
-                          rotated=bool(new))
+                          rotated=bool(new), receipts=receipts)
 
     def _check_use(self, conn, device, status):
         """A token's use (store.use_token) that is not valid: PacketError
@@ -155,7 +158,7 @@ class Binding:
                           "register again to get a new one" % device, field="token")
 
     @defer.inlineCallbacks
-    def _start(self, conn, device, token_hashes, announce, rotated=False):
+    def _start(self, conn, device, token_hashes, announce, rotated=False, receipts=False):
         """Claim ``device`` for ``conn``, bind it, push what waits. After a
         rotation the claim holds only while the new token is still the
         newest (two copies of one token at once: the bind that keeps the id
@@ -169,7 +172,7 @@ class Binding:
             epoch = None
         delivery = None
         if epoch is not None and not conn.closed:
-            delivery = self._bind(conn, device, token_hashes, epoch)
+            delivery = self._bind(conn, device, token_hashes, epoch, receipts)
         if delivery is None:
             if epoch is not None:
                 self.remote.release(device, epoch)

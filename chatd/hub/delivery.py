@@ -34,6 +34,9 @@ class Delivery:
         # the hashes of the tokens a packet on this connection may carry: the
         # newest, and the one presented to get it (see chatd.hub.router.reconnect)
         self.token_hashes = token_hashes
+        # the bind opted in to receipts: its messages may get receipts
+        # (chatd.store.steps.Store.send_then)
+        self.receipts = False
         self.last_id = 0          # every id up to here is pushed here or gone
         self.first_pushed = None  # the ids pushed on this connection:
         self.last_pushed = None   # first_pushed..last_pushed

@@ -151,7 +151,7 @@ class Hub(Binding):
             done(None, Failure())
             return
         if delivery is not None:
-            self._store_send(sender, packet, done)
+            self._store_send(sender, packet, done, delivery.receipts)
         else:
             # a one-shot send uses its token (it may be the newest's first use)
             self.store.use_token(packet.sender, tokens.token_hash(packet.token)).addCallbacks(
@@ -165,7 +165,9 @@ class Hub(Binding):
             return
         self._store_send(packet.sender, packet, done)
 
-    def _store_send(self, sender, packet, done):
+    def _store_send(self, sender, packet, done, receipts=True):
+        """``receipts``: the sender opted in (a one-shot send: not known,
+        so its messages may get receipts: the ack checks)."""
         receiver = packet.receiver
 
         def sent(result, failure):
@@ -176,7 +178,8 @@ class Hub(Binding):
                 if result is not None and result.entry is not None:
                     self._accepted(receiver, result)
 
-        self.store.send_then(sent, sender, receiver, packet.text, packet.ref, packet.raw)
+        self.store.send_then(sent, sender, receiver, packet.text, packet.ref, packet.raw,
+                             receipts)
 
     def _accepted(self, receiver, result):
         try:

@@ -71,6 +71,18 @@ touches one slot):
     D's inbox, and ``<mark>`` D's epoch if it was made while D was bound
     nowhere (never pushed: a newer one replaces it in place while D's epoch
     is unchanged), else ``p``. See ``make_receipt`` in ``_prelude.lua``.
+``chatd:{D}:rs``
+    Receipt senders of D (the receiver): a hash ``<sender>`` -> the highest
+    id of a message from that sender stored in D's inbox while the sender's
+    connection had opted in to receipts (written by ``send.lua`` in the
+    step that stores it; expires with the inbox). An ack makes delivered
+    receipts only for the senders named here with an id in its range (and
+    checks their opt-in then, as the contract says); a receiver whose
+    ``rs`` names none (nobody who sent to it opted in) is acked as with
+    ``--receipts off``, reading no sender's key. Fields the acks covered
+    stay (a conversation's sender is not deleted and written again at every
+    ack) until ``rs`` names more than 16 senders, then an ack deletes them.
+    A sender who opts in later is covered by :data:`RECEIPTS_TURNED`.
 ``chatd:{D}:outbox``
     Redis Cluster only: receipts made by acks and reads of D (the receiver)
     for senders in other slots, not yet moved into those senders' inboxes. A
@@ -86,6 +98,15 @@ touches one slot):
     node's claim on a wake-up in flight, ``cseq`` D's id counter at that
     claim, ``fail`` (ms) and ``tries`` the first failure of a wake-up being
     retried. Absent: no push registration. A register deletes it.
+``chatd:rcpt:turned``
+    :data:`RECEIPTS_TURNED`, one key per store (one slot on a Cluster): a
+    time (ms) up to which stored messages are acked the careful way, every
+    sender of them checked for its opt-in as if it had none in ``rs``. Set
+    (only ever raised) to now + :data:`TURN_MARGIN_MS` when a device opts
+    in at a bind while it had not (its messages sent before are not in any
+    ``rs``, and the contract decides by the opt-in at the ack), and when a
+    node starts (messages stored by an older release have no ``rs``).
+    Absent: nothing to check.
 ``chatd:pushdue:{T}``
     The due index (:func:`due_key`): a sorted set of destinationIds, scored
     by when (ms) their wake-up may next be claimed. Sharded: D's entry is in
@@ -142,6 +163,11 @@ NOTIFY = b"notify"
 RECEIPTS = b"rcpt"
 RECEIPT_AT = b"rc:"
 OUTBOX = b"outbox"
+RECEIPT_SENDERS = b"rs"
+#: see ``chatd:rcpt:turned`` above; the margin covers the clocks of two
+#: nodes (a message's sent_at is its node's clock) and a send in flight
+RECEIPTS_TURNED = b"chatd:rcpt:turned"
+TURN_MARGIN_MS = 5000
 PUSH = b"push"
 #: due-index shards on one store, and on Redis Cluster (one per slot: an
 #: index entry must live in its device's slot there)
@@ -334,7 +360,9 @@ def lua_constants():
             "local NOTIFY = %s\n"
             "local RECEIPT_HEAD, KEY_HEAD = %s, %s\n"
             "local K_SEQ, K_INBOX, K_NODE, K_EPOCH = %s, %s, %s, %s\n"
-            "local K_RECEIPTS, K_RECEIPT_AT, K_OUTBOX = %s, %s, %s\n" % (
+            "local K_RECEIPTS, K_RECEIPT_AT, K_OUTBOX = %s, %s, %s\n"
+            "local RECEIPTS_TURNED = %s\n" % (
                 s(ENTRY_HEAD), s(ENTRY_MID), ID_START + 1, ID_END, SENT_AT_START + 1,
                 s(NOTIFY), s(RECEIPT_HEAD), s(b"chatd:{"), s(SEQ), s(INBOX), s(NODE),
-                s(EPOCH), s(RECEIPTS), s(RECEIPT_AT), s(OUTBOX))).encode("ascii")
+                s(EPOCH), s(RECEIPTS), s(RECEIPT_AT), s(OUTBOX),
+                s(RECEIPTS_TURNED))).encode("ascii")

@@ -20,6 +20,17 @@ should it never ack nor bind again, every node's outbox sweeper
 (:class:`chatd.hub.sweeper.OutboxSweeper`, one bounded SCAN per primary per
 pass: :meth:`ReceiptSteps.sweep_pass`). So no receipt is lost; one may be
 made late, never twice.
+
+Which senders an ack looks at: the sending node knows its sender's opt-in,
+so ``send.lua`` names an opted-in sender in the receiver's ``rs`` (its
+newest id there, same step as the message), and an ack looks only at the
+senders named there, checking their opt-in at the ack (the contract's
+moment); one that names none is as cheap as with ``--receipts off`` (no
+read of the removed range, no opt-in read, no outbox entry). A device that
+opts in while it had not (:meth:`ReceiptSteps._bound_with`) and a node's
+start raise ``chatd:rcpt:turned`` (:meth:`ReceiptSteps.receipts_turned`):
+messages stored up to then are acked the careful way, every sender checked
+as before ``rs`` (chatd/store/layout.py).
 """
 
 from twisted.internet import defer
@@ -50,6 +61,38 @@ class ReceiptSteps:
     def uses_outboxes(self):
         """Receipts go through outboxes (Redis Cluster, receipts on)."""
         return self._rmode == b"o"
+
+    # -- the opt-in's turns (chatd/store/layout.py "rs", "rcpt:turned") --------------
+
+    def receipts_turned(self, margin_ms=layout.TURN_MARGIN_MS):
+        """Raise RECEIPTS_TURNED to now + ``margin_ms``: messages stored up
+        to then are acked carefully (every sender's opt-in checked). Called
+        when a device opts in at a bind while it had not, before its reply,
+        and when the node starts. Deferred that fires once stored."""
+        if self._rmode == b"0":
+            return defer.succeed(None)
+        return self.client.script("turned", [layout.RECEIPTS_TURNED],
+                                  [self._now_ms() + margin_ms])
+
+    def _turned(self):
+        """Deferred of RECEIPTS_TURNED as stored (b"" if absent); if it
+        cannot be read, a time far ahead (every ack careful: nothing lost)."""
+        d = self.client.call(b"GET", layout.RECEIPTS_TURNED)
+
+        def failed(f):
+            self.log.warn("reading {key}: {why}; acks check every sender",
+                          key=layout.RECEIPTS_TURNED, why=f.value)
+            return b"%d" % (1 << 62)
+
+        return d.addCallbacks(lambda v: v or b"", failed)
+
+    def _bound_with(self, status):
+        """A register's or reconnect's status from the store: ``"<status>+"``
+        when the device opted in while it had not, then RECEIPTS_TURNED is
+        raised first. Deferred of the status."""
+        if not status.endswith("+"):
+            return status
+        return self.receipts_turned().addCallback(lambda _: status[:-1])
 
     def read(self, device, sender, upto):
         """D has shown every message from ``sender`` up to ``upto`` (an

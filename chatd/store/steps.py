@@ -47,6 +47,9 @@ HIGH_WATER = 4096
 LOW_WATER = 1024
 #: most devices released in one store call
 RELEASE_BATCH = 500
+#: send.lua's flags of a message, one character: "0" + 1 (it has a ref)
+#: + 2 (its sender opted in to receipts)
+_FLAGS = (b"0", b"1", b"2", b"3")
 
 
 def _fan_out(result, waiting):
@@ -96,7 +99,7 @@ class Store(ReceiptSteps, NodeSteps):
         #: shards of the due index: one per slot on a Redis Cluster
         self.due_shards = (layout.DUE_SHARDS_CLUSTER if getattr(client, "topology", None)
                            is not None else layout.DUE_SHARDS)
-        self._sends = []   # (keys, has_ref, tail, Deferred) not yet sent
+        self._sends = []   # (receiver, dedup, ref, flags, tail, done) not yet sent
         self._acks = {}    # inbox key -> [highest upto, [Deferreds waiting]]
         self._flush_call = None
         self._releases = []  # (device, epoch, Deferred) of this reactor turn
@@ -123,7 +126,7 @@ class Store(ReceiptSteps, NodeSteps):
                                              prefix + layout.RECEIPTS], [
             token_hash, b"1" if claim else b"0", b"%d" % (ticket_ms if ticket else 0),
             b"1" if receipts else b"0"])
-        return d.addCallback(lambda status: status.decode("ascii"))
+        return d.addCallback(lambda status: self._bound_with(status.decode("ascii")))
 
     def use_token(self, device, presented_hash, new_hash=None, receipts=None):
         """Use D's token (a reconnect, or a one-shot send): Deferred of
@@ -138,7 +141,7 @@ class Store(ReceiptSteps, NodeSteps):
                                           layout.channel(device), prefix + layout.RECEIPTS],
                                [presented_hash, new_hash or b"", layout.RETIRED_KEPT,
                                 b"" if receipts is None else b"1" if receipts else b"0"])
-        return d.addCallback(lambda status: status.decode("ascii"))
+        return d.addCallback(lambda status: self._bound_with(status.decode("ascii")))
 
     def token_hash(self, device):
         """D's stored token hash, or None if D never registered."""
@@ -224,17 +227,21 @@ class Store(ReceiptSteps, NodeSteps):
 
     # -- batched calls ---------------------------------------------------------------
 
-    def send_then(self, done, sender, receiver, text, ref=None, raw=None):
+    def send_then(self, done, sender, receiver, text, ref=None, raw=None, receipts=True):
         """Accept (or refuse) one message: ``done(result, None)`` with a
         :class:`SendResult`, or ``done(None, failure)``, is called once.
         ``raw`` is the text as UTF-8, if the caller has it already. A plain
         callable, not a Deferred: one per message was a tenth of chatd's
-        time under load."""
-        # receiver, its dedup marker and ref record (keys), whether it has a
-        # ref, the stored message's tail (see _send_group for send.lua's KEYS)
+        time under load. ``receipts``: the sender's connection opted in to
+        receipts (or it is not known: a one-shot send), so that the ack may
+        make it a receipt (``rs`` in chatd/store/layout.py)."""
+        # receiver, its dedup marker and ref record (keys), its flags for
+        # send.lua (ref, receipts), the stored message's tail (see
+        # _send_group for send.lua's KEYS)
+        flags = (ref is not None) + 2 * (receipts and self._rmode != b"0")
         self._sends.append((receiver, layout.dedup_key(receiver, raw or text.encode("utf-8")),
                             None if ref is None else layout.ref_key(receiver, sender, ref),
-                            layout.push_tail(sender, receiver, text), done))
+                            _FLAGS[flags], layout.push_tail(sender, receiver, text), done))
         self._queued(len(self._sends))
 
     def ack_then(self, done, device, upto):
@@ -285,29 +292,27 @@ class Store(ReceiptSteps, NodeSteps):
             self._send_group(group)
 
     def _send_group(self, sends):
-        """One call of send.lua: four keys per receiver (each once; six with
-        push wake-ups), one per message (its dedup marker), one per message
-        with a ref; each message's receiver number and tail."""
+        """One call of send.lua: five keys per receiver (each once; seven
+        with push wake-ups), one per message (its dedup marker), one per
+        message with a ref; each message's flags, receiver number and tail."""
         now = b"%d" % self._now_ms()
         keys, marks, refs, numbers, tails = [], [], [], [], []
         ref_keys = []
         number = {}
         push = self._push_args[0] != b"-1"
-        for receiver, dedup, ref, tail, _ in sends:
+        for receiver, dedup, ref, flags, tail, _ in sends:
             r = number.get(receiver)
             if r is None:
                 r = number[receiver] = len(number) + 1
                 prefix = _keys(receiver)
                 keys += [prefix + layout.TOKEN, prefix + layout.SEQ, prefix + layout.INBOX,
-                         prefix + layout.NODE]
+                         prefix + layout.NODE, prefix + layout.RECEIPT_SENDERS]
                 if push:
                     keys += [prefix + layout.PUSH,
                              layout.device_due_key(receiver, self.due_shards)]
             marks.append(dedup)
-            if ref is None:
-                refs.append(b"0")
-            else:
-                refs.append(b"1")
+            refs.append(flags)
+            if ref is not None:
                 ref_keys.append(ref)
             numbers.append(b"%03d" % r)
             tails.append(tail)
@@ -323,7 +328,7 @@ class Store(ReceiptSteps, NodeSteps):
         if reply == [b"late"]:
             return self._failed(None, sends)
         head, mid = layout.ENTRY_HEAD, layout.ENTRY_MID + now
-        for i, (_, _, _, tail, done) in enumerate(sends):
+        for i, (_, _, _, _, tail, done) in enumerate(sends):
             code, value = reply[2 * i], reply[2 * i + 1]
             if code == b"a":  # the stored message: as send.lua stored it
                 result = SendResult("accepted", value.decode("ascii"),
@@ -355,20 +360,30 @@ class Store(ReceiptSteps, NodeSteps):
                 self.log.failure("answering a failed send")
 
     def _ack_batch(self, acks):
-        for keys in self._by_slot(list(acks), lambda k: k):
-            self._ack_group(acks, keys)
+        if self._rmode == b"o":
+            # the receipts stamp (RECEIPTS_TURNED, another slot): read after
+            # these acks came, so that an opt-in made before them counts
+            self._turned().addCallback(self._ack_groups, acks)
+        else:
+            self._ack_groups(b"", acks)
 
-    def _ack_group(self, acks, keys):
+    def _ack_groups(self, turned, acks):
+        for keys in self._by_slot(list(acks), lambda k: k):
+            self._ack_group(acks, keys, turned)
+
+    def _ack_group(self, acks, keys, turned=b""):
         # the receipts mode and what it needs; the inbox TTL also for a
         # repeated ack (see ack.lua)
         args = [acks[k][0] for k in keys] + [self._rmode, self._now_ms(), self.node_id,
-                                             self._ttl_ms]
+                                             self._ttl_ms, turned]
         declared = keys
+        if self._rmode != b"0":
+            declared = keys + [k[:-len(layout.INBOX)] + layout.RECEIPT_SENDERS for k in keys]
         if self._rmode == b"o":
             # each receiver's outbox, declared: a key of a slot being
             # migrated is refused before the step runs (TRYAGAIN/ASK, and
             # the cluster client retries), never halfway through it
-            declared = keys + [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
+            declared += [k[:-len(layout.INBOX)] + layout.OUTBOX for k in keys]
         d = self.client.script("ack", declared, args)
 
         def done(result):

@@ -4,7 +4,9 @@ store steps (d2081d1, the layout they started from) stores messages, tokens,
 a ref record, dedup markers and id counters; this tree, started on the same
 data dir, delivers every message, takes every token, answers the ref retry
 from its record, refuses the text sent just before the upgrade as a
-duplicate and goes on with the ids where they were.
+duplicate and goes on with the ids where they were; and a message the old
+release stored from a sender who opted in to receipts (no ``rs`` names it)
+still makes that sender's delivered receipt when it is acked after.
 """
 
 import glob
@@ -75,9 +77,11 @@ def test_store_of_the_release_before_keeps_working_after_the_upgrade(tmp_short):
     try:
         port = before.start().wait_listening()
         tokens = {}
-        for device in ("1000000001", "1000000002"):
+        for device in ("1000000001", "1000000002", "1000000003", "1000000004"):
             c = Client(port)
-            c.send({"register": "true", "sender": device})
+            # 1000000003 opts in to receipts (and sends to 1000000004 below)
+            c.send(dict({"register": "true", "sender": device},
+                        **({"receipts": "true"} if device == "1000000003" else {})))
             reply = c.recv()
             assert reply["type"] == "registered", reply
             tokens[device] = reply["token"]
@@ -97,6 +101,17 @@ def test_store_of_the_release_before_keeps_working_after_the_upgrade(tmp_short):
             assert reply["type"] == "accepted", reply
             ids.append(reply["id"])
         bob.close()
+        carol = Client(port)
+        carol.send({"reconnect": "true", "sender": "1000000003", "token": tokens["1000000003"],
+                    "receipts": "true"})
+        reply = carol.recv()
+        assert reply["type"] == "reconnected", reply
+        tokens["1000000003"] = reply["token"]
+        carol.send({"message": "to be acked after the upgrade", "receiver": "1000000004"})
+        reply = carol.recv()
+        assert reply["type"] == "accepted", reply
+        carol_id = reply["id"]
+        carol.close()
         _stop(before)
         # the old release's own Lua did that (its library is in the store's AOF)
         old_lib, new_lib = _library_name(old), _library_name(ROOT)
@@ -135,6 +150,26 @@ def test_store_of_the_release_before_keeps_working_after_the_upgrade(tmp_short):
         assert alice.recv()["type"] == "pong"
         alice.close()
         bob.close()
+
+        # acked after the upgrade: its opted-in sender gets the receipt
+        dave = Client(port)
+        dave.send({"reconnect": "true", "sender": "1000000004", "token": tokens["1000000004"]})
+        assert dave.recv()["type"] == "reconnected"
+        pushed = dave.recv()
+        assert (pushed["type"], pushed["id"]) == ("message", carol_id), pushed
+        dave.send({"ack": carol_id})
+        dave.send({"ping": "after the ack"})
+        assert dave.recv()["type"] == "pong"
+        dave.close()
+        carol = Client(port)
+        carol.send({"reconnect": "true", "sender": "1000000003", "token": tokens["1000000003"],
+                    "receipts": "true"})
+        back = carol.recv()
+        assert back["type"] == "reconnected" and back["pending"] == 1, back
+        receipt = carol.recv()
+        assert (receipt["type"], receipt["receiver"], receipt["status"], receipt["upto"]) == (
+            "receipt", "1000000004", "delivered", carol_id), receipt
+        carol.close()
         _stop(after)
     finally:
         before.cleanup()

@@ -233,3 +233,58 @@ async def test_receipts_off_makes_none_and_ignores_read(chatd, clients, redis):
     await wait_until(lambda: not redis.command("LLEN", "chatd:{bob}:inbox"))
     assert await quiet(bob) == [] and await quiet(alice) == []
     assert not redis.command("LLEN", "chatd:{alice}:inbox")
+
+
+TURNED = "chatd:rcpt:turned"
+
+
+@ensure
+async def test_only_opted_in_senders_are_named_and_the_opt_in_at_the_ack_decides(
+        chatd, clients, redis):
+    """The receiver's rs names the senders whose connection had opted in
+    (an ack of the others reads none of their keys); what decides is still
+    the opt-in at the ack: a sender who opted in after sending gets its
+    receipt (the bind raised chatd:rcpt:turned), one who opted out none."""
+    node = await chatd()
+    redis.command("DEL", TURNED)  # the node's start covers nothing below
+    alice, carol, bob = await clients(node), await clients(node), await clients(node)
+    a_token = await alice.register("alice")
+    c_token = await carol.register("carol", **ON)
+    await bob.register("bob")
+    a_ids = await send_all(alice, "bob", ["a1", "a2"])
+    c_ids = await send_all(carol, "bob", ["c1"])
+    assert redis.command("HGETALL", "chatd:{bob}:rs") == [b"carol", c_ids[0].encode()]
+    assert redis.command("GET", TURNED) is None
+    for _ in range(3):
+        await bob.expect("message")
+    # alice opts in (it had not), carol opts out, both after sending
+    await alice.close()
+    await carol.close()
+    alice, carol = await clients(node), await clients(node)
+    await alice.reconnect("alice", a_token, **ON)
+    await carol.reconnect("carol", c_token)
+    bob.send({"ack": c_ids[0]})
+    await alice.expect("receipt", receiver="bob", status="delivered", upto=a_ids[1])
+    await wait_until(lambda: not redis.command("LLEN", "chatd:{bob}:inbox"))
+    assert await quiet(carol) == [] and not redis.command("LLEN", "chatd:{carol}:inbox")
+    # rs still names carol (a field an ack covered costs nothing until rs grows)
+    assert redis.command("HGETALL", "chatd:{bob}:rs") == [b"carol", c_ids[0].encode()]
+
+
+@ensure
+async def test_an_ack_of_senders_who_did_not_opt_in_names_and_makes_nothing(
+        chatd, clients, redis):
+    node = await chatd()
+    redis.command("DEL", TURNED)
+    alice, bob = await clients(node), await clients(node)
+    await alice.register("alice")
+    await bob.register("bob")
+    ids = await send_all(alice, "bob", ["one", "two"])
+    assert not redis.command("EXISTS", "chatd:{bob}:rs")
+    for _ in ids:
+        await bob.expect("message")
+    bob.send({"ack": ids[-1]})
+    await wait_until(lambda: not redis.command("LLEN", "chatd:{bob}:inbox"))
+    assert await quiet(alice) == [] and not redis.command("LLEN", "chatd:{alice}:inbox")
+    assert redis.command("GET", TURNED) is None
+

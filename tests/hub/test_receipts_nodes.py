@@ -9,6 +9,7 @@ primary is SIGKILLed between them, and when nothing but the outbox sweeper
 """
 
 import json
+import re
 
 import pytest_twisted
 from twisted.internet import defer
@@ -83,6 +84,54 @@ async def test_on_a_cluster_receipts_cross_slots_live_and_offline(chatd, clients
     reply = await alice.reconnect(alice_id, token, **ON)
     assert reply["pending"] == 1
     await alice.expect("receipt", receiver=bob_id, status="read", upto=ids[1])
+
+
+def hset_calls(node):
+    """HSETs a valkey ran so far (its own and its functions')."""
+    stat = node.info("commandstats").get("cmdstat_hset") or "calls=0"
+    return int(re.search(r"calls=(\d+)", str(stat)).group(1))
+
+
+@ensure
+async def test_on_a_cluster_only_opted_in_senders_reach_the_outbox_and_a_later_opt_in_counts(
+        chatd, clients, cluster):
+    """Senders who did not opt in get no outbox entry at the ack (nothing to
+    move); a sender who opts in after sending, on another node than the
+    ack's, still gets its receipt (the ack's node reads chatd:rcpt:turned,
+    which that bind raised, from its own slot)."""
+    [[alice_id, carol_id], [bob_id, _], _] = cluster.devices_on_each_primary("rc-turn", 2)
+    a = await chatd(target=cluster.target, presence_lease=120)
+    b = await chatd(target=cluster.target, presence_lease=120)
+    turned = "chatd:rcpt:turned"
+    cluster.command(turned, "DEL", turned)  # the nodes' starts cover nothing below
+    alice, carol, bob = await clients(a), await clients(a), await clients(b)
+    token = await alice.register(alice_id)
+    await carol.register(carol_id)
+    await bob.register(bob_id)
+    ids = await send_all(alice, bob_id, ["one", "two"])
+    c_ids = await send_all(carol, bob_id, ["three"])
+    for _ in range(3):
+        await bob.expect("message")
+    assert not cluster.command(bob_id, "EXISTS", "chatd:{%s}:rs" % bob_id)
+    # no one opted in: the ack leaves nothing in the outbox, nothing is made
+    bob.send({"ack": ids[0]})
+    outbox = "chatd:{%s}:outbox" % bob_id
+    writes = hset_calls(cluster.owner(bob_id))
+    await wait_until(lambda: cluster.command(bob_id, "LINDEX", "chatd:{%s}:inbox" % bob_id, 0)
+                     and json.loads(cluster.command(
+                         bob_id, "LINDEX", "chatd:{%s}:inbox" % bob_id, 0))["id"] == ids[1])
+    assert hset_calls(cluster.owner(bob_id)) == writes
+    assert not cluster.command(bob_id, "EXISTS", outbox)
+    assert await quiet(alice) == [] and await quiet(carol) == []
+    # alice opts in, on node b, after sending; carol does not
+    await alice.close()
+    alice = await clients(b)
+    await alice.reconnect(alice_id, token, **ON)
+    bob.send({"ack": c_ids[0]})
+    await alice.expect("receipt", receiver=bob_id, status="delivered", upto=ids[1])
+    await wait_until(lambda: not cluster.command(bob_id, "EXISTS", outbox))
+    assert await quiet(carol) == [] and not cluster.command(
+        carol_id, "LLEN", "chatd:{%s}:inbox" % carol_id)
 
 
 @ensure

@@ -77,3 +77,62 @@ async def test_an_ack_of_several_takes_them_all_and_no_more(redis):
         assert redis.command("PTTL", inbox) > 0
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_ack_step_of_many_inboxes_takes_each_and_makes_their_receipts(redis):
+    """Acks of one reactor turn are one ack.lua step: with receipts on, its
+    KEYS are each inbox and then each one's rs; ten inboxes (more KEYS than
+    ARGV) are each acked, and each opted-in sender's receipt made."""
+    from twisted.internet import defer
+
+    from tests.helpers import with_deadline
+    client, store = await _store(redis)
+    receivers = ["r%d" % i for i in range(10)]
+    try:
+        redis.command("DEL", "chatd:rcpt:turned")
+        assert await store.register("alice", b"a" * 64, receipts=True) == "ok"
+        for r in receivers:
+            assert await store.register(r, b"h" * 64) == "ok"
+        sent = []
+        for r in receivers:
+            d = defer.Deferred()
+            store.send_then(lambda result, failure, d=d: d.callback(result), "alice", r, "hi")
+            sent.append(int((await with_deadline(d, what="the send")).id))
+        waits = []
+        for r, upto in zip(receivers, sent):  # one turn: one step
+            d = defer.Deferred()
+            store.ack_then(d.callback, r, upto)
+            waits.append(d)
+        assert await with_deadline(defer.gatherResults(waits), what="the acks") == [None] * 10
+        for r in receivers:
+            assert redis.command("EXISTS", "chatd:{%s}:inbox" % r) == 0
+        receipts = redis.command("LRANGE", "chatd:{alice}:inbox", 0, -1)
+        assert sorted(b'"receiver":"%s"' % r.encode() in e for e in receipts
+                      for r in receivers).count(True) == 10
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rs_keeps_a_few_covered_senders_and_sheds_them_when_it_grows(redis):
+    """An ack leaves the rs fields it covered while rs names at most 16
+    senders (no delete and write again per ack), and deletes them past that."""
+    from twisted.internet import defer
+
+    from tests.helpers import with_deadline
+    client, store = await _store(redis)
+    rs = "chatd:{bob}:rs"
+    try:
+        for senders in (3, 20):
+            last = 0
+            for i in range(senders):
+                d = defer.Deferred()
+                store.send_then(lambda result, failure, d=d: d.callback(result),
+                                "s%d" % i, "bob", "hi %d %d" % (senders, i))
+                last = int((await with_deadline(d, what="the send")).id)
+            assert redis.command("HLEN", rs) == senders
+            await _ack(store, last)
+            assert redis.command("HLEN", rs) == (3 if senders == 3 else 0)
+    finally:
+        await client.close()

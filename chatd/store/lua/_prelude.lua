@@ -13,13 +13,18 @@ local function channel_of(key)
   return string.match(key, "^(.-}:)") .. NOTIFY
 end
 
+-- When a stored line was accepted (a message's sent_at; a receipt's at), ms.
+local function stored_at(entry)
+  return tonumber(string.match(entry, "^(%d+)", SENT_AT_FIRST))
+    or tonumber(string.match(entry, '"at":(%d+)}$'))  -- a receipt
+end
+
 -- Drop the entries (oldest first) that were accepted before cutoff_ms.
 local function drop_expired(inbox, cutoff_ms)
   while true do
     local head = redis.call("LINDEX", inbox, 0)
     if not head then return end
-    local sent_at = tonumber(string.match(head, "^(%d+)", SENT_AT_FIRST))
-      or tonumber(string.match(head, '"at":(%d+)}$'))  -- a receipt
+    local sent_at = stored_at(head)
     if not sent_at or sent_at >= cutoff_ms then return end
     redis.call("LPOP", inbox)
   end

@@ -3,12 +3,14 @@
 -- trip for the batch; and make the senders' delivered receipts (1.2) in the
 -- same atomic step.
 --
--- KEYS: inboxes (then, in mode "o", each one's outbox, declared so that a
---   slot being migrated is refused up front, before anything is done);
+-- KEYS: inboxes; then, with receipts on, each one's receipt senders (rs);
+--   then, in mode "o", each one's outbox (declared so that a slot being
+--   migrated is refused up front, before anything is done);
 -- ARGV: for each inbox, the highest acked id; then receipts mode
 --   ("0" none: --receipts off; "d" direct: into the senders' inboxes, one
 --   store; "o" outbox: into each receiver's outbox, Redis Cluster), now_ms,
---   node id, inbox_ttl_ms.
+--   node id, inbox_ttl_ms, turned (mode "o": RECEIPTS_TURNED as the node
+--   read it after the ack came; mode "d" reads it here).
 -- Returns how many messages were removed in all (mode "0"), or {removed,
 -- then three items per thing for the node to do}:
 --   "h", sender, receipt entry: a receipt for a sender bound on this node;
@@ -18,9 +20,57 @@
 -- message), then the entry where the acked id must be is checked and the
 -- rest taken up to it; a slow walk is the fallback (it never runs while the
 -- ids are consecutive).
-local n = #KEYS
-if #ARGV > n then n = #ARGV - 4 end  -- a receipts mode follows the ids
+--
+-- Which senders may get a receipt (the contract: those opted in at the
+-- ack): those named in the receiver's rs (their connection had opted in
+-- when they sent), their opt-in checked now. An inbox whose acked messages
+-- name none there is acked as with receipts off: nothing is read or made
+-- for its senders. Messages stored up to RECEIPTS_TURNED (a sender opted
+-- in since it sent them, or an older release stored them without rs) are
+-- acked carefully: every sender of them is checked, as if all were named.
+-- (ARGV may also be the ids alone: mode "0". Which it is, is told by the
+-- count of KEYS: one per inbox in mode "0", two in "d", three in "o".)
+local PER_INBOX = {["0"] = 1, d = 2, o = 3}
+local n = #ARGV - 5
+if n < 1 or #KEYS ~= n * (PER_INBOX[ARGV[n + 1]] or 0) then n = #KEYS end
 local mode, now, node_sp, ttl_ms = ARGV[n + 1] or "0", ARGV[n + 2], (ARGV[n + 3] or "") .. " ", ARGV[n + 4]
+local turned = nil  -- read when first needed
+local function careful(head)
+  if not turned then
+    local t = ARGV[n + 5]
+    if mode == "d" then t = redis.call("GET", RECEIPTS_TURNED) end
+    turned = tonumber(t or "") or -1
+  end
+  return (stored_at(head) or 0) <= turned
+end
+
+-- rs as a table (sender -> id), how many it names, and whether it names a
+-- sender of a message from first on (an id below first names messages
+-- acked before: left there, it costs nothing until rs grows, see tidy).
+local function listed_senders(rs, first)
+  local all = redis.call("HGETALL", rs)
+  local listed, any = {}, false
+  for j = 1, #all, 2 do
+    local id = tonumber(all[j + 1])
+    listed[all[j]] = id
+    if id >= first then any = true end
+  end
+  return listed, #all / 2, any
+end
+
+-- Once rs names more than RS_KEPT senders, forget those this ack covered
+-- (every message they name is gone): a conversation's one sender is not
+-- deleted and written again at every ack, and rs stays small.
+local RS_KEPT = 16
+local function tidy(rs, listed, count, upto)
+  if count <= RS_KEPT then return end
+  local gone = {}
+  for s, id in pairs(listed) do
+    if id <= upto then gone[#gone + 1] = s end
+  end
+  if #gone > 0 then redis.call("HDEL", rs, unpack(gone)) end
+end
+
 local removed = 0
 local out = {0}
 for i = 1, n do
@@ -37,13 +87,20 @@ for i = 1, n do
       redis.call("PEXPIRE", inbox, ttl_ms)
     end
   elseif first then
+    -- whose messages must be read (their senders): none when rs names
+    -- nobody and the range is not to be acked carefully
+    local read, listed, count = false, nil, 0
+    if mode ~= "0" then
+      listed, count, read = listed_senders(KEYS[n + i], first)
+      read = read or careful(head)
+    end
     local taken = {head}
     removed = removed + 1
     local k = upto - first  -- how many more, right after the head
     if k > 0 then
       local at = redis.call("LINDEX", inbox, k - 1)
       if at and entry_id(at) == upto then
-        if mode ~= "0" then
+        if read then
           for _, entry in ipairs(redis.call("LPOP", inbox, k)) do taken[#taken + 1] = entry end
         else
           redis.call("LTRIM", inbox, k, -1)
@@ -59,19 +116,38 @@ for i = 1, n do
         end
       end
     end
-    if mode ~= "0" then senders_of(taken, order, high) end
+    if read then senders_of(taken, order, high) end
+    if listed then
+      tidy(KEYS[n + i], listed, count, upto)
+      -- the senders here named (from first on): make_receipt checks their
+      -- opt-in (one MGET each); the others only if the range is acked
+      -- carefully, and then (one store) only those opted in, in one MGET
+      local named, others = {}, {}
+      for _, s in ipairs(order) do
+        if (listed[s] or -1) >= first then
+          named[#named + 1] = s
+        else
+          others[#others + 1] = s
+        end
+      end
+      if #others > 0 and careful(head) then
+        if mode == "d" then others = opted_in(others) end
+        for _, s in ipairs(others) do named[#named + 1] = s end
+      end
+      order = named
+    end
   end
   if mode ~= "0" then
     local r = string.match(inbox, "{(.-)}:")
     if mode == "d" then
-      for _, s in ipairs(opted_in(order)) do
+      for _, s in ipairs(order) do
         local entry, here = make_receipt(s, r, "delivered", high[s], now, node_sp, ttl_ms)
         if here then
           out[#out + 1], out[#out + 2], out[#out + 3] = "h", s, entry
         end
       end
     else
-      local outbox = KEYS[n + i]
+      local outbox = KEYS[2 * n + i]
       for _, s in ipairs(order) do to_outbox(outbox, s, "delivered", high[s], now) end
       -- everything in it, left over from a node that died mid-way included
       local all = redis.call("HGETALL", outbox)

@@ -11,7 +11,9 @@
 -- ARGV: token_hash, claim ("1": the id must be free or revoked), ticket_ms
 --   (the ticket's remaining life; "0": no ticket).
 -- Returns "ok", "taken" (claim: the id belongs to someone) or "used" (the
--- ticket was used before). A refused register changes nothing.
+-- ticket was used before). A refused register changes nothing. "ok+": a
+-- device registered before opted in while it had not (the node then raises
+-- RECEIPTS_TURNED, see ack.lua; a new one has sent nothing yet).
 if ARGV[2] == "1" then
   local current = redis.call("GET", KEYS[1])
   if current and current ~= "revoked" then return "taken" end
@@ -20,8 +22,12 @@ local ticket_ms = tonumber(ARGV[3])
 if ticket_ms > 0 and not redis.call("SET", KEYS[2], "1", "NX", "PX", ticket_ms) then
   return "used"
 end
-redis.call("SET", KEYS[1], ARGV[1])
+local known = redis.call("SET", KEYS[1], ARGV[1], "GET")
 redis.call("DEL", KEYS[3], KEYS[4])
 -- the receipts opt-in (1.2) holds until the next register or reconnect
-if ARGV[4] == "1" then redis.call("SET", KEYS[5], "1") else redis.call("DEL", KEYS[5]) end
+if ARGV[4] == "1" then
+  if not redis.call("SET", KEYS[5], "1", "GET") and known then return "ok+" end
+else
+  redis.call("DEL", KEYS[5])
+end
 return "ok"

@@ -11,12 +11,14 @@
 -- "Performance" says where the rest goes.)
 --
 -- KEYS (chatd/store/steps.py, Store._send_group), all of one Redis Cluster
--- slot: first four per receiver (six with push wake-ups on), each receiver
--- once, in order of its first message, in this order:
-local TOKEN, SEQ, INBOX, NODE, PUSH, DUE = 1, 2, 3, 4, 5, 6
+-- slot: first five per receiver (seven with push wake-ups on), each
+-- receiver once, in order of its first message, in this order:
+local TOKEN, SEQ, INBOX, NODE, SENDERS, PUSH, DUE = 1, 2, 3, 4, 5, 6, 7
 --   TOKEN the token hash (exists = registered), SEQ the id counter (never
 --   expires), INBOX the list of stored messages (oldest first), NODE the
---   presence record ("<node id> <epoch>"), PUSH the push registration and
+--   presence record ("<node id> <epoch>"), SENDERS the receipt senders
+--   (``rs``: senders who had opted in, see below), PUSH the push
+--   registration and
 --   wake-up state, DUE the receiver's shard of the due index (in its slot:
 --   see chatd/store/layout.py);
 -- then one per message, DEDUP the dedup marker of its text; then one per
@@ -34,7 +36,11 @@ local TOKEN, SEQ, INBOX, NODE, PUSH, DUE = 1, 2, 3, 4, 5, 6
 --   "a<ms until due>" instead of "a".
 --   late_ms: the store's clock time after which the sender has been told
 --     "unavailable"; a batch run later stores nothing (0: no check).
---   refs: one character per message, "1" if it has a ref.
+--   refs: one character per message, "0" + 1 if it has a ref, + 2 if its
+--     sender's connection opted in to receipts (it may then get a delivered
+--     receipt at the ack: the message's id is written in SENDERS, so that
+--     an ack of messages whose senders did not opt in reads no sender's
+--     key, chatd/store/layout.py "rs").
 --   tail: the stored message after its sent_at value (sender, receiver, text).
 --   node id: the sending node. An accepted message for a receiver bound on
 --     another node is published on the receiver's notify channel
@@ -69,7 +75,7 @@ local receivers = tonumber(ARGV[11])
 local numbers = ARGV[12]
 local RECEIVER_DIGITS = 3
 local TAILS = 12                               -- ARGV: the tails after this
-local PER_RECEIVER = interval < 0 and 4 or 6   -- no PUSH, DUE without push
+local PER_RECEIVER = interval < 0 and 5 or 7   -- no PUSH, DUE without push
 local MARKS = receivers * PER_RECEIVER         -- KEYS: DEDUP, then REF, after this
 local REFS = MARKS + #refs
 local next_ref = REFS + 1
@@ -79,7 +85,7 @@ local next_ref = REFS + 1
 -- Per receiver r (its keys at KEYS[(r - 1) * PER_RECEIVER + 1 ...]):
 -- known[r] registered, bound[r] "<node id> <epoch>" or false, seq[r] its
 -- id counter as this batch leaves it, moved[r] whether the batch took ids.
-local known, bound, seq, moved, renewed, woken = {}, {}, {}, {}, {}, {}
+local known, bound, seq, moved, renewed, woken, listed = {}, {}, {}, {}, {}, {}, {}
 do
   local names = {}
   for r = 1, receivers do
@@ -145,7 +151,7 @@ end
 
 -- The whole rule for message i, for receiver r: its code and value (see
 -- above).
-local function send_one(i, r, tail, has_ref)
+local function send_one(i, r, tail, has_ref, opted)
   local base = (r - 1) * PER_RECEIVER
   local dedup = KEYS[MARKS + i]
   local ref = nil
@@ -177,6 +183,15 @@ local function send_one(i, r, tail, has_ref)
     renewed[r] = true
   end
   if ref then redis.call("SET", ref, "a:" .. id, "PX", ref_ms) end
+  if opted then
+    -- a receipt to make at the ack: the sender's newest such id here
+    local senders = KEYS[base + SENDERS]
+    redis.call("HSET", senders, string.match(tail, '^,"sender":"([^"]*)"'), id)
+    if not listed[r] then
+      redis.call("PEXPIRE", senders, ttl_ms)
+      listed[r] = true
+    end
+  end
   -- tell the node that holds the receiver, if it is another one
   local at = bound[r]
   if at and string.sub(at, 1, #node) ~= node then
@@ -191,8 +206,9 @@ local out = {}
 local ok, err = pcall(function()
   for i = 1, #refs do
     local at = (i - 1) * RECEIVER_DIGITS
+    local flags = string.byte(refs, i) - 48
     local code, value = send_one(i, tonumber(string.sub(numbers, at + 1, at + RECEIVER_DIGITS)),
-                                 ARGV[TAILS + i], string.byte(refs, i) == 49)
+                                 ARGV[TAILS + i], flags % 2 == 1, flags >= 2)
     out[#out + 1] = code
     out[#out + 1] = value
   end

@@ -17,7 +17,8 @@
 -- nothing). A token that was valid and then retired (its successor was
 -- used) presented again is REUSE: every token of the id is revoked and the
 -- node holding it is told to close it ("revoked" on its channel).
--- Returns "newest" or "prev" (which one was presented: valid), "bad",
+-- Returns "newest" or "prev" (which one was presented: valid; with "+" when
+-- the device opted in to receipts while it had not: see opt_in), "bad",
 -- "reuse", or "reused" (any token of an id revoked by a reuse before: the
 -- device is told why, until it registers again).
 local RETIRED_LEN = 32
@@ -50,9 +51,15 @@ end
 
 -- A reconnect's receipts opt-in (1.2), stored with a valid use: ARGV[4]
 -- "1" on, "0" off, "" (a one-shot send) unchanged; KEYS[4] the opt-in.
+-- Returns "+" when the device opted in while it had not (the node then
+-- raises RECEIPTS_TURNED, see ack.lua), else "".
 local function opt_in()
-  if ARGV[4] == "1" then redis.call("SET", KEYS[4], "1")
-  elseif ARGV[4] == "0" then redis.call("DEL", KEYS[4]) end
+  if ARGV[4] == "1" then
+    if not redis.call("SET", KEYS[4], "1", "GET") then return "+" end
+  elseif ARGV[4] == "0" then
+    redis.call("DEL", KEYS[4])
+  end
+  return ""
 end
 
 if presented == newest then
@@ -65,15 +72,13 @@ if presented == newest then
     redis.call("HSET", KEYS[2], "used", "1", "retired", retire(prev))
     redis.call("HDEL", KEYS[2], "prev")
   end
-  opt_in()
-  return "newest"
+  return "newest" .. opt_in()
 end
 if prev and presented == prev and not used then
   -- the grace: the newest was never used (its reply may have been lost);
   -- a rotation replaces it, unused, by another (it is simply invalid now)
   if new ~= "" then redis.call("SET", KEYS[1], new) end
-  opt_in()
-  return "prev"
+  return "prev" .. opt_in()
 end
 if (prev and presented == prev) or was_retired(presented) then
   redis.call("SET", KEYS[1], "revoked")
