@@ -982,7 +982,11 @@ class Servers:
         if kill:
             old.start()
         new = s.primary()
-        await wait_until(lambda: s.settled(new), 90, "the sentinels settled", 0.2)
+        # a hang guard, not a speed check: on a loaded machine (the whole
+        # suite, -n 4 on 2 cores) the sentinels took over 90 s to settle once
+        # (they look at each server every 10 s, and retry an aborted
+        # failover only after 2 x failover-timeout)
+        await wait_until(lambda: s.settled(new), 180, "the sentinels settled", 0.2)
 
     async def stop(self):
         """A clean stop at the end: True if every chatd exited cleanly on SIGTERM."""
