@@ -971,6 +971,7 @@ class Servers:
         """Sentinel mode: SIGKILL the primary (its replica takes over; the
         old one is started again and made a replica) or have the sentinels
         fail over by hand; back once everything is settled again."""
+        from tests.fixtures.sentinel import info
         from tests.helpers import wait_until
         s = self.sentinels
         old = s.primary()
@@ -982,11 +983,23 @@ class Servers:
         if kill:
             old.start()
         new = s.primary()
-        # a hang guard, not a speed check: on a loaded machine (the whole
-        # suite, -n 4 on 2 cores) the sentinels took over 90 s to settle once
-        # (they look at each server every 10 s, and retry an aborted
-        # failover only after 2 x failover-timeout)
-        await wait_until(lambda: s.settled(new), 180, "the sentinels settled", 0.2)
+        try:
+            await wait_until(lambda: s.settled(new), 60, "the sentinels settled", 0.2)
+        except AssertionError:
+            # Twice under the whole suite's load (-n 4 on 2 cores) the
+            # sentinels left the old primary a primary of nothing for over
+            # 90 and 180 s (a sentinel whose timer runs late enters TILT
+            # mode, in which it does nothing for 30 s at a time). chatd is
+            # not what this waits for: do what an operator would, and make
+            # the old primary a replica of the new one.
+            for o in s.servers:
+                if o is not new and o.running and o.ready():
+                    try:
+                        if info(o.port, "replication").get("role") == "master":
+                            o.command("REPLICAOF", "127.0.0.1", str(new.port))
+                    except (OSError, ConnectionError, RuntimeError):
+                        pass
+            await wait_until(lambda: s.settled(new), 120, "the sentinels settled", 0.2)
 
     async def stop(self):
         """A clean stop at the end: True if every chatd exited cleanly on SIGTERM."""
