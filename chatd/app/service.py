@@ -235,19 +235,22 @@ class ChatService(service.Service):
         if self.reactor.running:
             self.reactor.stop()
 
-    def hold_accepting(self):
-        """Accept no connection on the shared TCP/TLS ports for now (they
-        stay open: connections wait in the backlog). True if any was held."""
-        held = [p for p in self.ports + self.web_ports
+    def _shared_ports(self):
+        """The TCP/TLS listeners (a unix socket is the parent's alone)."""
+        return [p for p in self.ports + self.web_ports
                 if not isinstance(p.getHost(), address.UNIXAddress)]
+
+    def hold_accepting(self):
+        """Accept no connection on the shared ports for now (they stay
+        open: connections wait in the backlog). True if any was held."""
+        held = self._shared_ports()
         for port in held:
             port.stopReading()
         return bool(held)
 
     def resume_accepting(self):
-        for port in self.ports + self.web_ports:
-            if not isinstance(port.getHost(), address.UNIXAddress):
-                port.startReading()
+        for port in self._shared_ports():
+            port.startReading()
 
     @defer.inlineCallbacks
     def stop_listening(self):

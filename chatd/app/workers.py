@@ -129,13 +129,17 @@ class WorkerPool(service.Service):
             if not self._holding:
                 self._release("every worker listens")
 
-    def _release(self, why):
-        if self._holding is None:
-            return
-        self._holding = None
+    def _end_hold(self):
+        """Forget the hold: True if there was one."""
+        held, self._holding = self._holding is not None, None
         if self._hold_call is not None and self._hold_call.active():
             self._hold_call.cancel()
         self._hold_call = None
+        return held
+
+    def _release(self, why):
+        if not self._end_hold():
+            return
         self.chat.resume_accepting()
         self.log.info("chatd accepting on every process ({why})", why=why)
 
@@ -172,9 +176,7 @@ class WorkerPool(service.Service):
         # must not come back to the parent, which stops next (at 40,000
         # devices that was 4,000 more shutdowns and the parent's fd limit)
         yield self.chat.stop_listening()
-        self._holding = None
-        if self._hold_call is not None and self._hold_call.active():
-            self._hold_call.cancel()
+        self._end_hold()
         for call in self._pending.values():
             if call.active():
                 call.cancel()

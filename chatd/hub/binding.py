@@ -34,8 +34,7 @@ class Binding:
                 return None
             self._drop(old, "session_replaced",
                        "%s connected again elsewhere; this connection is closed" % device)
-        delivery = Delivery(self, device, conn, token_hashes, epoch)
-        delivery.receipts = receipts
+        delivery = Delivery(self, device, conn, token_hashes, epoch, receipts)
         self.sessions[device] = delivery
         conn.delivery = delivery
         return delivery

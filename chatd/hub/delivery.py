@@ -26,7 +26,7 @@ class Delivery:
 
     log = Logger()
 
-    def __init__(self, hub, device, conn, token_hashes, epoch=0):
+    def __init__(self, hub, device, conn, token_hashes, epoch=0, receipts=False):
         self.hub = hub
         self.device = device
         self.epoch = epoch  # of this bind (see chatd.hub.presence)
@@ -36,7 +36,7 @@ class Delivery:
         self.token_hashes = token_hashes
         # the bind opted in to receipts: its messages may get receipts
         # (chatd.store.steps.Store.send_then)
-        self.receipts = False
+        self.receipts = receipts
         self.last_id = 0          # every id up to here is pushed here or gone
         self.first_pushed = None  # the ids pushed on this connection:
         self.last_pushed = None   # first_pushed..last_pushed

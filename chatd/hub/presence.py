@@ -185,7 +185,7 @@ class Presence:
         """The next 1/RECORD_LEASES of this node's records (at least one):
         of the devices bound here when this round began (one bound since
         has a fresh record)."""
-        if self._renewing or self.hub is None:
+        if self._renewing:  # (a check of every record is on its way)
             return None
         if self._slice >= len(self._round):
             self._round, self._slice = self.hub.held(), 0

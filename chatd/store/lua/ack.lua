@@ -28,7 +28,8 @@
 -- for its senders. Messages stored up to RECEIPTS_TURNED (a sender opted
 -- in since it sent them, or an older release stored them without rs) are
 -- acked carefully: every sender of them is checked, as if all were named.
--- (ARGV may also be the ids alone: mode "0". Which it is, is told by the
+-- (ARGV may also be the ids alone: mode "0", as the Redis layer's tests call
+-- it, tests/redis/test_redisclient.py. Which it is, is told by the
 -- count of KEYS: one per inbox in mode "0", two in "d", three in "o".)
 local PER_INBOX = {["0"] = 1, d = 2, o = 3}
 local n = #ARGV - 5

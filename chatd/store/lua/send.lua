@@ -184,13 +184,14 @@ local function send_one(i, r, tail, has_ref, opted)
   end
   if ref then redis.call("SET", ref, "a:" .. id, "PX", ref_ms) end
   if opted then
-    -- a receipt to make at the ack: the sender's newest such id here
-    local senders = KEYS[base + SENDERS]
-    redis.call("HSET", senders, string.match(tail, '^,"sender":"([^"]*)"'), id)
-    if not listed[r] then
-      redis.call("PEXPIRE", senders, ttl_ms)
-      listed[r] = true
+    -- a receipt to make at the ack: the sender's newest such id here,
+    -- written into SENDERS once per receiver after the batch (below)
+    local named = listed[r]
+    if not named then
+      named = {}
+      listed[r] = named
     end
+    named[string.match(tail, '^,"sender":"([^"]*)"')] = id
   end
   -- tell the node that holds the receiver, if it is another one
   local at = bound[r]
@@ -222,5 +223,17 @@ for r = 1, receivers do
   end
 end
 if #counters > 0 then redis.call("MSET", unpack(counters)) end
+-- each receiver's opted-in senders, one HSET for the batch (ids only rise
+-- in it: the last one named per sender is its newest), also after a call
+-- that failed midway (its accepted messages stay, and so do their receipts)
+for r, named in pairs(listed) do
+  local senders, fields = KEYS[(r - 1) * PER_RECEIVER + SENDERS], {}
+  for s, id in pairs(named) do
+    fields[#fields + 1] = s
+    fields[#fields + 1] = id
+  end
+  redis.call("HSET", senders, unpack(fields))
+  redis.call("PEXPIRE", senders, ttl_ms)
+end
 if not ok then error(err) end
 return out
