@@ -48,8 +48,10 @@ end
 -- rs as a table (sender -> id), how many it names, and whether it names a
 -- sender of a message from first on (an id below first names messages
 -- acked before: left there, it costs nothing until rs grows, see tidy).
+local NOBODY = {}  -- (never written to)
 local function listed_senders(rs, first)
   local all = redis.call("HGETALL", rs)
+  if #all == 0 then return NOBODY, 0, false end
   local listed, any = {}, false
   for j = 1, #all, 2 do
     local id = tonumber(all[j + 1])
@@ -64,7 +66,6 @@ end
 -- deleted and written again at every ack, and rs stays small.
 local RS_KEPT = 16
 local function tidy(rs, listed, count, upto)
-  if count <= RS_KEPT then return end
   local gone = {}
   for s, id in pairs(listed) do
     if id <= upto then gone[#gone + 1] = s end
@@ -72,12 +73,20 @@ local function tidy(rs, listed, count, upto)
   if #gone > 0 then redis.call("HDEL", rs, unpack(gone)) end
 end
 
+-- Whether any inbox of the batch has an rs at all: one EXISTS of them all
+-- (the usual answer, where nobody opted in, is no), instead of an HGETALL
+-- per inbox.
+local any_rs = mode ~= "0" and redis.call("EXISTS", unpack(KEYS, n + 1, 2 * n)) > 0
+
 local removed = 0
 local out = {0}
+-- (per inbox, tables are made only when its senders are read: most acks
+-- read none, and each table, like each string made, costs the store about
+-- as much as a small command)
 for i = 1, n do
   local inbox = KEYS[i]
   local upto = tonumber(ARGV[i])
-  local order, high = {}, {}
+  local order, high = NOBODY, nil
   -- the head first (an ack of every push acks just the head: one call)
   local head = redis.call("LPOP", inbox)
   local first = head and entry_id(head)
@@ -92,10 +101,14 @@ for i = 1, n do
     -- nobody and the range is not to be acked carefully
     local read, listed, count = false, nil, 0
     if mode ~= "0" then
-      listed, count, read = listed_senders(KEYS[n + i], first)
+      if any_rs then
+        listed, count, read = listed_senders(KEYS[n + i], first)
+      else
+        listed = NOBODY
+      end
       read = read or careful(head)
     end
-    local taken = {head}
+    local taken = read and {head}
     removed = removed + 1
     local k = upto - first  -- how many more, right after the head
     if k > 0 then
@@ -111,15 +124,18 @@ for i = 1, n do
         while true do
           local entry = redis.call("LINDEX", inbox, 0)
           if not entry or entry_id(entry) > upto then break end
-          taken[#taken + 1] = entry
+          if read then taken[#taken + 1] = entry end
           redis.call("LPOP", inbox)
           removed = removed + 1
         end
       end
     end
-    if read then senders_of(taken, order, high) end
-    if listed then
-      tidy(KEYS[n + i], listed, count, upto)
+    if read then
+      order, high = {}, {}
+      senders_of(taken, order, high)
+    end
+    if count > RS_KEPT then tidy(KEYS[n + i], listed, count, upto) end
+    if listed and #order > 0 then
       -- the senders here named (from first on): make_receipt checks their
       -- opt-in (one MGET each); the others only if the range is acked
       -- carefully, and then (one store) only those opted in, in one MGET
@@ -138,23 +154,24 @@ for i = 1, n do
       order = named
     end
   end
-  if mode ~= "0" then
-    local r = string.match(inbox, "{(.-)}:")
-    if mode == "d" then
+  if mode == "d" then
+    if #order > 0 then
+      local r = string.match(inbox, "{(.-)}:")
       for _, s in ipairs(order) do
         local entry, here = make_receipt(s, r, "delivered", high[s], now, node_sp, ttl_ms)
         if here then
           out[#out + 1], out[#out + 2], out[#out + 3] = "h", s, entry
         end
       end
-    else
-      local outbox = KEYS[2 * n + i]
-      for _, s in ipairs(order) do to_outbox(outbox, s, "delivered", high[s], now) end
-      -- everything in it, left over from a node that died mid-way included
-      local all = redis.call("HGETALL", outbox)
-      for j = 1, #all, 2 do
-        out[#out + 1], out[#out + 2], out[#out + 3] = "o", r, all[j] .. "=" .. all[j + 1]
-      end
+    end
+  elseif mode == "o" then
+    local r = string.match(inbox, "{(.-)}:")
+    local outbox = KEYS[2 * n + i]
+    for _, s in ipairs(order) do to_outbox(outbox, s, "delivered", high[s], now) end
+    -- everything in it, left over from a node that died mid-way included
+    local all = redis.call("HGETALL", outbox)
+    for j = 1, #all, 2 do
+      out[#out + 1], out[#out + 2], out[#out + 3] = "o", r, all[j] .. "=" .. all[j + 1]
     end
   end
 end

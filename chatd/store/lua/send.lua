@@ -90,9 +90,9 @@ do
   local names = {}
   for r = 1, receivers do
     local base = (r - 1) * PER_RECEIVER
-    names[#names + 1] = KEYS[base + TOKEN]
-    names[#names + 1] = KEYS[base + NODE]
-    names[#names + 1] = KEYS[base + SEQ]
+    names[3 * r - 2] = KEYS[base + TOKEN]
+    names[3 * r - 1] = KEYS[base + NODE]
+    names[3 * r] = KEYS[base + SEQ]
   end
   local state = redis.call("MGET", unpack(names))
   for r = 1, receivers do
@@ -198,6 +198,7 @@ local function send_one(i, r, tail, has_ref, opted)
   if at and string.sub(at, 1, #node) ~= node then
     redis.call("SPUBLISH", channel_of(inbox), "m " .. entry)
   end
+  if interval < 0 then return "a", id end
   return "a" .. wake(r, base, inbox), id
 end
 
@@ -205,21 +206,24 @@ local out = {}
 -- (a call that fails midway, a key of another type: the counters the batch
 -- moved are still written below, so that no id is ever given twice)
 local ok, err = pcall(function()
+  local byte = string.byte
   for i = 1, #refs do
-    local at = (i - 1) * RECEIVER_DIGITS
-    local flags = string.byte(refs, i) - 48
-    local code, value = send_one(i, tonumber(string.sub(numbers, at + 1, at + RECEIVER_DIGITS)),
+    local flags = byte(refs, i) - 48
+    -- the receiver's number, RECEIVER_DIGITS (3) ASCII digits
+    local d1, d2, d3 = byte(numbers, (i - 1) * RECEIVER_DIGITS + 1, i * RECEIVER_DIGITS)
+    local code, value = send_one(i, d1 * 100 + d2 * 10 + d3 - 5328,
                                  ARGV[TAILS + i], flags % 2 == 1, flags >= 2)
-    out[#out + 1] = code
-    out[#out + 1] = value
+    out[2 * i - 1] = code
+    out[2 * i] = value
   end
 end)
 -- the counters the batch moved, in one call
-local counters = {}
+local counters, c = {}, 0
 for r = 1, receivers do
   if moved[r] then
-    counters[#counters + 1] = KEYS[(r - 1) * PER_RECEIVER + SEQ]
-    counters[#counters + 1] = string.format("%d", seq[r])
+    counters[c + 1] = KEYS[(r - 1) * PER_RECEIVER + SEQ]
+    counters[c + 2] = string.format("%d", seq[r])
+    c = c + 2
   end
 end
 if #counters > 0 then redis.call("MSET", unpack(counters)) end
