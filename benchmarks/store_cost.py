@@ -32,6 +32,7 @@ from twisted.internet.task import Clock
 
 from benchmarks import procs, report
 from chatd.app.config import Settings
+from chatd.redis.embedded import find_allocator
 from chatd.store.library import Library
 from chatd.store.steps import Store
 from tests.fixtures.valkey import ValkeyServer, _encode, _Reader
@@ -285,8 +286,20 @@ def ceiling(server, calls):
     return out
 
 
-def _valkey(tmp, name, aof):
-    server = ValkeyServer(os.path.join(tmp, name), appendfsync=aof).start()
+def _valkey(tmp, name, aof, malloc=None):
+    """A valkey-server of ours, with the malloc the embedded store would
+    preload (jemalloc if the system has it), or ``malloc="libc"``."""
+    saved = os.environ.get("CHATD_STORE_MALLOC")
+    if malloc:
+        os.environ["CHATD_STORE_MALLOC"] = malloc
+    try:
+        server = ValkeyServer(os.path.join(tmp, name), appendfsync=aof).start()
+    finally:
+        if malloc:
+            if saved is None:
+                del os.environ["CHATD_STORE_MALLOC"]
+            else:
+                os.environ["CHATD_STORE_MALLOC"] = saved
     from tests.fixtures.process import wait_for
     wait_for(server.answers, 30, "valkey-server")
     return server
@@ -338,26 +351,32 @@ def end_to_end(opts, log, tmp, n):
 def store_cost(opts, log):
     tmp = tempfile.mkdtemp(prefix="chatd-bench-store-cost-")
     messages = MESSAGES // (10 if opts.quick else 1)
-    out = {"batch": BATCH, "messages": messages}
+    out = {"batch": BATCH, "messages": messages, "malloc": find_allocator() or "libc"}
+    # the configurations: AOF on and off for each --devices, with the malloc
+    # the store runs with; then, if that is jemalloc, the most devices with
+    # the C library's malloc, for the ratio
+    configs = [(aof, n, None) for aof in ("everysec", None) for n in opts.devices]
+    if out["malloc"] != "libc":
+        configs.append(("everysec", max(opts.devices), "libc"))
     try:
-        for aof in ("everysec", None):
-            for n in opts.devices:
-                key = "%s_%d" % (aof or "noaof", n)
-                server = _valkey(tmp, key, aof)
-                try:
-                    figures = steps(server, n, messages)
-                    figures["ceiling_us"] = ceiling(
-                        server, CEILING_CALLS // (10 if opts.quick else 1))
-                finally:
-                    server.cleanup()
-                out[key] = figures
-                log("  steps, AOF %s, %d devices: send %.1f + ack %.1f = %.1f us/msg "
-                    "(EVALSHA %.2f us/call); AOF %s B/msg; per message: send [%s], ack [%s]" % (
-                        aof or "off", n, figures["send"]["cpu_us"], figures["ack"]["cpu_us"],
-                        figures["total"]["cpu_us"], figures["ceiling_us"]["evalsha"],
-                        "-" if figures["total"]["aof_bytes"] is None
-                        else "%.0f" % figures["total"]["aof_bytes"],
-                        _profile_line(figures["send"]), _profile_line(figures["ack"])))
+        for aof, n, malloc in configs:
+            key = "%s_%d" % (aof or "noaof", n) + ("_libc" if malloc else "")
+            server = _valkey(tmp, key, aof, malloc)
+            try:
+                figures = steps(server, n, messages)
+                figures["ceiling_us"] = ceiling(
+                    server, CEILING_CALLS // (10 if opts.quick else 1))
+            finally:
+                server.cleanup()
+            out[key] = figures
+            log("  steps, AOF %s, %d devices, malloc %s: send %.1f + ack %.1f = %.1f us/msg "
+                "(EVALSHA %.2f us/call); AOF %s B/msg; per message: send [%s], ack [%s]" % (
+                    aof or "off", n, malloc or out["malloc"], figures["send"]["cpu_us"],
+                    figures["ack"]["cpu_us"],
+                    figures["total"]["cpu_us"], figures["ceiling_us"]["evalsha"],
+                    "-" if figures["total"]["aof_bytes"] is None
+                    else "%.0f" % figures["total"]["aof_bytes"],
+                    _profile_line(figures["send"]), _profile_line(figures["ack"])))
         if "chatd" in opts.servers:
             for n in opts.devices:
                 res = end_to_end(opts, log, tmp, n)
@@ -399,9 +418,9 @@ def rows(per):
             out.append(row(sc, "chatd us/msg", report._get(f, "server_cpu_us_per_msg", "server")))
             out.append(row(sc, "delivered msg/s", f.get("delivered_per_s")))
             continue
-        aof, n = key.rsplit("_", 1)
-        sc = "store cost, AOF %s, %s dev (relay column: EVALSHA)" % (
-            "off" if aof == "noaof" else aof, n)
+        aof, n, *libc = key.split("_")
+        sc = "store cost, AOF %s, %s dev%s (relay column: EVALSHA)" % (
+            "off" if aof == "noaof" else aof, n, ", glibc malloc" if libc else "")
         ceil = report._get(f, "ceiling_us", "evalsha")
         for step in ("send", "ack", "total", "fetch", "presence_claim", "presence_renew"):
             out.append(row(sc, "valkey us/msg: %s" % step, report._get(f, step, "cpu_us"), ceil))

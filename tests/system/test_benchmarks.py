@@ -196,6 +196,11 @@ def test_benchmark_store_cost_scenario(tmp_path):
         assert f["ceiling_us"]["evalsha"] > 0 and f["ceiling_us"]["fcall"] > 0, text
         assert (f["total"]["aof_bytes"] > 0) if aof == "everysec" else (
             f["total"]["aof_bytes"] is None), text
+    # with jemalloc preloaded (CI installs it), the same steps with glibc's
+    # malloc too, in the same run
+    assert res["malloc"] != "libc" or not os.environ.get("CI"), text
+    if res["malloc"] != "libc":
+        assert res["everysec_20_libc"]["send"]["cpu_us"] > 0, text
     e2e = res["e2e_20"]
     _sane_run(e2e, "store_cost end to end:\n%s" % text)
     assert e2e["server_cpu_us_per_msg"]["store"] > 0 and e2e["ceiling_us"]["evalsha"] > 0, text
