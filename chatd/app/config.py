@@ -50,6 +50,7 @@ class Settings:
     token_rotation: bool = True   # a new token at every reconnect (contract 1.2)
     receipts: bool = True         # delivery and read receipts (contract 1.2)
     outbox_sweep: float = 5.0     # Redis Cluster: mean seconds between outbox sweeps
+    inbox_sweep: float = 60.0     # mean seconds between the inbox sweeper's passes
     drain_batch: int = 500
     drain_reads: int = 64  # inbox reads in flight per node (chatd.hub.turns)
     bind_turns: int = 256  # registers and reconnects in flight per node

@@ -23,7 +23,7 @@ from chatd.app.workers import WorkerPool
 from chatd.netio import loopback as _loopback
 from chatd.hub.presence import Presence, new_node_id
 from chatd.hub.router import Hub
-from chatd.hub.sweeper import OutboxSweeper
+from chatd.hub.sweeper import InboxSweeper, OutboxSweeper
 from chatd.push.gateway import Gateway
 from chatd.push.waker import Waker
 from chatd.store.pushsteps import PushSteps
@@ -94,6 +94,7 @@ class ChatService(service.Service):
         self.presence = None
         self.waker = None  # push wake-ups (--push-url)
         self.sweeper = None  # receipt outboxes (Redis Cluster, --receipts on)
+        self.inbox_sweeper = None  # inboxes left without a TTL
         self.factory = None
         self.ports = []
         self.web_ports = []  # --websocket listeners
@@ -141,6 +142,8 @@ class ChatService(service.Service):
         if store.uses_outboxes:
             self.sweeper = OutboxSweeper(store, self.reactor, s.outbox_sweep)
             self.sweeper.start()
+        self.inbox_sweeper = InboxSweeper(store, self.reactor, s.inbox_sweep)
+        self.inbox_sweeper.start()
         hub = Hub(store, self.settings, self.reactor, self.presence, self.waker)
         self.presence.start(hub)
         self.log.info("{role} node {node} starting", role=self.role, node=self.node_id)
@@ -275,6 +278,8 @@ class ChatService(service.Service):
             yield self.waker.stop()
         if self.sweeper is not None:
             yield self.sweeper.stop()
+        if self.inbox_sweeper is not None:
+            yield self.inbox_sweeper.stop()
         if self.client is not None:
             yield self.client.close()
 

@@ -108,6 +108,10 @@ class Options(usage.Options):
          "average) this node sweeps the receipt outboxes for receipts a node left "
          "behind when it died between an ack and the move into the sender's inbox.",
          _coerce(config.parse_duration, "outbox-sweep")],
+        ["inbox-sweep", None, "1m", "How often (on average) this node looks at the "
+         "next thousand keys of each store primary for inboxes left without a TTL "
+         "(made by one message that was never acked), and gives them the TTL of "
+         "their newest message.", _coerce(config.parse_duration, "inbox-sweep")],
         ["proof-max-age", None, "10m", "A proof ticket must expire within this "
          "(a later expiry is refused); each ticket is good for one register.",
          _coerce(config.parse_duration, "proof-max-age")],

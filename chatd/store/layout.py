@@ -34,6 +34,14 @@ touches one slot):
     txredisapi is about 3x faster (flat replies), and ids are kept by the
     counter instead. Only the head is ever removed (acks, expiry), so the
     ids in it are consecutive and the scripts find an id by arithmetic.
+    Its expiry (``--inbox-ttl`` after its newest line) is set by
+    ``send.lua`` only when the inbox already held messages: an inbox a
+    message makes has none at first (while phones ack what they are pushed,
+    nearly every message makes an inbox that its ack deletes again, and an
+    expiry each was a tenth of the store's cost per message), and the inbox
+    sweeper (``inbox_ttl.lua``, :mod:`chatd.store.inboxes`) gives one left
+    without an expiry the expiry of its newest line. Messages past the TTL
+    are never pushed, expiry or not (``fetch.lua`` drops them).
 ``chatd:{D}:proof:<hash of a proof ticket>``
     Marks a registration ticket as used, until it expires (a ticket is good
     for one register).

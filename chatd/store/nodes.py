@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatd.store import layout
+from chatd.store.inboxes import scanners
 
 #: keys a SCAN step of the reaper looks at
 REAP_COUNT = 1000
@@ -43,14 +44,6 @@ class NodeSteps:
         failed) without waiting a lease."""
         return self.client.call(b"DEL", layout.live_key(self.node_id))
 
-    def _scanners(self):
-        """(name, client) of every store to SCAN: each primary of a Cluster,
-        else the one store."""
-        nodes = getattr(self.client, "nodes", None)
-        if isinstance(nodes, dict):
-            return list(nodes.items())
-        return [("store", self.client)]
-
     @defer.inlineCallbacks
     def reap(self, dead, count=REAP_COUNT):
         """Delete every presence record that names one of ``dead`` (node ids,
@@ -62,7 +55,7 @@ class NodeSteps:
         names = tuple(n + b" " for n in dead)
         pattern = layout.pattern(layout.NODE).encode("ascii")
         removed = 0
-        for _, store in self._scanners():
+        for _, store in scanners(self.client):
             cursor = b"0"
             while True:
                 cursor, keys = yield store.call(b"SCAN", cursor, b"MATCH", pattern,

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from chatd.errors import StoreUnavailable
 from chatd.store import layout
 from chatd.store.layout import prefix as _keys
+from chatd.store.inboxes import InboxSteps
 from chatd.store.nodes import NodeSteps
 from chatd.store.receipts import ReceiptSteps
 
@@ -61,7 +62,7 @@ def _fan_out(result, waiting):
             d.callback(result)
 
 
-class Store(ReceiptSteps, NodeSteps):
+class Store(ReceiptSteps, NodeSteps, InboxSteps):
     """chatd's operations on the store.
 
     Sends and acks are batched: every send (ack) asked for in one turn of the

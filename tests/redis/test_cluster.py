@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 
 from chatd.redis.cluster import slot_of
+from chatd.store import layout
 from tests.fixtures.cluster import ValkeyCluster, wait_replicated
 from tests.fixtures.nodes import ChatdNodes, ChatdProcess
 from tests.helpers import wait_until
@@ -447,3 +448,30 @@ async def test_a_sigkilled_nodes_records_are_reaped_on_every_primary(cluster, no
                      what="the dead node forgotten")
     assert "dead node(s) %s: %d presence record(s) deleted" % (a_id.decode(), len(names)) \
         in b.log()
+
+
+@pytest.mark.slow
+@ensure
+async def test_inboxes_left_without_a_ttl_are_given_one_on_every_primary(cluster, nodes, opened):
+    """chatd.hub.sweeper.InboxSweeper on a Cluster: an inbox made by one
+    message has no TTL (chatd/store/layout.py "inbox"); the node's inbox
+    sweeper finds such inboxes on every primary (a SCAN step each) and gives
+    each the TTL of its newest message (inbox_ttl.lua, per slot)."""
+    (a,) = await nodes(1, "--inbox-sweep", "0.1s")
+    names = [d for per in cluster.devices_on_each_primary("swept", 1) for d in per]
+    for name in names:
+        c = await opened(a)
+        await c.register(name)
+        await c.close()
+    sender = await opened(a)
+    await sender.register("sweeper-sender")
+    for name in names:
+        sender.send({"message": "hello %s" % name, "receiver": name})
+        await sender.expect("accepted")
+    for name in names:
+        inbox = "chatd:{%s}:inbox" % name
+        await wait_until(lambda i=inbox, n=name: cluster.command(n, "PEXPIRETIME", i) > 0,
+                         what="%s's inbox given its TTL" % name)
+        line = cluster.command(name, "LINDEX", inbox, 0)
+        assert cluster.command(name, "PEXPIRETIME", inbox) == \
+            layout.entry_sent_at(line) + 30 * 86400 * 1000

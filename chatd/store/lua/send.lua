@@ -7,8 +7,10 @@
 -- what can be read or written once per batch is: one MGET reads every
 -- receiver's token, presence and id counter, one MSET writes the counters
 -- back; per message there is the dedup marker and the append, per receiver
--- the inbox TTL. (benchmarks/store_cost.py measures it; README
--- "Performance" says where the rest goes.)
+-- the inbox TTL if its inbox held messages already (below). So are Lua
+-- tables and strings (about a small command each in Valkey 9): none is made
+-- per message that is not needed. (benchmarks/store_cost.py measures it;
+-- README "Performance" says where the rest goes.)
 --
 -- KEYS (chatd/store/steps.py, Store._send_group), all of one Redis Cluster
 -- slot: first five per receiver (seven with push wake-ups on), each
@@ -103,22 +105,23 @@ do
 end
 
 -- Append a stored message to receiver r's inbox, within the limit: the id,
--- or nil (the inbox is full; the counter is left as it was). Push first and
--- take it back if that went over (rare): one call less per message than
--- counting first; expired messages are only looked for when the inbox
--- seems full.
+-- the stored line and the inbox's length, or nil (the inbox is full; the
+-- counter is left as it was). Push first and take it back if that went over
+-- (rare): one call less per message than counting first; expired messages
+-- are only looked for when the inbox seems full.
 local function enqueue(r, inbox, tail)
   local id = string.format("%016d", seq[r] + 1)
   local entry = ENTRY_HEAD .. id .. ENTRY_MID .. now .. tail
-  if redis.call("RPUSH", inbox, entry) > limit then
+  local length = redis.call("RPUSH", inbox, entry)
+  if length > limit then
     redis.call("RPOP", inbox)
     drop_expired(inbox, cutoff)
     if redis.call("LLEN", inbox) >= limit then return nil end
-    redis.call("RPUSH", inbox, entry)
+    length = redis.call("RPUSH", inbox, entry)
   end
   seq[r] = seq[r] + 1
   moved[r] = true
-  return id, entry
+  return id, entry, length
 end
 
 -- A wake-up is due (once per receiver per batch): "" or the ms until due.
@@ -172,13 +175,18 @@ local function send_one(i, r, tail, has_ref, opted)
     if ref then redis.call("SET", ref, "d", "PX", ref_ms) end
     return "d", ""
   end
-  local id, entry = enqueue(r, inbox, tail)
+  local id, entry, length = enqueue(r, inbox, tail)
   if not id then
     -- not accepted: no dedup marker either (SET NX just made it)
     if window > 0 then redis.call("DEL", dedup) end
     return "f", ""
   end
-  if not renewed[r] then
+  -- the inbox's TTL, renewed once per receiver per batch if it holds other
+  -- messages: an inbox this message made gets none here (most are acked
+  -- before another message comes, and a TTL per message was a tenth of the
+  -- store's cost); an abandoned one is given its TTL by the inbox sweeper
+  -- (inbox_ttl.lua; chatd/store/layout.py "inbox")
+  if length > 1 and not renewed[r] then
     redis.call("PEXPIRE", inbox, ttl_ms)
     renewed[r] = true
   end
