@@ -123,6 +123,8 @@ async def test_order_per_connection_across_store_restarts_and_flushes(chatd, cli
     bob = await clients(node)
     await bob.reconnect("bob", token)
     await drain(bob, accepted)
+    # stopped while its store is up (own_redis is torn down first)
+    await node.stop()
 
 
 @ensure

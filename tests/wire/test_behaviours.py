@@ -90,6 +90,9 @@ async def test_a_saturated_store_stops_every_client_being_read(chatd, clients, o
     assert sorted(r["ref"] for r in replies) == list(range(20))
     pushed = [await b.expect("message") for _ in range(20)]
     assert [m["message"] for m in pushed] == ["m%d" % i for i in range(20)]
+    # stopped here, while its store is up: own_redis is torn down before the
+    # chatd fixture, and the node's goodbye would wait its 30 s deadline
+    await node.stop()
 
 
 @pytest.mark.slow
