@@ -157,6 +157,11 @@ class ChatdCollector:
                    "Redis Cluster: receipts this node's outbox sweeper found left in a "
                    "receiver's outbox (a node died, or its move failed, between the ack and "
                    "the move) and made", node, sweeper.moved if sweeper is not None else 0)
+        inboxes = getattr(chat, "inbox_sweeper", None)
+        yield _one(CounterMetricFamily, "chatd_inboxes_swept",
+                   "Inboxes left without a TTL (made by one message that was never acked) "
+                   "that this node's inbox sweeper gave the TTL of their newest message",
+                   node, inboxes.given if inboxes is not None else 0)
         presence = getattr(chat, "presence", None)
         yield _one(CounterMetricFamily, "chatd_presence_reaped",
                    "Presence records of dead nodes (their heartbeat ran out) this node "

@@ -118,4 +118,8 @@ async def test_a_nodes_inbox_sweeper_gives_an_abandoned_inbox_its_ttl(chatd, cli
     await wait_until(lambda: redis.command("PEXPIRETIME", "chatd:{bob}:inbox") > 0,
                      what="the inbox's TTL")
     assert redis.command("PEXPIRETIME", "chatd:{bob}:inbox") == sent_at + ttl_ms
-    assert node.service.inbox_sweeper.given >= 1
+    # and says so in its metrics
+    from chatd.ops.metrics import registry_for
+    given = registry_for(node.service).get_sample_value("chatd_inboxes_swept_total",
+                                                        {"node": node.service.node_id})
+    assert given == node.service.inbox_sweeper.given >= 1
