@@ -337,6 +337,7 @@ def test_invalid_utf8_is_bad_packet(line):
     assert isinstance(e, PacketError) and e.code == "bad_packet"
 
 
+@pytest.mark.slow  # (hypothesis: 8-20 s under the suite's load)
 @FUZZ
 @given(seed_literal())
 @example("{(0, []): 0}")                 # a tuple key holding a list

@@ -84,6 +84,7 @@ _TOKENS = st.sampled_from(
      "'", '"', "\\", "00", "-0"])
 
 
+@pytest.mark.slow  # (hypothesis: 8-20 s under the suite's load)
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(_TOKENS, max_size=14).map(lambda t: "{'k': " + "".join(t) + "}"))
 @example("{'k': [1, 'x',], 'y': {'z': .5,},}")
@@ -134,6 +135,7 @@ def _never_token_by_token(monkeypatch):
     monkeypatch.setattr(literal, "parse_literal", boom)
 
 
+@pytest.mark.slow  # (hypothesis: 8-20 s under the suite's load)
 @settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1100, max_size=3000), st.text(max_size=40))
 def test_pythons_repr_of_a_long_packet_is_read_at_c_speed(text, ref):

@@ -128,6 +128,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
+@pytest.mark.slow  # (hypothesis: 8-20 s under the suite's load)
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["register", "reconnect", "message", "ack", "ping",
                                         "sender", "receiver", "token", "ref", "proof", "x"]),
