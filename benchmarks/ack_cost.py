@@ -90,19 +90,19 @@ def run_case(r, lib, case, rounds, tag, inboxes=1):
     next_id = 1
     for _ in range(rounds):
         p = r.pipeline(transaction=False)
-        inboxes, listed = [], []
+        boxes, listed = [], []
         for receiver in receivers:
-            inboxes.append(layout.key(receiver, layout.INBOX))
+            boxes.append(layout.key(receiver, layout.INBOX))
             listed.append(layout.key(receiver, layout.RECEIPT_SENDERS))
-            p.rpush(inboxes[-1], *[_entry(next_id + k, names[k % senders], receiver)
+            p.rpush(boxes[-1], *[_entry(next_id + k, names[k % senders], receiver)
                                    for k in range(PER_ACK)])
             if opted:  # as send.lua names them: each sender's newest id
                 p.hset(listed[-1], mapping={names[k % senders]: next_id + k
                                             for k in range(PER_ACK)})
         upto = next_id + PER_ACK - 1
         next_id += PER_ACK
-        keys = inboxes if mode == "0" else inboxes + listed
-        p.execute_command("FCALL", fn, len(keys), *keys, *[upto] * len(inboxes), mode,
+        keys = boxes if mode == "0" else boxes + listed
+        p.execute_command("FCALL", fn, len(keys), *keys, *[upto] * inboxes, mode,
                           SENT_AT, NODE, 86400000, "")
         p.execute()
     stats = r.info("commandstats").get("cmdstat_fcall", {})

@@ -289,17 +289,7 @@ def ceiling(server, calls):
 def _valkey(tmp, name, aof, malloc=None):
     """A valkey-server of ours, with the malloc the embedded store would
     preload (jemalloc if the system has it), or ``malloc="libc"``."""
-    saved = os.environ.get("CHATD_STORE_MALLOC")
-    if malloc:
-        os.environ["CHATD_STORE_MALLOC"] = malloc
-    try:
-        server = ValkeyServer(os.path.join(tmp, name), appendfsync=aof).start()
-    finally:
-        if malloc:
-            if saved is None:
-                del os.environ["CHATD_STORE_MALLOC"]
-            else:
-                os.environ["CHATD_STORE_MALLOC"] = saved
+    server = ValkeyServer(os.path.join(tmp, name), appendfsync=aof, malloc=malloc).start()
     from tests.fixtures.process import wait_for
     wait_for(server.answers, 30, "valkey-server")
     return server

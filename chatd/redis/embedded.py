@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from chatd.redis.embedded_child import Child, PingFactory
 from chatd.redis.embedded_dir import POLL, DataDir, EmbeddedStoreError
 
-__all__ = ["EmbeddedStore", "find_server_binary", "server_env"]
+__all__ = ["EmbeddedStore", "find_allocator", "find_server_binary", "server_env"]
 
 log = Logger(namespace="chatd.store")
 
@@ -80,7 +80,7 @@ _JEMALLOC = ("/usr/lib/*-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so
              "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
-def find_allocator():
+def find_allocator(choice=None):
     """
     The malloc to preload into the store's valkey-server: jemalloc's shared
     library if the system has one, else None (the C library's malloc).
@@ -90,10 +90,12 @@ def find_allocator():
     builds use jemalloc; a store step is mostly small allocations (argument
     objects, Lua strings, list nodes), and glibc's malloc was a quarter of
     the store's cycles (README "Performance": jemalloc preloaded takes
-    10-20% off valkey's CPU per message). ``CHATD_STORE_MALLOC=libc``
-    turns it off; ``CHATD_STORE_MALLOC=<path>`` preloads that library.
+    10-20% off valkey's CPU per message). ``choice`` (by default
+    ``$CHATD_STORE_MALLOC``): ``libc`` turns it off, a path preloads that
+    library.
     """
-    choice = os.environ.get("CHATD_STORE_MALLOC", "")
+    if choice is None:
+        choice = os.environ.get("CHATD_STORE_MALLOC", "")
     if choice == "libc":
         return None
     if choice:
@@ -107,12 +109,11 @@ def find_allocator():
     return None
 
 
-def server_env(environ=None):
-    """The environment to run a valkey-server in: ``environ`` (default
-    ``os.environ``) with :func:`find_allocator`'s library preloaded (ahead of
-    any ``LD_PRELOAD`` already there)."""
-    env = dict(os.environ if environ is None else environ)
-    lib = find_allocator()
+def server_env(lib):
+    """The environment to run a valkey-server in: this one, with ``lib``
+    (:func:`find_allocator`'s answer) preloaded ahead of any ``LD_PRELOAD``
+    already there."""
+    env = dict(os.environ)
     if lib:
         env["LD_PRELOAD"] = " ".join(x for x in (lib, env.get("LD_PRELOAD")) if x)
     return env
@@ -342,17 +343,18 @@ class EmbeddedStore(service.Service):
         which has no such window.
         """
         child = Child(self.reactor.seconds())
+        malloc = find_allocator()
         try:
             self.reactor.spawnProcess(
                 child, self.binary, [self.binary, self.config_path],
-                env=server_env(), path=None)
+                env=server_env(malloc), path=None)
         except OSError as e:
             raise EmbeddedStoreError(
                 "cannot run %s: %s" % (self.binary, e.strerror or e)) from None
         self._child = child
         log.info("embedded store starting (pid {pid}): {binary} {config} (malloc: {malloc})",
                  pid=child.pid, binary=self.binary, config=self.config_path,
-                 malloc=find_allocator() or "the C library's")
+                 malloc=malloc or "the C library's")
         return child
 
     async def _waitReady(self, child):

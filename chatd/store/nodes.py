@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatd.store import layout
-from chatd.store.inboxes import scanners
+from chatd.store.scans import scanners
 
 #: keys a SCAN step of the reaper looks at
 REAP_COUNT = 1000

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from chatd.redis.cluster import slot_of
 from chatd.store import layout
 from chatd.store.layout import prefix as _keys
+from chatd.store.scans import scan_step
 
 DELIVERED, READ = "delivered", "read"
 
@@ -226,31 +227,17 @@ class ReceiptSteps:
 
         return reads.addCallback(move)
 
-    @defer.inlineCallbacks
     def sweep_pass(self, cursors, count, older_ms):
-        """One bounded pass of the outbox sweeper (Redis Cluster): on each
-        primary, the next SCAN step (about ``count`` keys looked at) for
-        outboxes, from its cursor in ``cursors`` ((host, port) -> cursor,
-        kept between passes; a primary's scan starts again at 0 when done),
-        and the entries of those outboxes older than ``older_ms`` moved.
-        A primary that fails is skipped until the next pass. Deferred of
-        (outboxes found, entries moved)."""
-        found = moved = 0
-        pattern = layout.pattern(layout.OUTBOX).encode("ascii")
-        for address, node in list(self.client.nodes.items()):
-            try:
-                cursor, keys = yield node.call(b"SCAN", cursors.get(address, b"0"), b"MATCH",
-                                               pattern, b"COUNT", count, b"TYPE", b"hash")
-                cursors[address] = cursor
-                receivers = [d for d in (layout.device_of(k, layout.OUTBOX) for k in keys)
-                             if d is not None]
-                found += len(receivers)
-                moved += yield self.sweep_outboxes(receivers, older_ms)
-            except Exception as e:
-                self.log.warn("sweeping the outboxes on {node}: {why}", node=address, why=e)
-        for address in set(cursors) - set(self.client.nodes):
-            del cursors[address]  # a primary no longer
-        return found, moved
+        """One bounded pass of the outbox sweeper (Redis Cluster,
+        :func:`chatd.store.scans.scan_step`): the entries of the outboxes
+        found that are older than ``older_ms`` moved. Deferred of (outboxes
+        found, entries moved)."""
+        def move(keys):
+            return self.sweep_outboxes([d for d in (layout.device_of(k, layout.OUTBOX)
+                                                    for k in keys) if d is not None], older_ms)
+
+        return scan_step(self.client, cursors, layout.OUTBOX, b"hash", count, move,
+                         "sweeping the outboxes")
 
 
 def _sender(item):

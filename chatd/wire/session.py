@@ -42,7 +42,7 @@ class Session(Budget, Handlers, ReplyOrder, Liveness, Output):
 
     Its state is in slots (its bases hold none): a session is the largest
     object of an idle connection, and a dict of its attributes took 832
-    bytes of it (measured with tracemalloc), the slots 200."""
+    bytes of it (measured with tracemalloc), the slots 240 (sys.getsizeof)."""
 
     __slots__ = (
         "factory", "framing", "settings", "opened_at", "last_seen", "_rate", "_pinged",

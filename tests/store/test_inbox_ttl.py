@@ -44,7 +44,7 @@ async def _sweep_all(store):
     """Inbox sweeper passes until the SCAN is round: (found, given) summed."""
     cursors, found, given = {}, 0, 0
     for _ in range(1000):
-        f, g = await with_deadline(store.inbox_ttl_pass(cursors, count=10), what="a pass")
+        f, g = await with_deadline(store.inbox_ttl_pass(cursors, 10), what="a pass")
         found, given = found + f, given + g
         if cursors["store"] in (b"0", 0):
             return found, given
