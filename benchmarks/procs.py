@@ -163,6 +163,13 @@ class Server:
         elif prefix:
             self.pid = self._descendant("benchmarks.relay") or self.pid
 
+    def wait_accepting(self, deadline=60.0):
+        """chatd --workers: until the parent accepts connections, which it
+        does once every worker listens (or after chatd.app.workers.HOLD_MAX):
+        a connection made before would wait in the parent's backlog and be
+        the parent's, however many workers there are."""
+        self.child.wait_line(r"chatd accepting on every process", deadline)
+
     def _descendant(self, needle, deadline=10.0):
         """The pid of a process under ours whose command line has needle
         (the server itself when it runs under a prefix such as a profiler)."""

@@ -638,10 +638,7 @@ def workers(opts, log):
         with procs.Processes() as pr:
             server = _with_server(pr, "chatd", opts, extra=["--workers", str(count)])
             if count > 1:
-                end = time.monotonic() + 30
-                while len(server.pids()) < 2 + count - 1 and time.monotonic() < end:
-                    time.sleep(0.1)
-                time.sleep(1.0)  # let the worker finish starting (it logs nothing we read)
+                server.wait_accepting()
             load = Load(pr, server, opts.latency_devices, 2, opts)
             load.setup()
             out[str(count)] = _node_runs(load, opts, log, "--workers %d" % count)

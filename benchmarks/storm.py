@@ -74,6 +74,10 @@ class Fleet:
             self.port = _free_port()
             self.servers = [self._chatd()]
             self.ports = [self.port]
+            if opts.storm_workers > 1:
+                # devices connect once every process accepts (a restart in
+                # a storm is timed from "listening", as a phone sees it)
+                self.servers[0].wait_accepting(120)
         else:
             self.servers = [pr.server("relay") for _ in range(opts.storm_workers)]
             self.ports = [s.port for s in self.servers]
