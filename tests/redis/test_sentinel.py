@@ -110,11 +110,14 @@ async def test_primary_sigkill_with_store_acks_loses_nothing_accepted(sentinels,
         old.kill()
         # every send from now on waits for a new primary that has a replica:
         # the old one, started again, is made a replica by the sentinels
-        restarted = []
+        restarted, moved_to = [], []
 
         def restart_once_moved():
-            if not restarted and sentinels.primary() is not old:
-                restarted.append(old.start())
+            if not restarted:
+                now = sentinels.primary()
+                if now is not old:
+                    moved_to.append(now)
+                    restarted.append(old.start())
 
         for i in range(20, 60):
             # a hang guard, not a speed limit: on a busy machine a failover
@@ -129,9 +132,12 @@ async def test_primary_sigkill_with_store_acks_loses_nothing_accepted(sentinels,
         # receiver got are the ids the sender was told
         assert got == accepted
         assert unavailable > 0, "the failover was never seen by the sender"
-        new = sentinels.primary()
-        assert new is not old and info(new.port, "replication")["role"] == "master"
-        assert "store primary for chatdmaster: 127.0.0.1:%d" % new.port in a.log()
+        # chatd followed the sentinels to the primary they moved to (which
+        # they may have moved again since: under the whole suite's load they
+        # once failed back to the restarted old one, so that is not asserted)
+        assert "store primary for chatdmaster: 127.0.0.1:%d" % moved_to[0].port in a.log()
+        now = sentinels.primary()
+        assert info(now.port, "replication")["role"] == "master"
     finally:
         await alice.close()
         await bob.close()
